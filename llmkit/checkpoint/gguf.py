@@ -1,0 +1,428 @@
+"""GGUF checkpoints (llama.cpp's one-file format) read into llmkit: config, HF-named tensors, the model.
+
+A GGUF file holds key/value metadata (architecture sizes, tokenizer, chat template) and a list of tensors,
+each stored as one GGML type (F32, F16, BF16 or a block quantization such as Q4_1, Q8_0, Q4_K).
+
+Notable choices:
+- The metadata is translated into a Hugging Face config.json dict (`hf_config`) and then read by the one
+  `ModelConfig.from_hf`, so a GGUF model and the same model's HF folder give the same ModelConfig.
+- Tensors are renamed to HF names (token_embd -> model.embed_tokens, blk.N.attn_q -> ...q_proj, ...) and
+  dequantised to float32 one at a time with `gguf.quants.dequantize` (numpy), then handed to
+  `build_model` as a generator: peak RAM is the final weights plus one dequantised tensor. The file itself is
+  memory-mapped, so reading metadata (`llmkit inspect`) never touches the weights.
+- llama.cpp's converter permutes the rows of the q and k projections of `llama`-architecture models (its
+  rotary kernel pairs neighbouring dimensions, HF's `rotate_half` pairs dimension i with i + head_dim/2).
+  `unpermute_qk` undoes it. qwen2 / qwen3 / qwen3moe files are written unpermuted (their rope is "neox").
+- Llama-3 RoPE scaling is stored by llama.cpp as a `rope_freqs` tensor of per-frequency factors; we
+  recognise the standard Llama-3 parameters from it and write them back as HF `rope_scaling`.
+- MoE experts are stacked in GGUF (`ffn_gate_exps`: (n_expert, d_ff, d_model)); they are split into the
+  per-expert HF names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmkit.config import ModelConfig
+from llmkit.errors import LlmkitError
+
+# GGUF general.architecture -> (HF model_type, q/k rows permuted by llama.cpp)
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "llama": ("llama", True),  # also SmolLM2, Mistral-7B (converted as llama)
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+    "qwen3moe": ("qwen3_moe", False),
+}
+
+# What gguf-py dequantises that llmkit accepts: the float types, the legacy block quants and the K-quants.
+# (i-quants and ternary types also dequantise in gguf-py, but slowly and untested here: refused.)
+SUPPORTED_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
+
+# GGUF tensor name (without the block prefix) -> HF name suffix
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_GLOBAL_INV = {v: k for k, v in _GLOBAL_NAMES.items()}
+_BLOCK_INV = {v: k for k, v in _BLOCK_NAMES.items()}
+_EXPERT_INV = {v: k for k, v in _EXPERT_NAMES.items()}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_CONSUMED = {"rope_freqs.weight"}  # folded into the config (Llama-3 rope scaling)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as stored in the file: its GGUF name, HF name(s), GGML type, numpy-order shape, bytes."""
+
+    name: str
+    hf_names: tuple[str, ...]  # several for stacked experts, empty for tensors folded into the config
+    ggml_type: str
+    shape: tuple[int, ...]  # numpy order (rows first), i.e. the HF/PyTorch shape
+    n_bytes: int
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `permute(w, n_head)` on q/k rows (weights (n_head*head_dim, d) or biases).
+
+    llama.cpp: w.reshape(n_head, 2, head_dim // 2, ...).swapaxes(1, 2) — within each head, row 2j holds
+    HF row j and row 2j+1 holds HF row j + head_dim/2. The inverse reads the rows back the other way.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows do not split into {n_head} heads of even size")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation (used to write test files like llama.cpp does)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFFile:
+    """A GGUF file opened for reading (memory-mapped): metadata, tensor list, config, tensors."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LlmkitError(f"{self.path}: no such GGUF file")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # bad magic, truncated header, bad offsets: numpy/ValueError/KeyError/...
+            raise LlmkitError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size or t.data.nbytes != t.n_bytes:
+                raise LlmkitError(
+                    f"{self.path}: tensor {t.name} ends at byte {end} but the file has {size} bytes "
+                    "(truncated download?); fetch the file again"
+                )
+        self.arch = str(self.get("general.architecture", ""))
+        if self.arch not in ARCHITECTURES:
+            raise LlmkitError(
+                f"{self.path}: unsupported GGUF architecture {self.arch!r}; llmkit reads "
+                f"{', '.join(ARCHITECTURES)}"
+            )
+        self.model_type, self.permuted_qk = ARCHITECTURES[self.arch]
+        self._tensors = {t.name: t for t in self.reader.tensors}
+
+    # ------------------------------------------------------------------ metadata
+    def get(self, key: str, default: Any = None) -> Any:
+        """A metadata value (`{arch}.` in the key is replaced by the architecture)."""
+        field = self.reader.fields.get(key.replace("{arch}", getattr(self, "arch", "")))
+        if field is None:
+            return default
+        return field.contents()
+
+    def _arch_int(self, key: str, default: Any = None) -> Any:
+        v = self.get("{arch}." + key, default)
+        if isinstance(v, list):  # per-layer values (hybrid models): llmkit needs one value
+            if len(set(v)) != 1:
+                raise LlmkitError(f"{self.path}: per-layer {self.arch}.{key} values are not supported")
+            v = v[0]
+        return v
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._tensors
+
+    def hf_config(self) -> dict[str, Any]:
+        """The metadata as a Hugging Face config.json dict for `model_type`."""
+        emb = self._tensors.get("token_embd.weight")
+        if emb is None:
+            raise LlmkitError(f"{self.path}: missing tensor token_embd.weight")
+        d_model = int(self._arch_int("embedding_length"))
+        n_heads = int(self._arch_int("attention.head_count"))
+        head_dim = int(self._arch_int("attention.key_length", d_model // n_heads))
+        rot = self._arch_int("rope.dimension_count", head_dim)
+        if int(rot) != head_dim:
+            raise LlmkitError(f"{self.path}: partial rotary ({rot} of {head_dim} dims) is unsupported")
+        tok_bos, tok_eos = self.get("tokenizer.ggml.bos_token_id"), self.get("tokenizer.ggml.eos_token_id")
+        hf: dict[str, Any] = {
+            "model_type": self.model_type,
+            "vocab_size": int(emb.shape[1]),  # ggml order: (d_model, vocab)
+            "hidden_size": d_model,
+            "num_hidden_layers": int(self._arch_int("block_count")),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(self._arch_int("attention.head_count_kv", n_heads)),
+            "head_dim": head_dim,
+            "intermediate_size": int(self._arch_int("feed_forward_length", 0) or 0),
+            "max_position_embeddings": int(self._arch_int("context_length", 2048)),
+            "rope_theta": _f32(self._arch_int("rope.freq_base", 10000.0)),
+            "rope_scaling": self._rope_scaling(head_dim),
+            "rms_norm_eps": _f32(self._arch_int("attention.layer_norm_rms_epsilon", 1e-6)),
+            "hidden_act": "silu",
+            "attention_bias": self.has_tensor("blk.0.attn_q.bias"),
+            "mlp_bias": self.has_tensor("blk.0.ffn_up.bias"),
+            "tie_word_embeddings": not self.has_tensor("output.weight"),
+            "bos_token_id": int(tok_bos) if tok_bos is not None else None,
+            "eos_token_id": int(tok_eos) if tok_eos is not None else None,
+            "torch_dtype": "float32",  # what we dequantise to
+        }
+        window = self._arch_int("attention.sliding_window")
+        if window:
+            hf["sliding_window"] = int(window)
+            hf["use_sliding_window"] = True
+        if self.model_type == "qwen3_moe":
+            hf.update(
+                num_experts=int(self._arch_int("expert_count")),
+                num_experts_per_tok=int(self._arch_int("expert_used_count")),
+                moe_intermediate_size=int(self._arch_int("expert_feed_forward_length")),
+                norm_topk_prob=True,  # llama.cpp's qwen3moe graph always renormalises the top-k weights
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                router_aux_loss_coef=0.001,  # not stored in GGUF; Qwen3MoeConfig's default (training only)
+            )
+        return hf
+
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.hf_config(), source=str(self.path))
+
+    def _rope_scaling(self, head_dim: int) -> dict[str, Any] | None:
+        kind = self.get("{arch}.rope.scaling.type")
+        factor = self.get("{arch}.rope.scaling.factor")
+        if kind in ("linear", "yarn") and factor and float(factor) != 1.0:
+            out: dict[str, Any] = {"rope_type": kind, "factor": _f32(factor)}
+            orig = self.get("{arch}.rope.scaling.original_context_length")
+            if orig:
+                out["original_max_position_embeddings"] = int(orig)
+            return out
+        if kind not in (None, "none", "linear", "yarn"):
+            raise LlmkitError(f"{self.path}: unsupported rope scaling type {kind!r}")
+        if "rope_freqs.weight" in self._tensors:
+            return self._llama3_scaling(head_dim)
+        return None
+
+    def _llama3_scaling(self, head_dim: int) -> dict[str, Any]:
+        """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency factors (rope_freqs)."""
+        got = self.dequantize("rope_freqs.weight").astype(np.float64)  # (head_dim/2,)
+        base = float(self._arch_int("rope.freq_base", 10000.0))
+        inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        factor = _f32(got.max())
+        for low, high, orig in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 2048)):
+            if np.allclose(got, llama3_rope_factors(inv_freq, factor, low, high, orig), rtol=1e-4, atol=1e-4):
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": orig,
+                }
+        raise LlmkitError(f"{self.path}: rope_freqs does not match Llama-3 rope scaling; not supported")
+
+    # ------------------------------------------------------------------ tensors
+    def tensor_infos(self) -> list[TensorInfo]:
+        """Every tensor in file order with its HF name(s); raises on names llmkit does not know."""
+        n_experts = int(self._arch_int("expert_count", 0) or 0)
+        out = []
+        for t in self.reader.tensors:
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            out.append(
+                TensorInfo(
+                    t.name, self._hf_names(t.name, n_experts), t.tensor_type.name, shape, int(t.n_bytes)
+                )
+            )
+        return out
+
+    def _hf_names(self, name: str, n_experts: int) -> tuple[str, ...]:
+        if name in _GLOBAL_NAMES:
+            return (_GLOBAL_NAMES[name],)
+        if name in _CONSUMED:
+            return ()
+        m = _BLOCK_RE.fullmatch(name)
+        if m:
+            layer, kind, suffix = m.groups()
+            prefix = f"model.layers.{layer}."
+            if kind in _BLOCK_NAMES:
+                return (f"{prefix}{_BLOCK_NAMES[kind]}.{suffix}",)
+            if kind in _EXPERT_NAMES:
+                proj = _EXPERT_NAMES[kind]
+                return tuple(f"{prefix}mlp.experts.{e}.{proj}.{suffix}" for e in range(n_experts))
+        raise LlmkitError(f"{self.path}: tensor {name} has no llmkit equivalent (architecture {self.arch})")
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy in PyTorch order (rows first); raises on unsupported GGML types."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        qtype = GGMLQuantizationType(t.tensor_type)
+        if qtype.name not in SUPPORTED_TYPES:
+            raise LlmkitError(_type_error(self.path, name, qtype.name))
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        try:
+            w = dequantize(np.asarray(t.data), qtype).reshape(shape)
+        except Exception as e:
+            raise LlmkitError(f"{self.path}: tensor {name} ({qtype.name}, {shape}) is corrupt: {e}") from e
+        w = w.astype(np.float32, copy=False)
+        return w if w.flags.writeable else w.copy()  # F32 data is a read-only view of the memory map
+
+    def check(self, config: ModelConfig) -> None:
+        """Names and shapes of the tensor table against `config`, before any data is read.
+
+        Errors use the GGUF names (what `gguf-dump` shows); `build_model` re-checks in HF names.
+        """
+        from llmkit.model import Transformer
+
+        with torch.device("meta"):
+            expected = {n: tuple(p.shape) for n, p in Transformer(config).named_parameters()}
+        provided = set()
+        for info in self.tensor_infos():
+            if info.ggml_type not in SUPPORTED_TYPES:
+                raise LlmkitError(_type_error(self.path, info.name, info.ggml_type))
+            stacked = len(info.hf_names) > 1
+            for hf_name in info.hf_names:
+                if hf_name not in expected:
+                    raise LlmkitError(
+                        f"{self.path}: unexpected tensor {info.name} for a {self.arch} model with "
+                        f"{config.n_layers} layers (metadata and tensors disagree)"
+                    )
+                got, want = info.shape[1:] if stacked else info.shape, expected[hf_name]
+                if got != want:
+                    raise LlmkitError(
+                        f"{self.path}: tensor {info.name} has shape {got}, the metadata implies {want}"
+                    )
+                provided.add(hf_name)
+        missing = list(dict.fromkeys(gguf_name(n) for n in expected if n not in provided))
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise LlmkitError(f"{self.path}: missing tensor {', '.join(missing[:3])}{more}; file incomplete")
+
+    def iter_tensors(self, origin: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) pairs, one dequantised tensor at a time, q/k rows unpermuted.
+
+        `origin`, when given, is filled with HF name -> "file (tensor GGUF-name)" for error messages.
+        """
+        cfg = self.hf_config()
+        n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        for info in self.tensor_infos():
+            if not info.hf_names:
+                continue
+            w = self.dequantize(info.name)
+            if self.permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", info.name):
+                heads = n_heads if ".attn_q." in info.name else n_kv
+                try:
+                    w = unpermute_qk(w, heads)
+                except ValueError as e:
+                    raise LlmkitError(f"{self.path}: tensor {info.name} shape {info.shape}: {e}") from e
+            if origin is not None:
+                origin.update(dict.fromkeys(info.hf_names, f"{self.path} (tensor {info.name!r})"))
+            if len(info.hf_names) == 1:
+                yield info.hf_names[0], torch.from_numpy(w)
+                continue
+            if w.shape[0] != len(info.hf_names):
+                raise LlmkitError(
+                    f"{self.path}: tensor {info.name} has shape {info.shape}, "
+                    f"expected {len(info.hf_names)} experts"
+                )
+            for e, hf_name in enumerate(info.hf_names):  # stacked experts -> one tensor per expert
+                yield hf_name, torch.from_numpy(np.ascontiguousarray(w[e]))
+
+    def bytes_by_type(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.reader.tensors:
+            out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + int(t.n_bytes)
+        return out
+
+
+def llama3_rope_factors(
+    inv_freq: np.ndarray, factor: float, low: float, high: float, orig: int
+) -> np.ndarray:
+    """The per-frequency divisors llama.cpp stores for Llama-3 rope scaling (convert_hf_to_gguf)."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
+
+
+def _f32(v: Any) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(v)))
+
+
+def _type_error(path: Path, name: str, ggml_type: str) -> str:
+    return (
+        f"{path}: tensor {name} has GGML type {ggml_type}, which llmkit does not dequantise "
+        f"(supported: {', '.join(SUPPORTED_TYPES)}); convert the file with llama-quantize"
+    )
+
+
+def gguf_name(hf_name: str) -> str:
+    """The GGUF name of an HF parameter name (stacked expert tensors for per-expert names)."""
+    if hf_name in _GLOBAL_INV:
+        return _GLOBAL_INV[hf_name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp\.experts\.\d+\.)?(.+)\.(weight|bias)", hf_name)
+    if m:
+        layer, kind, suffix = m.groups()
+        gname = _EXPERT_INV.get(kind) if ".experts." in hf_name else _BLOCK_INV.get(kind)
+        if gname:
+            return f"blk.{layer}.{gname}.{suffix}"
+    return hf_name
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_gguf(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[ModelConfig, torch.nn.Module, GGUFFile]:
+    """Read a GGUF file into a Transformer (weights dequantised, streamed). Returns (config, model, file)."""
+    from llmkit.checkpoint.hf import build_model
+
+    f = GGUFFile(path)
+    config = f.config()
+    f.check(config)
+    origin: dict[str, str] = {}
+    model = build_model(
+        config, f.iter_tensors(origin), device=device, dtype=dtype, source=str(f.path), files=origin
+    )
+    return config, model, f

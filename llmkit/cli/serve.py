@@ -1,0 +1,68 @@
+"""`llmkit serve [MODEL]`: an OpenAI-compatible server and the web chat for one model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server + web chat",
+                       description="Serve MODEL (default: the default model) over the OpenAI API with a chat page at /.")
+    p.add_argument("model", nargs="?", default=None, help="model name, HF repo id, GGUF file or HF folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (repeatable; also $LLMKIT_API_KEY)")
+    p.add_argument("--quantize", default=None, help="quantize the model's linear layers (e.g. int8)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--max-batch", type=int, default=8, help="rows in the running batch")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--store", default=None, help="SQLite file for stored responses (default: in the cache)")
+    p.add_argument("--log-requests", action="store_true", help="log each request and its body (keys redacted)")
+    p.set_defaults(func=serve)
+
+
+def banner(url: str, model: str, auth: bool) -> str:
+    key = 'os.environ["LLMKIT_API_KEY"]' if auth else '"none"'
+    hdr = ' -H "Authorization: Bearer $LLMKIT_API_KEY"' if auth else ""
+    return f"""
+llmkit serving {model}
+  chat page : {url}/
+  API       : {url}/v1   (OpenAI-compatible; api key: {'required' if auth else 'not required'})
+
+curl:
+  curl {url}/v1/chat/completions{hdr} -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 64}}'
+
+openai SDK:
+  import os
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key={key})
+  r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(r.choices[0].message.content)
+"""
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    import llmkit
+    from llmkit.hub import DEFAULT_MODEL
+    from llmkit.serve.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = list(args.api_key)
+    if os.environ.get("LLMKIT_API_KEY"):
+        keys.append(os.environ["LLMKIT_API_KEY"])
+    name = args.model or DEFAULT_MODEL
+    llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
+                     max_queue=args.max_queue, request_timeout=args.timeout, log_requests=args.log_requests)
+    url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    print(banner(url, name, bool(keys)), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    return 0

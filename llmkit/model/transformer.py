@@ -1,0 +1,390 @@
+"""The Transformer: one decoder-only model class for every family llmkit runs (GPT-2, Llama, Mistral,
+Qwen2/3, Mixtral, Qwen3-MoE), configured by ModelConfig fields, never by family names.
+
+    ids -> embed_tokens (+ embed_positions) -> N x Block -> norm -> lm_head -> logits
+    Block: x + Attention(norm(x)), then h + MLP-or-MoE(norm(h))        (pre-norm residual stream)
+    Attention: softmax(Q Kᵀ / √head_dim + M) V, M = causal (+ sliding window) mask, RoPE on Q and K
+
+Notable choices:
+- Parameter names are Hugging Face Llama names (`model.layers.N.self_attn.q_proj` ...), so HF safetensors
+  load with no renaming (only GPT-2 files need a transform, done in llmkit/checkpoint/hf.py).
+- Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels, grouped-query
+  attention without repeating K/V). `output_attentions=True` switches to an eager path that computes
+  softmax(QKᵀ/√d + M) explicitly and returns the weights.
+- Positions are explicit (B, T): the causal mask is "key position <= query position", so rows at different
+  lengths share a batch and a static KVCache can be written at any position. Without a cache and with
+  default positions the mask is implicit (is_causal) and the fast kernels apply.
+- RoPE cos/sin tables are float32 buffers precomputed on the device; each step gathers them by position.
+- RMSNorm computes in float32 and casts back before the weight multiply, exactly as HF does, so fp32 logits
+  match transformers to ~1e-6 and bf16 logits round the same way.
+- MoE routes with softmax over all experts, top-k, optional renormalisation (Mixtral: always; Qwen3-MoE:
+  norm_topk_prob), and groups tokens by expert with one argsort + bincount (one host sync per MoE layer);
+  an optional shared expert with a sigmoid gate is added (Qwen2-MoE). During training the Switch /
+  Mixtral load-balancing loss (transformers' load_balancing_loss_func) lands in `model.aux_loss`; the
+  trainer adds `config.router_aux_loss_coef * model.aux_loss` to its loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.config import ModelConfig
+from llmkit.errors import LlmkitError
+from llmkit.model.kv_cache import KVCache
+from llmkit.model.rope import apply_rope, rope_for_positions, rope_tables
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden_states: list[torch.Tensor] = field(
+        default_factory=list
+    )  # n_layers + 1 x (B, T, d); last is normed
+    attentions: list[torch.Tensor] = field(default_factory=list)  # n_layers x (B, H, T, S)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    raise LlmkitError(f"unknown norm {config.norm!r} (expected 'rmsnorm' or 'layernorm')")
+
+
+class MLP(nn.Module):
+    """GELU MLP (up -> act -> down) or gated SwiGLU (down(act(gate(x)) * up(x)))."""
+
+    def __init__(self, config: ModelConfig, d_ff: int, bias: bool):
+        super().__init__()
+        if config.mlp not in ("gelu", "swiglu"):
+            raise LlmkitError(f"unknown mlp {config.mlp!r} (expected 'gelu' or 'swiglu')")
+        if config.activation not in ACTIVATIONS:
+            raise LlmkitError(f"unknown activation {config.activation!r}")
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(config.d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, config.d_model, bias=bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up_proj(x)  # (..., d_ff)
+        h = self.act(self.gate_proj(x)) * h if self.gated else self.act(h)
+        return self.down_proj(h)  # (..., d)
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (+ optional sigmoid-gated shared expert)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.norm_topk = (
+            config.n_experts,
+            config.n_experts_per_tok,
+            config.moe_norm_topk,
+        )
+        self.gate = nn.Linear(config.d_model, config.n_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(
+            MLP(config, config.moe_d_ff, bias=False) for _ in range(config.n_experts)
+        )
+        if config.moe_shared_expert_d_ff:
+            self.shared_expert = MLP(config, config.moe_shared_expert_d_ff, bias=False)
+            self.shared_expert_gate = nn.Linear(config.d_model, 1, bias=False)
+        self.router_logits: torch.Tensor | None = None  # kept for the aux loss during training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])  # (N, d)
+        logits = self.gate(h)  # (N, E)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.flatten()  # (N*k,)
+        order = flat.argsort(stable=True)  # slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # the one host sync
+        out = torch.zeros_like(h)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                slots = order[start : start + n]  # (n,)
+                tok = slots // self.top_k  # (n,) token index of each slot
+                y = self.experts[e](h[tok]) * weights.view(-1)[slots, None]  # (n, d) float32
+                out.index_add_(0, tok, y.to(out.dtype))
+                start += n
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        self.router_logits = logits if self.training else None
+        return out.view(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss over all MoE layers, as transformers' load_balancing_loss_func:
+    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e)."""
+    counts = probs_sum = 0.0
+    rows = 0
+    for logits in router_logits:  # (N, E) per layer
+        probs = F.softmax(logits.float(), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices  # (N, k)
+        counts = counts + F.one_hot(chosen, n_experts).sum(dim=(0, 1)).float()  # (E,)
+        probs_sum = probs_sum + probs.sum(dim=0)  # (E,)
+        rows += probs.shape[0]
+    return (counts / rows * probs_sum / rows).sum() * n_experts
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        d, hd = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.attn_qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.attn_qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.attn_qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.attn_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, d)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, signed sin (B, 1, T, D)
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = visible; None = plain causal, no cache
+        cache: KVCache | None,
+        positions: torch.Tensor,  # (B, T)
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, Hkv, S, D)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            y, weights = self._eager(q, k, v, mask, dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=dropout,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y), weights
+
+    def _eager(self, q, k, v, mask, dropout) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax(QKᵀ/√d + M) V written out, returning the weights (B, H, T, S)."""
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return F.dropout(weights, dropout, training=dropout > 0) @ v, weights  # (B, H, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = make_norm(config, config.d_model)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config, config.d_model)
+        self.mlp = (
+            MoE(config) if config.is_moe_layer(layer_idx) else MLP(config, config.d_ff, config.mlp_bias)
+        )
+        self.sliding = config.is_sliding_layer(layer_idx)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, masks, cache, positions, output_attentions=False):
+        a, weights = self.self_attn(
+            self.input_layernorm(x), rope, masks[self.sliding], cache, positions, output_attentions
+        )
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x, weights
+
+
+class Decoder(nn.Module):
+    """The body, named `model` inside Transformer as in HF checkpoints."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.pos_encoding == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
+        elif config.pos_encoding != "rope":
+            raise LlmkitError(f"unknown pos_encoding {config.pos_encoding!r} (expected 'learned' or 'rope')")
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config, config.d_model)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.aux_loss: torch.Tensor | None = None
+        self.tie_weights()
+        self.reset_buffers()
+        self.init_weights()
+
+    # ------------------------------------------------------------------ setup
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE tables on `device` (default: where the embeddings live)."""
+        if self.config.pos_encoding != "rope":
+            return
+        if device is None:
+            device = self.model.embed_tokens.weight.device
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim/2) float32
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self) -> None:
+        """GPT-2 style init for training from scratch: N(0, 0.02), zero biases, unit norms, and the
+        residual projections (o_proj, down_proj) scaled by 1/sqrt(2 n_layers). A no-op on the meta device."""
+        if self.lm_head.weight.device.type == "meta":
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layers))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        ids: torch.Tensor,  # (B, T) long
+        *,
+        positions: torch.Tensor | None = None,  # (B, T) long; default 0..T-1
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> torch.Tensor | ModelOutput:
+        B, T = ids.shape
+        explicit = positions is not None
+        if T > self.config.max_seq_len and positions is None:
+            raise LlmkitError(
+                f"sequence of {T} tokens is longer than the model's context ({self.config.max_seq_len})"
+            )
+        if positions is None:
+            positions = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
+        x = self.model.embed_tokens(ids)  # (B, T, d)
+        if hasattr(self.model, "embed_positions"):
+            x = x + self.model.embed_positions(positions)
+        x = self.dropout(x)
+        rope = None
+        if self.config.pos_encoding == "rope":
+            rope = rope_for_positions(self.rope_cos, self.rope_sin, positions, x.dtype)  # 2 x (B, 1, T, D)
+        masks = self._masks(positions, cache, explicit)
+        hidden: list[torch.Tensor] = [x] if output_hidden_states else []
+        attentions: list[torch.Tensor] = []
+        for layer in self.model.layers:
+            x, w = layer(x, rope, masks, cache, positions, output_attentions)
+            if output_hidden_states:
+                hidden.append(x)
+            if w is not None:
+                attentions.append(w)
+        x = self.model.norm(x)
+        if output_hidden_states:
+            hidden[-1] = x
+        logits = self.lm_head(x)  # (B, T, V)
+        self.aux_loss = self._aux_loss() if self.training and self.config.n_experts else None
+        if output_hidden_states or output_attentions:
+            return ModelOutput(logits, hidden, attentions)
+        return logits
+
+    def _masks(
+        self, positions: torch.Tensor, cache: KVCache | None, explicit: bool
+    ) -> dict[bool, torch.Tensor | None]:
+        """{sliding: mask} with mask (B, 1, T, S) bool (True = visible), or None for plain causal."""
+        window = self.config.sliding_window
+        if cache is None and not explicit and window is None:
+            return {False: None, True: None}
+        if cache is None:
+            kpos = positions[:, None, :]  # (B, 1, T) key positions = the batch's own positions
+        else:
+            kpos = torch.arange(cache.max_seq_len, device=positions.device)[None, None, :]  # (1, 1, S)
+        qpos = positions[:, :, None]  # (B, T, 1)
+        full = kpos <= qpos  # (B, T, S)
+        masks = {False: full[:, None], True: None}
+        if window is not None:
+            masks[True] = (full & (qpos - kpos < window))[:, None]
+        return masks
+
+    def _aux_loss(self) -> torch.Tensor:
+        logits = [
+            m.router_logits for m in self.modules() if isinstance(m, MoE) and m.router_logits is not None
+        ]
+        return load_balancing_loss(logits, self.config.n_experts, self.config.n_experts_per_tok)
+
+
+def param_counts(model: Transformer) -> dict[str, int]:
+    """Parameter counts by component (shared tensors counted once); keys: embeddings, attention, mlp,
+    experts (routers and shared experts included), norms, lm_head (0 when tied), total."""
+    counts = dict.fromkeys(("embeddings", "attention", "mlp", "experts", "norms", "lm_head"), 0)
+    for name, p in model.named_parameters():  # named_parameters() yields a tied weight once
+        if name.startswith("lm_head"):
+            key = "lm_head"
+        elif ".embed_" in name:
+            key = "embeddings"
+        elif name.endswith(("norm.weight", "norm.bias")):
+            key = "norms"
+        elif ".self_attn." in name:
+            key = "attention"
+        elif isinstance(model.get_submodule(name.split(".mlp.")[0] + ".mlp"), MoE):
+            key = "experts"
+        else:
+            key = "mlp"
+        counts[key] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts

@@ -1,0 +1,305 @@
+"""OpenAI request schemas (pydantic), fields in the order of the OpenAI API reference.
+
+Bounds live on the fields (`Field(ge=..., le=...)`), so a bad parameter is a 400 naming the field
+before any work is queued. Unknown fields are accepted (clients send vendor extensions) and logged
+once per request at WARNING. The vLLM-style extras `top_k`, `min_p`, `repetition_penalty` and
+`ignore_eos` sit at the end of each request. `to_sampling_params()` maps a request onto the engine's `SamplingParams`;
+the routes never touch sampling fields themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger("llmkit.serve")
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+class _Lenient(BaseModel):
+    """Unknown fields are kept in `model_extra` and logged, never rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown(self):
+        if self.model_extra:
+            log.warning("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
+        return self
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _Sampling(_Lenient):
+    """Fields shared by completions and chat completions (defaults as in the OpenAI reference)."""
+
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # extensions (vLLM names)
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+    @model_validator(mode="after")
+    def _check_stop(self):
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ValueError("stop: at most 16 non-empty strings")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        return dict(
+            temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, stop=self.stop_list(), seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+def make_sampling_params(**kw: Any):
+    """The engine's SamplingParams from keyword fields, validated (bad values raise LlmkitError)."""
+    from llmkit.generate import SamplingParams
+
+    sp = SamplingParams(**kw)
+    sp.validate()
+    return sp
+
+
+# --------------------------------------------------------------------------- /v1/completions
+class CompletionRequest(_Sampling):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(16, ge=0)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.suffix:
+            raise ValueError("suffix: not supported (no fill-in-the-middle model)")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of items, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def to_sampling_params(self, max_tokens: int):
+        return make_sampling_params(**self.sampling_kwargs(), max_tokens=max_tokens,
+                                    logprobs=self.logprobs, echo=self.echo)
+
+
+# --------------------------------------------------------------------------- /v1/chat/completions
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        bad = [p.type for p in self.content if p.type not in ("text", "input_text", "output_text")]
+        if bad:
+            raise ValueError(f"content part type {bad[0]!r} is not supported (text only)")
+        return "".join(p.text or "" for p in self.content)
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str = "response"
+    description: str | None = None
+    schma: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema is required when type is 'json_schema'")
+        return self
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    model: str | None = None
+    logprobs: bool = False
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs=true")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            names = {t.function.name for t in self.tools or []}
+            if not names:
+                raise ValueError("tool_choice: requires tools")
+            if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.get("name") not in names:
+                raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.get('name')!r}")
+        return self
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int):
+        lp = (self.top_logprobs or 0) if self.logprobs else None
+        return make_sampling_params(**self.sampling_kwargs(), max_tokens=max_tokens, logprobs=lp)
+
+
+# --------------------------------------------------------------------------- /v1/responses
+class ResponseTextFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schma: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseText(_Lenient):
+    format: ResponseTextFormat | None = None
+
+
+class InputItem(_Lenient):
+    type: str = "message"
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: str | list[ContentPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+
+class ResponsesRequest(_Lenient):
+    model: str | None = None
+    input: str | list[InputItem]
+    include: list[str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    store: bool = True
+    stream: bool = False
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    text: ResponseText | None = None
+    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = None
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    seed: int | None = None  # extension
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The new input as chat messages (instructions not included)."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        out: list[dict[str, Any]] = []
+        for it in self.input:
+            if it.type == "message":
+                if it.role is None:
+                    raise ValueError("input: message items need a role")
+                msg = ChatMessage(role=it.role, content=it.content)
+                out.append({"role": it.role, "content": msg.text()})
+            elif it.type == "function_call":
+                out.append({"role": "assistant", "content": "", "tool_calls": [
+                    {"id": it.call_id, "type": "function",
+                     "function": {"name": it.name, "arguments": it.arguments or "{}"}}]})
+            elif it.type == "function_call_output":
+                out.append({"role": "tool", "tool_call_id": it.call_id, "content": it.output or ""})
+            else:
+                raise ValueError(f"input: item type {it.type!r} is not supported")
+        return out
+
+    def to_sampling_params(self, max_tokens: int):
+        return make_sampling_params(temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                                    max_tokens=max_tokens)
+
+
+# --------------------------------------------------------------------------- tokenizer routes
+class TokenizeRequest(_Lenient):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]

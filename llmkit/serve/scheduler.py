@@ -1,0 +1,288 @@
+"""Continuous batching: one thread drives the engine; requests join and leave the batch between steps.
+
+The asyncio side (routes) calls `Scheduler.submit`, which queues one `Job` per generated sequence and
+returns at once (429 when the waiting queue is full). The engine thread loops: remove cancelled rows,
+admit waiting jobs while there are free rows, run one `step()` for every running row, and hand each
+row's new token to its job's asyncio queue with `loop.call_soon_threadsafe`. A job is cancelled by its
+consumer (client gone, stop string seen, timeout); the row is freed before the next step.
+
+The engine is reached through `Backend`, the three calls the loop needs (`add`, `step`, `remove`);
+`EngineBackend` adapts llmkit.generate.Engine to it. Anything else that must use the model runs on the
+same thread through `call`, so the model is only ever touched by one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llmkit.errors import LlmkitError
+
+log = logging.getLogger("llmkit.serve")
+
+TopLogprobs = list[tuple[int, float]]
+
+
+@dataclass
+class TokenOut:
+    """One new token of one row, as produced by a decode step."""
+
+    key: int
+    token_id: int
+    logprob: float | None = None
+    top: TopLogprobs | None = None
+    finish_reason: str | None = None  # "stop" | "length" once the row is finished
+
+
+@dataclass
+class Prefilled:
+    """A job's row has been prefilled: prefix-cache reuse, prompt logprobs (echo), and whether that was all."""
+
+    cached_tokens: int = 0
+    prompt_logprobs: list[tuple[float, TopLogprobs] | None] | None = None
+    done: bool = False  # prefill-only job (max_tokens 0 with echo): no token follows
+
+
+class Backend(Protocol):
+    max_rows: int
+    max_seq_len: int
+
+    def add(self, key: int, prompt_ids: list[int], params: Any, processor: Callable | None) -> Prefilled:
+        """Start (prefill) a row."""
+
+    def step(self) -> list[TokenOut]:
+        """One new token for every running row."""
+
+    def remove(self, key: int) -> None:
+        """Drop a row (finished or cancelled) and free its slot."""
+
+
+class EngineBackend:
+    """`Backend` over llmkit.generate.Engine: maps job keys to engine rows.
+
+    A constrained job's `processor(generated_ids, logits) -> logits` wraps the row's sampler, so the mask
+    applies before penalties, temperature and truncation."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.max_rows = engine.max_batch
+        self.max_seq_len = engine.capacity
+        self._row: dict[int, int] = {}
+        self._key: dict[int, int] = {}
+
+    def add(self, key: int, prompt_ids: list[int], params: Any, processor: Callable | None) -> Prefilled:
+        row = self.engine.add(prompt_ids, params)
+        seq = self.engine.seq(row)
+        if processor is not None:
+            seq.sampler = _Constrained(seq.sampler, processor, seq.output_ids)
+        self._row[key], self._key[row] = row, key
+        pl = None
+        if seq.prompt_logprobs is not None:
+            pl = [None if x is None else (x.logprob, x.top) for x in seq.prompt_logprobs]
+        return Prefilled(seq.cached_tokens, pl)
+
+    def step(self) -> list[TokenOut]:
+        return [TokenOut(self._key[o.row], o.token_id, o.logprob.logprob if o.logprob else None,
+                         o.logprob.top if o.logprob else None, o.finish_reason)
+                for o in self.engine.step() if o.row in self._key]
+
+    def remove(self, key: int) -> None:
+        row = self._row.pop(key, None)
+        if row is not None:
+            self._key.pop(row, None)
+            self.engine.remove(row)
+
+
+class _Constrained:
+    """A sampler whose logits first go through a per-row processor (constrained decoding)."""
+
+    def __init__(self, sampler: Callable, processor: Callable, generated: list[int]):
+        self.sampler, self.processor, self.generated = sampler, processor, generated
+
+    def __call__(self, logits):
+        return self.sampler(self.processor(self.generated, logits))
+
+
+@dataclass
+class Job:
+    """One sequence to generate; its events arrive on `queue` as (index, TokenOut | Exception)."""
+
+    prompt_ids: list[int]
+    params: Any
+    processor: Callable | None
+    index: int
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    key: int = 0
+    prefill_only: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    cancelled: bool = False
+    finished: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _emit(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, *, max_queue: int = 64, metrics=None):
+        self.backend = backend
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, Job] = {}
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._cv = threading.Condition()
+        self._keys = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ asyncio side
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="llmkit-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, prompt_ids: list[int], params_list: Sequence[Any],
+               processors: Sequence[Callable | None] | None = None, *, prefill_only: bool = False,
+               queue: asyncio.Queue | None = None, first_index: int = 0) -> tuple[list[Job], asyncio.Queue]:
+        """Queue one job per params (n > 1 gives n jobs sharing one queue); 429 when the queue is full.
+
+        Events arrive on the queue as (index, Prefilled | TokenOut | LlmkitError); indexes start at
+        `first_index` so several prompts can share one queue."""
+        loop = asyncio.get_running_loop()
+        queue = queue if queue is not None else asyncio.Queue()
+        procs = processors or [None] * len(params_list)
+        jobs = [Job(list(prompt_ids), p, pr, first_index + i, queue, loop, prefill_only=prefill_only)
+                for i, (p, pr) in enumerate(zip(params_list, procs))]
+        with self._cv:
+            if len(self._waiting) + len(jobs) > self.max_queue:
+                raise LlmkitError(f"server busy: {len(self._waiting)} requests waiting (limit {self.max_queue}); "
+                                  "retry later", status=429, code="rate_limit_exceeded")
+            for j in jobs:
+                j.key = next(self._keys)
+                self._waiting.append(j)
+            self._publish_load()
+            self._cv.notify_all()
+        return jobs, queue
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps (for anything else that uses the model)."""
+        fut: Future = Future()
+        with self._cv:
+            self._calls.append((fn, fut))
+            self._cv.notify_all()
+        return await asyncio.wrap_future(fut)
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ engine thread
+    def _publish_load(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_load(len(self._waiting), len(self._running))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._waiting or self._calls or self._running):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                new: list[Job] = []
+                while self._waiting and len(self._running) + len(new) < self.backend.max_rows:
+                    job = self._waiting.popleft()
+                    if not job.cancelled:
+                        new.append(job)
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed to the awaiting route
+                        fut.set_exception(e)
+            for job in [j for j in self._running.values() if j.cancelled]:
+                self._drop(job)
+            for job in new:
+                try:
+                    info = self.backend.add(job.key, job.prompt_ids, job.params, job.processor)
+                except Exception as e:
+                    if not isinstance(e, LlmkitError):
+                        log.exception("engine add failed")
+                    job._emit(e if isinstance(e, LlmkitError) else LlmkitError(f"engine error: {e}", status=500))
+                    continue
+                self._running[job.key] = job
+                if job.prefill_only:
+                    info.done = True
+                    job.finished = True
+                    self._drop(job)
+                job._emit(info)
+            with self._cv:
+                self._publish_load()
+            if not self._running:
+                continue
+            try:
+                outs = self.backend.step()
+                self.steps += 1
+            except Exception as e:
+                log.exception("engine step failed")
+                for job in list(self._running.values()):
+                    job._emit(LlmkitError(f"engine error: {e}", status=500))
+                    self._drop(job)
+                continue
+            now = time.monotonic()
+            for out in outs:
+                job = self._running.get(out.key)
+                if job is None:
+                    continue
+                if job.first_token is None:
+                    job.first_token = now
+                job._emit(out)
+                if out.finish_reason is not None:
+                    job.finished = True
+                    self._drop(job)
+        for job in list(self._running.values()) + list(self._waiting):
+            job._emit(LlmkitError("server shutting down", status=503))
+        for fn, fut in self._calls:
+            fut.cancel()
+
+    def _drop(self, job: Job) -> None:
+        self._running.pop(job.key, None)
+        try:
+            self.backend.remove(job.key)
+        except Exception:
+            log.exception("engine remove failed")

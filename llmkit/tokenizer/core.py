@@ -1,0 +1,490 @@
+"""The Tokenizer: text <-> token ids for byte-level BPE (GPT-2, Llama-3, Qwen, SmolLM) and SentencePiece-style
+BPE (Llama-2, Mistral), behind one API.
+
+Notable choices
+- Two BPE engines with the same result. `bpe_merge` is the readable reference: start from single bytes and
+  repeatedly merge the adjacent pair with the lowest merge rank (leftmost first), exactly the llama.cpp /
+  HF `tokenizers` rule. The fast path hands the same vocabulary to tiktoken's Rust CoreBPE: a token's
+  tiktoken rank is the index of the first merge that produces it, and tiktoken's ranks are mapped back to
+  our ids with a lookup table when they differ. tiktoken merges "the pair whose merged token has the lowest
+  rank", which equals the merge-list rule for vocabularies learnt by BPE (the tests check both engines id for
+  id against tiktoken, HF `tokenizers` and llama.cpp on real text). `backend="python"` forces the reference.
+- Pre-tokenizers are lists of regexes (see pretokenize.py); a single full-coverage regex runs inside tiktoken,
+  a list runs in Python and each piece goes to tiktoken's single-piece BPE (an LRU cache of piece -> ids in
+  the Python path).
+- Special tokens: control tokens (<|im_start|>, <|endoftext|>, [INST], BOS/EOS...) become ids only with
+  `allow_special=True`; otherwise their text is encoded like any other text. User-defined added tokens that
+  are not special (Qwen's <think>) are always matched, as both HF `tokenizers` and llama.cpp do.
+- Byte-level vocabularies store each token as raw bytes (GPT-2's printable byte alphabet is undone at load),
+  so `id_to_bytes` and decoding never see the Ġ/Ċ spelling; `save` re-applies it for tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import tempfile
+import unicodedata
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import regex
+
+from llmkit.errors import LlmkitError
+from llmkit.tokenizer.pretokenize import PreTokenizer
+
+# token texts that end a turn or a document: generation stops on them (with eos)
+END_OF_TURN_TEXTS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<EOT>",
+    "<|return|>",
+    "</s>",
+    "<｜end▁of▁sentence｜>",
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 bytes to printable characters (space -> 'Ġ', newline -> 'Ċ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return dict(sorted(out.items()))
+
+
+BYTE_TO_UNICODE = bytes_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+# str.translate table: alphabet char -> latin-1 char of its byte; other latin-1 chars -> U+FFFF (not latin-1)
+_UNBYTELEVEL = {ord(c): chr(b) for c, b in UNICODE_TO_BYTE.items()}
+_UNBYTELEVEL.update({b: "\uffff" for b in range(256) if chr(b) not in UNICODE_TO_BYTE})
+
+
+def unbytelevel(s: str) -> bytes | None:
+    """'Ġhello' -> b' hello'; None when `s` is not in GPT-2's byte alphabet."""
+    try:
+        return s.translate(_UNBYTELEVEL).encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def unbytelevel_many(tokens: Sequence[str]) -> list[bytes | None]:
+    """unbytelevel over a whole vocabulary in one str.translate call (fast load of 150k tokens)."""
+    sep = "\ufffe"  # a noncharacter, outside the alphabet and never produced by the table
+    joined = sep.join(tokens)
+    if joined.count(sep) != len(tokens) - 1:
+        return [unbytelevel(t) for t in tokens]
+    out: list[bytes | None] = []
+    for part in joined.translate(_UNBYTELEVEL).split(sep):
+        try:
+            out.append(part.encode("latin-1"))
+        except UnicodeEncodeError:
+            out.append(None)
+    return out
+
+
+def bytelevel(b: bytes) -> str:
+    return "".join(BYTE_TO_UNICODE[x] for x in b)
+
+
+def bpe_merge(word: bytes, ranks: dict[tuple[bytes, bytes], int]) -> list[bytes]:
+    """Reference BPE on one pre-token: merge the lowest-ranked adjacent pair (leftmost first) while any.
+
+    >>> bpe_merge(b"aaab", {(b"a", b"a"): 0, (b"aa", b"b"): 1, (b"a", b"b"): 2})
+    [b'aa', b'ab']
+
+    A heap of candidate pairs over a linked list of symbols keeps it O(n log n) for long pieces (runs of
+    spaces); stale heap entries are skipped when their symbols have changed since.
+    """
+    sym = [word[i : i + 1] for i in range(len(word))]
+    nxt = [*range(1, len(sym)), -1]
+    prv = list(range(-1, len(sym) - 1))
+    heap: list[tuple[int, int, int, bytes]] = []
+
+    def push(i: int, j: int) -> None:
+        if i >= 0 and j >= 0:
+            r = ranks.get((sym[i], sym[j]))
+            if r is not None:
+                heapq.heappush(heap, (r, i, j, sym[i] + sym[j]))
+
+    for i in range(len(sym) - 1):
+        push(i, i + 1)
+    while heap:
+        _, i, j, merged = heapq.heappop(heap)
+        if not sym[i] or not sym[j] or sym[i] + sym[j] != merged:
+            continue  # stale: one side was merged into something else meanwhile
+        sym[i], sym[j] = merged, b""
+        nxt[i] = nxt[j]
+        if nxt[j] >= 0:
+            prv[nxt[j]] = i
+        push(prv[i], i)
+        push(i, nxt[i])
+    return [s for s in sym if s]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Tokenizer:
+    """Text <-> ids. Build it with `load`, `from_gguf`, `from_bpe` (or the loaders in loaders.py).
+
+    model="bpe": byte-level BPE; `vocab[i]` are the raw bytes of token i, `merges` the merge list in order.
+    model="spm": SentencePiece-style BPE; `pieces[i]` the piece text ('▁' for space, '<0x0A>' byte tokens),
+    `scores[i]` its score (higher merges first), byte fallback through the <0xNN> tokens.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        vocab: Sequence[bytes],
+        merges: Sequence[tuple[bytes, bytes]] = (),
+        pre: PreTokenizer | None = None,
+        special_tokens: dict[str, int] | None = None,
+        added_tokens: dict[str, int] | None = None,
+        pieces: Sequence[str] | None = None,
+        scores: Sequence[float] | None = None,
+        byte_tokens: dict[int, int] | None = None,
+        normalizer: str | None = None,
+        ignore_merges: bool = False,
+        add_space_prefix: bool = False,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        unk_id: int | None = None,
+        add_bos: bool = False,
+        add_eos: bool = False,
+        extra_stop_ids: Iterable[int] = (),
+        chat_template: str | None = None,
+        pre_name: str | None = None,
+        backend: str = "auto",
+    ):
+        if model not in ("bpe", "spm"):
+            raise LlmkitError(f"unknown tokenizer model {model!r}: expected 'bpe' or 'spm'")
+        self.model = model
+        self.vocab: list[bytes] = list(vocab)
+        self.merges = list(merges)
+        self.pre = pre or PreTokenizer(())
+        self.pre_name = pre_name
+        self.special_tokens: dict[str, int] = dict(special_tokens or {})  # control tokens, text -> id
+        self.added_tokens: dict[str, int] = dict(added_tokens or {})  # always-matched user tokens
+        self.normalizer = normalizer
+        self.ignore_merges = ignore_merges
+        self.add_space_prefix = add_space_prefix
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.chat_template = chat_template
+        self._control_ids = set(self.special_tokens.values())
+
+        for i in (bos_id, eos_id, pad_id, unk_id):
+            if i is not None and not 0 <= i < len(self.vocab):
+                raise LlmkitError(f"special token id {i} is outside the vocabulary (size {len(self.vocab)})")
+        self.stop_ids: set[int] = {i for i in (eos_id, *extra_stop_ids) if i is not None}
+        self.stop_ids |= {i for t, i in self.special_tokens.items() if t in END_OF_TURN_TEXTS}
+
+        if model == "bpe":
+            self._ranks = {pair: r for r, pair in reversed(list(enumerate(self.merges)))}
+            self._bytes_to_id: dict[bytes, int] = {}
+            not_bpe = self._control_ids | set(self.added_tokens.values())
+            for i, b in enumerate(self.vocab):
+                if i not in not_bpe:
+                    self._bytes_to_id.setdefault(b, i)
+            missing = [b for b in range(256) if bytes([b]) not in self._bytes_to_id]
+            if len(missing) > 128:
+                raise LlmkitError(
+                    f"vocabulary lacks {len(missing)} of the 256 single-byte tokens; is this a "
+                    "byte-level BPE vocabulary?"
+                )
+            self._missing_bytes = set(
+                missing
+            )  # bytes never seen in training (SmolLM2 lacks 21): dropped on encode
+            self._rank_to_id: list[int] | None = None
+            self._tiktoken = self._build_tiktoken() if backend in ("auto", "tiktoken") else None
+        else:
+            from llmkit.tokenizer.spm import SpmModel
+
+            if pieces is None or scores is None:
+                raise LlmkitError("a SentencePiece vocabulary needs pieces and scores")
+            self._spm = SpmModel(list(pieces), list(scores), byte_tokens or {}, unk_id)
+            self._tiktoken, self._rank_to_id = None, None
+        self._piece_cache = lru_cache(maxsize=1 << 16)(self._encode_piece_python)
+        specials_re = sorted({*self.special_tokens, *self.added_tokens}, key=len, reverse=True)
+        added_re = sorted(self.added_tokens, key=len, reverse=True)
+        self._split_all = regex.compile("|".join(map(regex.escape, specials_re))) if specials_re else None
+        self._split_added = regex.compile("|".join(map(regex.escape, added_re))) if added_re else None
+
+    # ----------------------------------------------------------------------------------------------- builders
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """tokenizer.json | GPT-2 directory (encoder.json + vocab.bpe) | .gguf file | model directory."""
+        from llmkit.tokenizer.loaders import load_tokenizer
+
+        return load_tokenizer(path)
+
+    @classmethod
+    def from_gguf(cls, reader_or_path: Any) -> Tokenizer:
+        from llmkit.tokenizer.loaders import from_gguf
+
+        return from_gguf(reader_or_path)
+
+    @classmethod
+    def from_bpe(
+        cls,
+        merges: list[tuple[bytes, bytes]],
+        *,
+        pattern: str,
+        special_tokens: dict[str, int] | None = None,
+        chat_template: str | None = None,
+    ) -> Tokenizer:
+        """A byte-level BPE from a merge list: ids 0..255 are the bytes, then one id per merge, then specials.
+
+        `pattern` is a regex, or 'gpt2' / 'gpt4' for the named ones.
+        """
+        from llmkit.tokenizer.pretokenize import NAMED_PATTERNS
+
+        vocab = [bytes([b]) for b in range(256)] + [a + b for a, b in merges]
+        specials = dict(special_tokens or {})
+        n = len(vocab) + len(specials)
+        vocab += [b""] * len(specials)
+        for text, i in specials.items():
+            if not len(vocab) - len(specials) <= i < n:
+                raise LlmkitError(
+                    f"special token {text!r} has id {i}; expected ids {n - len(specials)}..{n - 1} "
+                    "(after the 256 bytes and the merges)"
+                )
+            vocab[i] = text.encode()
+        eos = next((i for t, i in specials.items() if t in END_OF_TURN_TEXTS), None)
+        return cls(
+            model="bpe",
+            vocab=vocab,
+            merges=merges,
+            pre=PreTokenizer(NAMED_PATTERNS.get(pattern, pattern)),
+            special_tokens=specials,
+            eos_id=eos,
+            chat_template=chat_template,
+        )
+
+    def _build_tiktoken(self):
+        """tiktoken's CoreBPE over our merges, or None when the vocabulary cannot be expressed in its terms.
+
+        tiktoken ranks are its merge priorities *and* its output ids. When the ids of merge results grow with
+        the merge index (GPT-2, Qwen, Llama-3) the ranks are our ids; otherwise merge results get ranks
+        `vocab_size + merge index` and a table maps them back.
+        """
+        import tiktoken
+
+        first: dict[bytes, int] = {}  # token bytes -> index of the first merge producing it
+        for r, (a, b) in enumerate(self.merges):
+            first.setdefault(a + b, r)
+        merged_ids = [self._bytes_to_id.get(t) for t in first]
+        if None in merged_ids:
+            return None  # a merge yields a token the vocabulary lacks: keep the reference path
+        ranks = {
+            bytes([b]): self._bytes_to_id[bytes([b])] for b in range(256) if b not in self._missing_bytes
+        }
+        if not self._missing_bytes and all(x < y for x, y in zip(merged_ids, merged_ids[1:])):
+            ranks.update(zip(first, merged_ids))
+        else:
+            n = len(self.vocab)
+            table = list(range(n + len(self.merges) + 256))
+            for t, r in first.items():
+                ranks[t] = n + r
+                table[n + r] = self._bytes_to_id[t]
+            for b in self._missing_bytes:  # tiktoken needs every byte; they map to -1 and are dropped
+                ranks[bytes([b])] = n + len(self.merges) + b
+                table[n + len(self.merges) + b] = -1
+            self._rank_to_id = table
+        try:
+            return tiktoken.Encoding(
+                f"llmkit-{id(self)}",
+                pat_str=self.pre.single_pattern or r"\S+|\s+",
+                mergeable_ranks=ranks,
+                special_tokens={},
+            )
+        except Exception:  # a pattern outside fancy-regex's syntax
+            self._rank_to_id = None
+            return None
+
+    # --------------------------------------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def id_to_bytes(self, i: int) -> bytes:
+        """Raw bytes of one token (SPM: '▁' -> b' ', <0xAB> -> b'\\xab'); special tokens give their text."""
+        return self.vocab[i]
+
+    def id_to_piece(self, i: int) -> str:
+        """A printable form of one token, for display (bytes that are not UTF-8 shown as <0xNN>)."""
+        b = self.vocab[i]
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<0x{x:02X}>" for x in b)
+
+    def token_to_id(self, text: str) -> int | None:
+        if text in self.special_tokens:
+            return self.special_tokens[text]
+        if text in self.added_tokens:
+            return self.added_tokens[text]
+        if self.model == "spm":
+            return self._spm.piece_to_id.get(text.replace(" ", "▁"))
+        return self._bytes_to_id.get(text.encode())
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(model={self.model!r}, vocab_size={self.vocab_size}, pre={self.pre_name!r}, "
+            f"specials={len(self.special_tokens)}, fast={self._tiktoken is not None})"
+        )
+
+    # ----------------------------------------------------------------------------------------------- encoding
+    def encode(
+        self, text: str, *, add_special_tokens: bool = False, allow_special: bool = False
+    ) -> list[int]:
+        """Text -> ids; no BOS/EOS unless add_special_tokens; specials stay text unless allow_special."""
+        ids: list[int] = []
+        if add_special_tokens and self.add_bos and self.bos_id is not None:
+            ids.append(self.bos_id)
+        prev_special = True  # SPM: the leading-space rule applies at the start and after a special token
+        for frag, tid in self._partition(text, allow_special):
+            if tid is not None:
+                ids.append(tid)
+                prev_special = True
+            else:
+                ids.extend(self._encode_text(frag, prev_special))
+                prev_special = False
+        if add_special_tokens and self.add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text -> ids with no special *or added* token recognised (as tiktoken's encode_ordinary)."""
+        return self._encode_text(text, True) if text else []
+
+    def encode_batch(self, texts: Sequence[str], **kw: Any) -> list[list[int]]:
+        return [self.encode(t, **kw) for t in texts]
+
+    def _partition(self, text: str, allow_special: bool) -> Iterable[tuple[str, int | None]]:
+        """Cut out added/special tokens: yields (text fragment, None) or (token text, id)."""
+        rx = self._split_all if allow_special else self._split_added
+        if rx is None:
+            if text:
+                yield text, None
+            return
+        pos = 0
+        table = {**self.added_tokens, **self.special_tokens} if allow_special else self.added_tokens
+        for m in rx.finditer(text):
+            if m.start() > pos:
+                yield text[pos : m.start()], None
+            yield m.group(), table[m.group()]
+            pos = m.end()
+        if pos < len(text):
+            yield text[pos:], None
+
+    def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        if self.model == "spm":
+            if self.add_space_prefix and at_start:
+                text = " " + text
+            return self._spm.encode(text)
+        enc = self._tiktoken
+        if enc is not None and self.pre.single_pattern is not None:
+            ids = enc.encode_ordinary(text)
+        else:
+            ids = []
+            for piece in self.pre.split(text):
+                ids.extend(self._piece_cache(piece))
+        if self._tiktoken is not None and self._rank_to_id is not None:
+            m = self._rank_to_id
+            ids = [m[r] for r in ids]
+            if self._missing_bytes:
+                ids = [i for i in ids if i >= 0]
+        return ids
+
+    def _encode_piece_python(self, piece: str) -> list[int]:
+        """One pre-token -> ids (tiktoken ranks when the fast path is on, ids otherwise)."""
+        b = piece.encode("utf-8")
+        if self._tiktoken is not None:
+            return self._tiktoken._encode_single_piece(b)
+        return self._bpe_ids(b)
+
+    def _bpe_ids(self, b: bytes) -> list[int]:
+        if self.ignore_merges and b in self._bytes_to_id:
+            return [self._bytes_to_id[b]]
+        out = []
+        for part in bpe_merge(b, self._ranks):
+            i = self._bytes_to_id.get(part)
+            if i is not None:
+                out.append(i)
+            else:  # not a token: its single bytes (llama.cpp and HF drop bytes missing from the vocabulary)
+                out.extend(
+                    self._bytes_to_id[part[k : k + 1]]
+                    for k in range(len(part))
+                    if part[k] not in self._missing_bytes
+                )
+        return out
+
+    def encode_reference(self, text: str) -> list[int]:
+        """The readable Python BPE only (no tiktoken, no cache), to teach and cross-check."""
+        if self.model != "bpe":
+            return self.encode(text)
+        out: list[int] = []
+        for frag, tid in self._partition(text, False):
+            if tid is not None:
+                out.append(tid)
+                continue
+            if self.normalizer:
+                frag = unicodedata.normalize(self.normalizer, frag)
+            for piece in self.pre.split(frag):
+                out.extend(self._bpe_ids(piece.encode("utf-8")))
+        return out
+
+    # ----------------------------------------------------------------------------------------------- decoding
+    def decode_bytes(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> bytes:
+        skip = self._control_ids if skip_special_tokens else ()
+        n = len(self.vocab)
+        try:
+            return b"".join(self.vocab[i] for i in ids if i not in skip)
+        except (IndexError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, int) or not 0 <= i < n)
+            raise LlmkitError(f"token id {bad!r} is outside the vocabulary (0..{n - 1})") from None
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """Ids -> text; bytes that are not valid UTF-8 become U+FFFD; SPM drops the added leading space."""
+        ids = list(ids)
+        text = self.decode_bytes(ids, skip_special_tokens=skip_special_tokens).decode(
+            "utf-8", errors="replace"
+        )
+        if self.model == "spm" and self.add_space_prefix and text.startswith(" "):
+            first = next((i for i in ids if not (skip_special_tokens and i in self._control_ids)), None)
+            if first is not None and first not in self._control_ids:
+                text = text[1:]
+        return text
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json + tokenizer_config.json that HF tokenizers/transformers load."""
+        from llmkit.tokenizer.loaders import to_hf_json
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tok_json, config = to_hf_json(self)
+        _atomic_write(d / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False, indent=1))
+        _atomic_write(d / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))

@@ -1,0 +1,455 @@
+"""One training loop for every stage (pretraining now; SFT, LoRA, DPO, GRPO reuse it with their own loss).
+
+`Trainer(model, loss_fn, batches, cfg, run_dir)` runs AdamW (weight decay on Linear matrices only, not
+on biases, norms or embeddings), linear warmup + cosine decay to `min_lr`, gradient
+accumulation, clipping, bf16 autocast (CUDA default, CPU optional), optional torch.compile and
+DistributedDataParallel. `loss_fn(model, batch) -> scalar` is all a stage supplies; `batches` is any object
+with `next(device)`, `state_dict()` and `load_state_dict()`; `evaluate(model) -> dict` is an optional hook
+called every `eval_every` steps and at the end.
+
+Notable choices
+- Exact resume: a checkpoint holds model, optimizer, scheduler, the torch/numpy/python (and CUDA) RNG
+  states, the data position and both configs; resuming reproduces the uninterrupted run bit for bit on
+  CPU with the same seed and thread count (tested). Metrics past the checkpoint step are dropped.
+- Checkpoints are written to a temporary file and renamed (`os.replace`), so a crash or a full disk
+  leaves the previous checkpoint intact; only rank 0 writes anything.
+- MFU = achieved model FLOP/s / the machine's matmul peak, measured once at start with a short matmul
+  benchmark in the training dtype (not a datasheet number). Model FLOPs per token = 6 * (weights of
+  every Linear, lm_head included) + 12 * layers * attention width * block (PaLM appendix B).
+- Evaluation and sampling never touch the global RNG (samples use their own seeded generator), so
+  periodic evals do not change the training trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.train.losses import unwrap
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVE = "loss.png"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # sequences per micro-step, summed over all processes
+    grad_accum: int = 1  # micro-steps per optimizer step
+    block_size: int = 256
+    lr: float = 1e-3
+    min_lr: float | None = None  # None = lr / 10
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0  # 0 = no clipping
+    eval_every: int = 200  # 0 = only at the end
+    eval_tokens: int | None = 1 << 17  # cap on val tokens of periodic evals (the final eval uses all)
+    save_every: int = 0  # 0 = only at the end
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
+    compile: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    threads: int | None = None
+    time_budget: float | None = None  # seconds: stop then, and run the LR schedule over time instead of steps
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings, saved with the checkpoint
+
+    def lr_at(self, step: int, time_frac: float | None = None) -> float:
+        """Linear warmup over `warmup` steps, then cosine from lr to min_lr at `steps` (or, with a time
+        budget, at the end of the budget: `time_frac` = elapsed / budget)."""
+        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = time_frac if time_frac is not None else (step - self.warmup) / max(1, self.steps - self.warmup)
+        t = min(1.0, t)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (self.lr - min_lr)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if cfg.dtype in ("float32", "fp32"):
+        return None
+    if cfg.dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if cfg.dtype in ("float16", "fp16"):
+        return torch.float16
+    raise LlmkitError(f"--dtype {cfg.dtype}: choose auto, float32 or bfloat16")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices of Linear layers; no decay for biases, norms and embeddings (shared ones counted once)."""
+    decay, no_decay, seen = [], [], set()
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if isinstance(mod, nn.Linear) and name == "weight" else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def model_flops_per_token(model: nn.Module, block_size: int) -> float:
+    m = unwrap(model)
+    cfg = getattr(m, "config", None)
+    n_linear = 0.0
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.Linear):
+            share = 1.0
+            if cfg is not None and ".experts." in f".{name}.":  # only top-k of the experts run per token
+                share = cfg.n_experts_per_tok / cfg.n_experts
+            n_linear += share * mod.weight.numel()
+    if cfg is None:
+        return 6.0 * n_linear
+    if not isinstance(getattr(m, "lm_head", None), nn.Linear):
+        n_linear += cfg.vocab_size * cfg.d_model  # tied head as a functional matmul
+    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * block_size
+    return 6.0 * n_linear + attn
+
+
+_PEAK_CACHE: dict[tuple[str, str], float] = {}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.3) -> float:
+    """Matmul FLOP/s this machine reaches now in the training dtype (a quick benchmark, cached)."""
+    key = (str(device), str(dtype))
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    n = 4096 if device.type == "cuda" else 512
+    dt = dtype or torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dt, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=g)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    _PEAK_CACHE[key] = best
+    return best
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": list(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, state, gauss = st["python"]
+    random.setstate((version, tuple(state), gauss))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LlmkitError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
+                          "the previous checkpoint is kept") from None
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise LlmkitError(f"--out {run_dir}: not writable ({e.strerror or e}); choose another folder") from None
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world_size) of the process group, or (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        batches: Any,
+        cfg: TrainConfig,
+        run_dir: str | os.PathLike,
+        *,
+        evaluate: Callable[[nn.Module, bool], dict[str, Any]] | None = None,
+        model_config: Any = None,
+    ):
+        self.cfg, self.loss_fn, self.batches, self.evaluate = cfg, loss_fn, batches, evaluate
+        self.run_dir = Path(run_dir)
+        self.rank, self.world = distributed()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.device)
+        self.amp = autocast_dtype(cfg, self.device)
+        self.model_config = model_config
+        if self.is_main:
+            check_writable(self.run_dir)
+        self.raw_model = model.to(self.device)
+        self.opt = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                     fused=self.device.type == "cuda")
+        self.time_frac: float | None = 0.0 if cfg.time_budget else None
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: cfg.lr_at(s, self.time_frac) / cfg.lr)
+        self.model: nn.Module = self.raw_model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict[str, Any]] = []
+        self.flops_per_token = model_flops_per_token(self.raw_model, cfg.block_size)
+        self.peak_flops: float | None = None
+        self.finished = False
+        self.t_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng_state(),
+            "data": self.batches.state_dict(),
+            "train_config": asdict(self.cfg),
+            "model_config": self.model_config.to_dict() if hasattr(self.model_config, "to_dict") else None,
+        }
+
+    def save(self) -> None:
+        if self.is_main:
+            atomic_torch_save(self.state_dict(), self.run_dir / CHECKPOINT)
+
+    def resume(self) -> None:
+        """Load run_dir/checkpoint.pt and continue exactly where it stopped."""
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise LlmkitError(f"--resume: no {CHECKPOINT} in {self.run_dir}; start without --resume")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LlmkitError(f"{path}: unreadable checkpoint ({type(e).__name__}); start a new run") from None
+        mine = self.model_config.to_dict() if hasattr(self.model_config, "to_dict") else None
+        if mine is not None and ck.get("model_config") not in (None, mine):
+            diff = sorted(k for k in mine if ck["model_config"].get(k) != mine[k])
+            raise LlmkitError(f"--resume: the checkpoint's model differs in {', '.join(diff)}; use the same settings")
+        self.raw_model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.batches.load_state_dict(ck["data"])
+        set_rng_state(ck["rng"])
+        self.step, self.tokens_seen = int(ck["step"]), int(ck["tokens_seen"])
+        if self.is_main:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        path = self.run_dir / METRICS
+        if not path.exists():
+            return
+        keep = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= self.step]
+        self.history = keep
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ metrics
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.history.append(record)
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        if not self.is_main:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tr = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
+        va = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train loss", lw=1)
+        if va:
+            ax.plot(*zip(*va), "o-", label="val loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.run_dir / f".{CURVE}.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.run_dir / CURVE)
+
+    # ------------------------------------------------------------------ loop
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            batch = self.batches.next(self.device)
+            sync = micro == cfg.grad_accum - 1 or self.world == 1
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx:
+                with self.autocast():
+                    loss = self.loss_fn(model, batch)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        total /= cfg.grad_accum
+        if self.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
+            if self.device.type != "cuda":
+                total /= self.world
+        return float(total), float(gnorm)
+
+    def run_eval(self, final: bool) -> dict[str, Any]:
+        if self.evaluate is None:
+            return {}
+        with self.autocast():
+            out = self.evaluate(self.raw_model, final)
+        self.raw_model.train()
+        if out:
+            elapsed = round(time.perf_counter() - self.t_start, 3)
+            self.log({"step": self.step, "tokens": self.tokens_seen, "time": elapsed, **out})
+            self.plot()
+        return out
+
+    def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train until cfg.steps (or `stop_after` steps, to simulate an interruption); returns the metrics."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.peak_flops is None:
+            self.peak_flops = measure_peak_flops(self.device, self.amp)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (cfg.progress and self.is_main) else True,
+                   unit="step", dynamic_ncols=True)
+        t_start = t_last = self.t_start = time.perf_counter()
+        ema = None
+        out_of_time = False
+        try:
+            while self.step < cfg.steps:
+                if stop_after is not None and self.step >= stop_after:
+                    break
+                if cfg.time_budget:
+                    self.time_frac = (time.perf_counter() - t_start) / cfg.time_budget
+                    out_of_time = self.time_frac >= 1.0
+                    if self.world > 1:  # every rank stops at the same step
+                        flag = torch.tensor(float(out_of_time), device=self.device)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        out_of_time = bool(flag)
+                    if out_of_time:
+                        break
+                lr = self.sched.get_last_lr()[0]
+                loss, gnorm = self.train_step()
+                if not math.isfinite(loss):
+                    raise LlmkitError(f"step {self.step}: loss is {loss}; lower --lr or check the data")
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                tok_s = tokens_per_step / dt
+                ema = tok_s if ema is None else 0.9 * ema + 0.1 * tok_s
+                mfu = self.flops_per_token * ema / self.world / self.peak_flops
+                self.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                          "tokens": self.tokens_seen, "tok_s": round(tok_s, 1), "mfu": round(mfu, 4),
+                          "time": round(now - t_start, 3)})
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{ema:,.0f}", mfu=f"{100 * mfu:.1f}%")
+                bar.update(1)
+                last = self.step == cfg.steps
+                if cfg.time_budget:
+                    self.time_frac = (time.perf_counter() - t_start) / cfg.time_budget
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+                    ev = self.run_eval(final=False)
+                    if ev and self.is_main:
+                        bar.write(format_eval(self.step, ev))
+                    t_last = time.perf_counter()  # eval time is not training throughput
+                if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                    self.save()
+            self.finished = self.step >= cfg.steps or out_of_time
+            if self.finished:
+                ev = self.run_eval(final=True)
+                if ev and self.is_main:
+                    bar.write(format_eval(self.step, ev))
+                self.save()
+                self.plot()
+        finally:
+            bar.close()
+        return self.history
+
+
+def format_eval(step: int, ev: dict[str, Any]) -> str:
+    parts = [f"step {step}"] + [f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)]
+    line = " | ".join(parts)
+    if "sample" in ev:
+        line += "\n  sample: " + repr(ev["sample"])[:300]
+    return line

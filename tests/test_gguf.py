@@ -1,0 +1,178 @@
+"""GGUF reading on tiny synthetic files written like llama.cpp writes them (gguf.GGUFWriter).
+
+Reference: the same weights loaded into transformers from safetensors (for quantised files, the weights as
+they read back from the file, i.e. dequantised by gguf-py), so the logits comparison tests metadata ->
+config, tensor names, llama.cpp's q/k permutation and dequantisation together.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_synth import llama_cpp_permute, tiny_hf_model, write_gguf
+from safetensors.numpy import save_file
+
+from llmkit.checkpoint.gguf import GGUFFile, llama3_rope_factors, load_gguf, unpermute_qk
+from llmkit.config import ModelConfig
+from llmkit.errors import LlmkitError
+
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _reference_logits(tmp, cfg, dense: dict[str, np.ndarray]) -> torch.Tensor:
+    """transformers on the dense weights, loaded from a safetensors folder."""
+    import transformers
+
+    ref = tmp / "ref"
+    ref.mkdir()
+    cfg.save_pretrained(ref)
+    weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in dense.items()}
+    save_file(weights, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize(
+    "family,qtype,tie",
+    [
+        ("llama", "F32", False),
+        ("llama", "Q8_0", True),
+        ("llama", "Q4_1", False),
+        ("qwen2", "F16", False),
+        ("qwen2", "Q4_0", True),
+        ("qwen3", "BF16", False),
+        ("qwen3", "Q8_0", False),
+        ("qwen3_moe", "Q8_0", False),
+    ],
+)
+def test_logits_match_transformers(tmp_path, family, qtype, tie):
+    _, cfg, tensors = tiny_hf_model(family, tmp_path, tie=tie)
+    dense = write_gguf(tmp_path / "m.gguf", family, cfg, tensors, qtype)
+    expected = _reference_logits(tmp_path, cfg, dense)
+    config, model, f = load_gguf(tmp_path / "m.gguf")
+    assert config.tie_embeddings == tie and f.permuted_qk == (family == "llama")
+    with torch.no_grad():
+        got = model(IDS)
+    assert got.shape == (2, 16, 128)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+def test_config_matches_hf_config_json(tmp_path, family):
+    _, cfg, tensors = tiny_hf_model(family, tmp_path)
+    write_gguf(tmp_path / "m.gguf", family, cfg, tensors, "F32")
+    from_hf = ModelConfig.from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    got = GGUFFile(tmp_path / "m.gguf").config()
+    assert got.replace(dtype="float32") == from_hf.replace(dtype="float32")
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    x = np.random.default_rng(0).standard_normal((3 * 2 * 8, 5)).astype(np.float32)  # 3 heads of dim 16
+    assert np.array_equal(unpermute_qk(llama_cpp_permute(x, 6, 3), 3), x)
+    assert np.array_equal(unpermute_qk(llama_cpp_permute(x[:, 0], 3, 3), 3), x[:, 0])  # biases too
+    # row r of a head comes from HF row r//2 (even r) or r//2 + head_dim/2 (odd r)
+    rows = llama_cpp_permute(np.arange(16), 1, None)
+    assert rows.tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    import transformers
+
+    _, cfg, tensors = tiny_hf_model("llama", tmp_path)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg.rope_parameters = {"rope_theta": 500000.0, **scaling}
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / 500000.0 ** (np.arange(0, hd, 2) / hd)
+    factors = llama3_rope_factors(inv_freq, 8.0, 1.0, 4.0, 8192).astype(np.float32)
+    # llama.cpp writes the scaled model as plain rope + rope_freqs (convert_hf_to_gguf.py, LlamaModel)
+    plain = transformers.LlamaConfig(**{**cfg.to_dict(), "rope_parameters": {"rope_theta": 500000.0}})
+    path = tmp_path / "m.gguf"
+    dense = write_gguf(path, "llama", plain, tensors, "F32", extra_tensors={"rope_freqs.weight": factors})
+    f = GGUFFile(path)
+    assert f.config().rope_scaling == scaling
+    expected = _reference_logits(tmp_path, cfg, dense)
+    with torch.no_grad():
+        got = load_gguf(path)[1](IDS)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.fixture
+def llama_file(tmp_path):
+    _, cfg, tensors = tiny_hf_model("llama", tmp_path)
+    return tmp_path, cfg, tensors
+
+
+def _error(path) -> str:
+    with pytest.raises(LlmkitError) as e:
+        load_gguf(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_truncated_file(llama_file):
+    tmp, cfg, tensors = llama_file
+    write_gguf(tmp / "m.gguf", "llama", cfg, tensors, "Q8_0")
+    data = (tmp / "m.gguf").read_bytes()
+    (tmp / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    assert "truncated" in _error(tmp / "cut.gguf")
+    (tmp / "head.gguf").write_bytes(data[:200])  # cut inside the metadata
+    assert "not a readable GGUF file" in _error(tmp / "head.gguf")
+    (tmp / "junk.gguf").write_bytes(b"\x00" * 4096)
+    assert "not a readable GGUF file" in _error(tmp / "junk.gguf")
+
+
+def test_missing_tensor(llama_file):
+    tmp, cfg, tensors = llama_file
+    write_gguf(tmp / "m.gguf", "llama", cfg, tensors, "F32", skip=("model.layers.1.mlp.up_proj.weight",))
+    assert "missing tensor blk.1.ffn_up.weight" in _error(tmp / "m.gguf")
+
+
+def test_shape_mismatch(llama_file):
+    tmp, cfg, tensors = llama_file
+    tensors = dict(tensors)
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :64]
+    write_gguf(tmp / "m.gguf", "llama", cfg, tensors, "F32")
+    msg = _error(tmp / "m.gguf")
+    assert "blk.0.ffn_down.weight" in msg and "(64, 64)" in msg and "(64, 96)" in msg
+
+
+def test_unsupported_architecture(llama_file):
+    tmp, cfg, tensors = llama_file
+    write_gguf(tmp / "m.gguf", "llama", cfg, tensors, "F32", arch="gemma")
+    msg = _error(tmp / "m.gguf")
+    assert "unsupported GGUF architecture 'gemma'" in msg
+
+
+def test_unsupported_tensor_type(llama_file):
+    tmp, cfg, tensors = llama_file
+    write_gguf(tmp / "m.gguf", "llama", cfg, tensors, "F32", override_type={"blk.1.attn_v.weight": "IQ4_NL"})
+    msg = _error(tmp / "m.gguf")
+    assert "blk.1.attn_v.weight" in msg and "IQ4_NL" in msg
+
+
+def test_cli_error_is_one_line(llama_file, capsys):
+    from llmkit.cli import main
+
+    tmp, cfg, tensors = llama_file
+    write_gguf(tmp / "m.gguf", "llama", cfg, tensors, "F32", arch="gemma")
+    assert main(["inspect", str(tmp / "m.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmkit: error: ") and err.count("\n") == 1 and "gemma" in err
+
+
+def test_gguf_types_listed_are_dequantised_by_gguf():
+    from llmkit.checkpoint.gguf import SUPPORTED_TYPES
+
+    for name in SUPPORTED_TYPES:
+        q = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[q]
+        raw = np.zeros((2, size), dtype=np.uint8)
+        assert gguf.quants.dequantize(raw, q).shape == (2, block)
