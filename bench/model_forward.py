@@ -21,8 +21,17 @@ import transformers
 from llmkit.checkpoint import load_hf_dir
 from llmkit.model import KVCache
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-               intermediate_size=1536, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    max_position_embeddings=2048,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 
 
 def timed(fn, device: str, reps: int) -> float:
@@ -63,8 +72,8 @@ def main() -> None:
         hf_cache = hf(ids[:, :T], use_cache=True).past_key_values
 
         def hf_step():
-            hf_cache.crop(T)
             hf(ids[:, T:], past_key_values=hf_cache, use_cache=True)
+            hf_cache.crop(-1)  # back to T cached tokens
 
         cases = {
             "prefill llmkit": lambda: ours(ids[:, :T]),
@@ -83,8 +92,12 @@ def main() -> None:
     print(f"device={dev} dtype={dtype} context={T} (medians of {a.rounds} rounds)")
     for k, v in med.items():
         print(f"  {k:28s} {v * 1e3:8.2f} ms")
-    print(f"  prefill llmkit/transformers time ratio: {med['prefill llmkit'] / med['prefill transformers']:.2f}")
-    print(f"  decode  llmkit/transformers time ratio: {med['decode llmkit'] / med['decode transformers']:.2f}")
+    print(
+        f"  prefill llmkit/transformers time ratio: {med['prefill llmkit'] / med['prefill transformers']:.2f}"
+    )
+    print(
+        f"  decode  llmkit/transformers time ratio: {med['decode llmkit'] / med['decode transformers']:.2f}"
+    )
     if compiled is not None:
         r = med["decode llmkit compiled"] / med["decode transformers"]
         print(f"  decode  llmkit compiled/transformers time ratio: {r:.2f}")

@@ -23,8 +23,26 @@ import threading
 import time
 from pathlib import Path
 
-TOPICS = ["a lighthouse", "the moon", "a red fox", "bread", "a violin", "winter", "a robot", "the sea", "a clock",
-          "a garden", "trains", "a library", "mountains", "a cat", "rain", "a bridge", "coffee", "a castle"]
+TOPICS = [
+    "a lighthouse",
+    "the moon",
+    "a red fox",
+    "bread",
+    "a violin",
+    "winter",
+    "a robot",
+    "the sea",
+    "a clock",
+    "a garden",
+    "trains",
+    "a library",
+    "mountains",
+    "a cat",
+    "rain",
+    "a bridge",
+    "coffee",
+    "a castle",
+]
 
 
 def free_port() -> int:
@@ -37,9 +55,17 @@ def free_port() -> int:
 
 def one_request(port: int, i: int, max_tokens: int) -> tuple[float, int, float]:
     """(time to first token, completion tokens, total seconds) of one streamed chat completion."""
-    body = json.dumps({"messages": [{"role": "user", "content": f"Write a short poem about {TOPICS[i % len(TOPICS)]}."}],
-                       "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True, "ignore_eos": True,
-                       "stream_options": {"include_usage": True}})
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": f"Write a short poem about {TOPICS[i % len(TOPICS)]}."}],
+            "max_tokens": max_tokens,
+            "temperature": 0.8,
+            "seed": i,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -84,10 +110,15 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, base: int
         t.join()
     wall = time.perf_counter() - t0
     ttfts.sort()
-    return {"clients": clients, "tokens": tokens[0], "seconds": wall, "tok_s": tokens[0] / wall,
-            "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
-            "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else float("nan"),
-            "errors": len(errors)}
+    return {
+        "clients": clients,
+        "tokens": tokens[0],
+        "seconds": wall,
+        "tok_s": tokens[0] / wall,
+        "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
+        "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else float("nan"),
+        "errors": len(errors),
+    }
 
 
 def main() -> int:
@@ -102,9 +133,20 @@ def main() -> int:
     a = ap.parse_args()
 
     port = free_port()
-    cmd = [sys.executable, "-m", "llmkit", "serve", *([a.model] if a.model else []), "--port", str(port),
-           "--max-batch", str(max(a.levels)), "--max-queue", str(4 * max(a.levels)),
-           *(["--device", a.device] if a.device else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmkit",
+        "serve",
+        *([a.model] if a.model else []),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max(a.levels)),
+        "--max-queue",
+        str(4 * max(a.levels)),
+        *(["--device", a.device] if a.device else []),
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.time()
@@ -117,7 +159,9 @@ def main() -> int:
             except OSError:
                 pass
             if server.poll() is not None or time.time() - t0 > 300:
-                raise SystemExit(f"server did not start: {server.stderr.read()[-2000:] if server.stderr else ''}")
+                raise SystemExit(
+                    f"server did not start: {server.stderr.read()[-2000:] if server.stderr else ''}"
+                )
             time.sleep(0.5)
         one_request(port, 0, 4)  # warm-up
         results: dict[int, list[dict]] = {c: [] for c in a.levels}
@@ -127,9 +171,12 @@ def main() -> int:
                 r = run_level(port, c, a.requests, a.max_tokens, base)
                 base += c * a.requests
                 results[c].append(r)
-                print(f"round {rnd + 1} clients {c:3d}: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50']:.3f}s "
-                      f"p95 {r['ttft_p95']:.3f}s  ({r['tokens']} tokens in {r['seconds']:.1f}s, "
-                      f"{r['errors']} errors)", flush=True)
+                print(
+                    f"round {rnd + 1} clients {c:3d}: {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50']:.3f}s "
+                    f"p95 {r['ttft_p95']:.3f}s  ({r['tokens']} tokens in {r['seconds']:.1f}s, "
+                    f"{r['errors']} errors)",
+                    flush=True,
+                )
                 if a.out:
                     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
                     with open(a.out, "a") as f:
@@ -138,8 +185,9 @@ def main() -> int:
         print(f"\n{'clients':>8} {'tok/s':>9} {'x single':>9} {'ttft p50':>9} {'ttft p95':>9}")
         for c in a.levels:
             tok_s = statistics.median(r["tok_s"] for r in results[c])
-            print(f"{c:8d} {tok_s:9.1f} {tok_s / single:9.2f} {statistics.median(r['ttft_p50'] for r in results[c]):9.3f}"
-                  f" {statistics.median(r['ttft_p95'] for r in results[c]):9.3f}")
+            p50 = statistics.median(r["ttft_p50"] for r in results[c])
+            p95 = statistics.median(r["ttft_p95"] for r in results[c])
+            print(f"{c:8d} {tok_s:9.1f} {tok_s / single:9.2f} {p50:9.3f} {p95:9.3f}")
         top = max(a.levels)
         ratio = statistics.median(r["tok_s"] for r in results[top]) / single
         print(f"\n{top} clients / 1 client aggregate throughput: {ratio:.2f}x (goal >= 6x)")

@@ -30,33 +30,76 @@ from llmkit.train.trainer import METRICS, TrainConfig
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared/data/corpus/en/tinyshakespeare.txt"
 GOAL_BPB, NANOGPT_S, NANOGPT_BPB = 2.43, 97.0, 2.70
 
-PEER = dict(preset="mini-gpt2", tokenizer="char",
-            cfg=dict(steps=2000, batch_size=12, block_size=64, lr=1e-3, min_lr=1e-4, warmup=100,
-                     betas=(0.9, 0.99), weight_decay=0.1, eval_every=250, eval_tokens=20 * 12 * 64))
-OURS = dict(preset="mini", tokenizer="train:512", overrides=dict(n_layers=4, d_model=192, n_heads=6, d_ff=512),
-            cfg=dict(steps=10**6, batch_size=32, block_size=128, lr=3e-3, min_lr=3e-4, warmup=30,
-                     betas=(0.9, 0.99), weight_decay=0.1, eval_every=100, eval_tokens=8192))
+PEER = dict(
+    preset="mini-gpt2",
+    tokenizer="char",
+    cfg=dict(
+        steps=2000,
+        batch_size=12,
+        block_size=64,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup=100,
+        betas=(0.9, 0.99),
+        weight_decay=0.1,
+        eval_every=250,
+        eval_tokens=20 * 12 * 64,
+    ),
+)
+OURS = dict(
+    preset="mini",
+    tokenizer="train:512",
+    overrides=dict(n_layers=4, d_model=192, n_heads=6, d_ff=512),
+    cfg=dict(
+        steps=10**6,
+        batch_size=32,
+        block_size=128,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup=30,
+        betas=(0.9, 0.99),
+        weight_decay=0.1,
+        eval_every=100,
+        eval_tokens=8192,
+    ),
+)
 
 
 def run(name: str, recipe: dict, out: Path, threads: int, budget: float | None) -> dict:
     data = out / f"data-{recipe['tokenizer'].replace(':', '')}"
     if not (data / "manifest.json").exists():
         prepare([CORPUS], data, tokenizer=recipe["tokenizer"], val_fraction=0.1, progress=False)
-    cfg = TrainConfig(**recipe["cfg"], threads=threads, device="cpu", dtype="float32", time_budget=budget,
-                      progress=False)
+    cfg = TrainConfig(
+        **recipe["cfg"], threads=threads, device="cpu", dtype="float32", time_budget=budget, progress=False
+    )
     t0 = time.perf_counter()
-    hist = pretrain(data, out / name, cfg, preset=recipe["preset"], model_overrides=recipe.get("overrides"),
-                    sample_tokens=0, export=False)
+    hist = pretrain(
+        data,
+        out / name,
+        cfg,
+        preset=recipe["preset"],
+        model_overrides=recipe.get("overrides"),
+        sample_tokens=0,
+        export=False,
+    )
     wall = time.perf_counter() - t0
     ev = [r for r in hist if "val_bpb" in r]
     steps = [r for r in hist if "loss" in r]
-    return {"name": name, "wall_s": wall, "val_bpb": ev[-1]["val_bpb"], "steps": steps[-1]["step"],
-            "tokens": steps[-1]["tokens"], "curve": [(r["time"], r["val_bpb"]) for r in ev]}
+    return {
+        "name": name,
+        "wall_s": wall,
+        "val_bpb": ev[-1]["val_bpb"],
+        "steps": steps[-1]["step"],
+        "tokens": steps[-1]["tokens"],
+        "curve": [(r["time"], r["val_bpb"]) for r in ev],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=None, help="seconds for llmkit (default: the peer's time)")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="seconds for llmkit (default: the peer's time)"
+    )
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/llmkit-shakespeare")
@@ -81,9 +124,11 @@ def main() -> None:
     print(f"\n{'recipe':22s} {'wall s':>7s} {'steps':>6s} {'tokens':>10s} {'val bpb':>8s}")
     for r in results:
         print(f"{r['name']:22s} {r['wall_s']:7.1f} {r['steps']:6d} {r['tokens']:10,d} {r['val_bpb']:8.3f}")
-    print(f"nanoGPT (recorded, quiet machine): {NANOGPT_S:.0f} s, {NANOGPT_BPB:.2f} bpb; goal <= {GOAL_BPB} bpb "
-          f"in <= the peer's time: {'MET' if ours['val_bpb'] <= GOAL_BPB and ours['wall_s'] <= budget else 'NOT MET'}"
-          f" (llmkit {ours['wall_s']:.1f} s of budget {budget:.1f} s)")
+    print(
+        f"nanoGPT (recorded, quiet machine): {NANOGPT_S:.0f} s, {NANOGPT_BPB:.2f} bpb; goal <= {GOAL_BPB} bpb "
+        f"in <= the peer's time: {'MET' if ours['val_bpb'] <= GOAL_BPB and ours['wall_s'] <= budget else 'NOT MET'}"
+        f" (llmkit {ours['wall_s']:.1f} s of budget {budget:.1f} s)"
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     import matplotlib
 

@@ -24,7 +24,7 @@ from llmkit.model import Transformer
 from llmkit.train.data import TokenBatches
 from llmkit.train.losses import lm_loss
 from llmkit.train.pretrain import build_config
-from llmkit.train.trainer import Trainer, TrainConfig, measure_peak_flops, model_flops_per_token
+from llmkit.train.trainer import TrainConfig, Trainer, measure_peak_flops, model_flops_per_token
 
 NANOGPT_REFERENCE_TOK_S = 1713.0
 L, H, D, T, V, B = 6, 6, 384, 256, 8192, 16
@@ -76,13 +76,25 @@ def main() -> None:
     torch.manual_seed(0)
     shard = np.random.default_rng(0).integers(0, V, size=2_000_000).astype(np.uint16)
     mc = build_config(V, T, "small-gpt2")
-    print(f"config: {L} layers, {H} heads, d_model {D}, block {T}, vocab {V}, batch {B}; "
-          f"{args.threads} threads; torch {torch.__version__}")
+    print(
+        f"config: {L} layers, {H} heads, d_model {D}, block {T}, vocab {V}, batch {B}; "
+        f"{args.threads} threads; torch {torch.__version__}"
+    )
 
     def make_trainer(dtype: str) -> Trainer:
-        cfg = TrainConfig(steps=10**6, batch_size=B, block_size=T, lr=6e-4, warmup=10, dtype=dtype,
-                          progress=False, device="cpu")
-        return Trainer(Transformer(mc), lm_loss, TokenBatches([shard], T, B, seed=0), cfg, "/tmp/llmkit-bench-train")
+        cfg = TrainConfig(
+            steps=10**6,
+            batch_size=B,
+            block_size=T,
+            lr=6e-4,
+            warmup=10,
+            dtype=dtype,
+            progress=False,
+            device="cpu",
+        )
+        return Trainer(
+            Transformer(mc), lm_loss, TokenBatches([shard], T, B, seed=0), cfg, "/tmp/llmkit-bench-train"
+        )
 
     ours = {"llmkit fp32": make_trainer("float32"), "llmkit bf16": make_trainer("bfloat16")}
     peer = PeerGPT()
@@ -111,18 +123,26 @@ def main() -> None:
     fpt = model_flops_per_token(ours["llmkit fp32"].raw_model, T)
     peak32 = measure_peak_flops(torch.device("cpu"), None)
     peak16 = measure_peak_flops(torch.device("cpu"), torch.bfloat16)
-    print(f"model FLOPs/token {fpt / 1e6:.1f} M; measured matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak16 / 1e9:.1f} GFLOP/s")
+    print(
+        f"model FLOPs/token {fpt / 1e6:.1f} M; measured matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peak16 / 1e9:.1f} GFLOP/s"
+    )
     med = {k: float(np.median(v)) for k, v in times.items()}
     for name, tok_s in med.items():
         peak = peak16 if "bf16" in name else peak32
-        print(f"{name:24s} {tok_s:8,.0f} tok/s (median of {args.rounds}; runs {', '.join(f'{t:,.0f}' for t in times[name])})"
-              f"  MFU {100 * fpt * tok_s / peak:5.1f}%")
+        print(
+            f"{name:24s} {tok_s:8,.0f} tok/s (median of {args.rounds}; runs {', '.join(f'{t:,.0f}' for t in times[name])})"
+            f"  MFU {100 * fpt * tok_s / peak:5.1f}%"
+        )
     peer_med = med["nanoGPT-arch peer fp32"]
-    print(f"ratio llmkit fp32 / peer (same run): {med['llmkit fp32'] / peer_med:.2f}x; "
-          f"bf16 / peer: {med['llmkit bf16'] / peer_med:.2f}x")
-    print(f"vs the recorded nanoGPT figure {NANOGPT_REFERENCE_TOK_S:,.0f} tok/s (quiet machine): "
-          f"{med['llmkit fp32'] / NANOGPT_REFERENCE_TOK_S:.2f}x fp32 (1-min load average now {os.getloadavg()[0]:.1f})")
+    print(
+        f"ratio llmkit fp32 / peer (same run): {med['llmkit fp32'] / peer_med:.2f}x; "
+        f"bf16 / peer: {med['llmkit bf16'] / peer_med:.2f}x"
+    )
+    print(
+        f"vs the recorded nanoGPT figure {NANOGPT_REFERENCE_TOK_S:,.0f} tok/s (quiet machine): "
+        f"{med['llmkit fp32'] / NANOGPT_REFERENCE_TOK_S:.2f}x fp32 (1-min load average now {os.getloadavg()[0]:.1f})"
+    )
 
 
 if __name__ == "__main__":

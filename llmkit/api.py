@@ -56,10 +56,27 @@ class LLM:
         """Write an HF folder (config.json, safetensors, tokenizer, chat template) that transformers loads."""
         from llmkit.checkpoint.hf import save_hf_dir
 
-        out = Path(out_dir)
-        config = self.config.replace(dtype=str(self.dtype).removeprefix("torch."))
-        save_hf_dir(self.model, config, self.tokenizer, out, chat_template=self.tokenizer.chat_template)
-        return out
+        return save_hf_dir(self.model, self.config, self.tokenizer, Path(out_dir),
+                           chat_template=self.tokenizer.chat_template)
+
+    # generation: thin methods over llmkit.generate.api (engine area)
+    def generate(self, prompt, **kw):
+        """Complete `prompt` (str, token ids, or a list of them); see llmkit.generate.api.generate."""
+        from llmkit.generate.api import generate
+
+        return generate(self, prompt, **kw)
+
+    def chat(self, messages: list[dict], **kw):
+        """Answer a conversation with the model's chat template; see llmkit.generate.api.chat."""
+        from llmkit.generate.api import chat
+
+        return chat(self, messages, **kw)
+
+    def stream(self, prompt, **kw):
+        """Yield text deltas of one completion (str, token ids or chat messages); `.result` at the end."""
+        from llmkit.generate.api import stream
+
+        return stream(self, prompt, **kw)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
@@ -103,8 +120,12 @@ def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | tor
         tokenizer = Tokenizer.from_gguf(gguf_file.reader)
     else:
         from llmkit.checkpoint.hf import load_hf_dir
+        from llmkit.quant import is_quantized_dir, load_quantized
 
-        config, model = load_hf_dir(path, device=dev, dtype=dt)
+        if is_quantized_dir(path):  # written by `llmkit quantize` (engine area)
+            config, model = load_quantized(path, device=dev)
+        else:
+            config, model = load_hf_dir(path, device=dev, dtype=dt)
         tokenizer = Tokenizer.load(path)
     if quantize:
         model = quantize_hook(model, quantize)

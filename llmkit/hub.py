@@ -146,17 +146,19 @@ def _pull_hf(repo: str, filename: str | None, quiet: bool) -> Path:
     try:
         import huggingface_hub
         from huggingface_hub import errors as hf_errors
+        from huggingface_hub import utils as hf_utils
     except ImportError:
         raise LlmkitError(
             f"pulling {where} needs huggingface_hub: pip install 'llmkit[hub]', or download the files "
             "yourself and pass their folder"
         ) from None
+    was_disabled = hf_utils.are_progress_bars_disabled()
     if quiet:
-        huggingface_hub.utils.disable_progress_bars()
+        hf_utils.disable_progress_bars()
     try:
         if filename:
             return Path(huggingface_hub.hf_hub_download(repo, filename))
-        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=HF_PATTERNS))
+        folder = Path(huggingface_hub.snapshot_download(repo, allow_patterns=HF_PATTERNS))
     except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError) as e:
         raise LlmkitError(
             f"cannot download {where}: offline (HF_HUB_OFFLINE set or no network) and not in the "
@@ -169,3 +171,12 @@ def _pull_hf(repo: str, filename: str | None, quiet: bool) -> Path:
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LlmkitError(f"cannot download {where}: {first}") from e
+    finally:
+        if quiet and not was_disabled:
+            hf_utils.enable_progress_bars()
+    if not (folder / "config.json").is_file():
+        raise LlmkitError(
+            f"{repo} has no config.json (safetensors model); for a GGUF repository name one file: "
+            f"llmkit pull {repo}/FILE.gguf"
+        )
+    return folder

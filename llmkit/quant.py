@@ -14,6 +14,8 @@ Notable choices:
 - Prefill (many rows) dequantizes the weight to bfloat16 once per call and uses the dense GEMM, which beats
   the weight-only kernels from about 16 rows on (the dequantisation is amortised over the rows).
 - CUDA: int8 is F.linear on the int8 weight cast to the activation dtype, then the scales; int4 dequantizes.
+- int4 mode keeps the lm_head in int8 (as llama.cpp keeps its output matrix at 6-8 bits): on SmolLM2 the
+  int4 head alone raised French perplexity from 54.0 to 57.5, int8 head 54.0.
 - Tied embeddings: the lm_head gets its own quantized copy; the embedding table stays in floating point
   (a lookup reads one row per token, it costs no bandwidth).
 - The MoE router (`mlp.gate` of a MoE layer) stays in floating point: routing decisions are fragile.
@@ -152,6 +154,13 @@ class Int4Linear(QuantLinear):
         return super().extra_repr() + f", group_size={self.group_size}"
 
 
+def _kind(model: nn.Module, parent: nn.Module, lin: nn.Linear, mode: str, group_size: int) -> str:
+    """Which module a Linear becomes: int8 for the head in int4 mode and for shapes groups do not divide."""
+    if mode == "int4" and parent is not model and lin.in_features % group_size == 0:
+        return "int4"
+    return "int8"
+
+
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) for every nn.Linear to quantize (MoE routers excluded)."""
     from llmkit.model import MoE
@@ -170,11 +179,9 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
         raise LlmkitError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     with torch.no_grad():
         for parent, attr, lin in _targets(model):
-            if mode == "int8":
-                q: nn.Module = Int8Linear.from_linear(lin)
-            elif lin.in_features % group_size == 0:
-                q = Int4Linear.from_linear(lin, group_size)
-            else:  # a shape the int4 groups do not divide: int8 is the next best
+            if _kind(model, parent, lin, mode, group_size) == "int4":
+                q: nn.Module = Int4Linear.from_linear(lin, group_size)
+            else:
                 q = Int8Linear.from_linear(lin)
             setattr(parent, attr, q)
     model.quantization = {"quant_method": "llmkit", "mode": mode, "group_size": group_size}
@@ -185,7 +192,7 @@ def _empty_quantized(model: nn.Module, qc: dict) -> None:
     """Swap in quantized modules of the right shapes (values come from a state dict)."""
     for parent, attr, lin in _targets(model):
         bias = lin.bias is not None
-        if qc["mode"] == "int4" and lin.in_features % qc["group_size"] == 0:
+        if _kind(model, parent, lin, qc["mode"], qc["group_size"]) == "int4":
             q: nn.Module = Int4Linear(lin.in_features, lin.out_features, bias, qc["group_size"])
         else:
             q = Int8Linear(lin.in_features, lin.out_features, bias)

@@ -38,8 +38,19 @@ def tiny_llm(seed: int = 0, max_seq_len: int = 512) -> SimpleNamespace:
     from llmkit.model import Transformer
 
     tok = tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      max_seq_len=max_seq_len, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", activation="silu")
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        max_seq_len=max_seq_len,
+        pos_encoding="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        activation="silu",
+    )
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     return SimpleNamespace(model=model, tokenizer=tok, config=cfg, name="tiny")
@@ -60,8 +71,11 @@ class LiveServer:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -43,6 +43,7 @@ FAMILIES = {
             "original_max_position_embeddings": 16,
         },
     ),
+    "llama_biases": lambda: transformers.LlamaConfig(**TINY, attention_bias=True, mlp_bias=True),
     "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=5),
     "qwen2": lambda: transformers.Qwen2Config(**TINY),
     "qwen2_sliding_layer1": lambda: transformers.Qwen2Config(
@@ -416,3 +417,28 @@ def test_export_with_tokenizer_and_chat_template(tmp_path):
     x = ids(vocab=tok.vocab_size)
     with torch.no_grad():
         assert (back(x).logits - src(x).logits).abs().max().item() <= 1e-4
+
+
+def test_cli_reports_broken_checkpoint_in_one_line(tmp_path, capsys):
+    """`llmkit export` on a folder with a truncated shard: exit 1, one line naming the file and tensor."""
+    from llmkit.cli import main
+
+    d = _saved(make_hf("qwen3"), tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    capsys.readouterr()  # drop transformers' progress output
+    assert main(["export", str(d), "--to", "hf", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("llmkit: error: ") and "model.safetensors" in err and "tensor '" in err
+
+
+def test_bf16_logits_close_to_transformers_bf16(tmp_path):
+    hf = make_hf("qwen3")
+    d = _saved(hf, tmp_path)
+    hf = hf.to(torch.bfloat16)
+    _, model = load_hf_dir(d, dtype=torch.bfloat16)
+    x = ids()
+    with torch.no_grad():
+        want, got = hf(x).logits.float(), model(x).float()
+    assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()  # ~1 bf16 ulp of the logits

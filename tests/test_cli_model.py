@@ -61,3 +61,33 @@ def test_inspect_missing_model_exits_1(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope.gguf")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("llmkit: error: ") and err.count("\n") == 1
+
+
+class _StubTokenizer:
+    """Enough of a tokenizer for save_hf_dir (the synthetic GGUF has no vocabulary)."""
+
+    chat_template = None
+    bos_id, eos_id, pad_id = 1, 2, None
+
+    def save(self, folder):
+        pass
+
+
+def test_export_to_hf_folder(moe, tmp_path, capsys, monkeypatch):
+    import torch
+    import transformers
+
+    from llmkit.checkpoint.gguf import load_gguf
+    from llmkit.tokenizer import Tokenizer
+
+    src, _ = moe
+    monkeypatch.setattr(Tokenizer, "from_gguf", classmethod(lambda cls, r: _StubTokenizer()))
+    out = tmp_path / "exported"
+    assert main(["export", str(src / "m.gguf"), "--to", "hf", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["model_type"] == "qwen3_moe" and hf["num_experts"] == 4
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, load_gguf(src / "m.gguf")[1](ids), atol=1e-4, rtol=0)

@@ -49,19 +49,35 @@ def test_logits_match_transformers(llm, hf_model, prompt_ids):
     assert (ours - ref).abs().max().item() <= 1e-3
 
 
-def _greedy(forward, ids: torch.Tensor, steps: int) -> list[int]:
+def _greedy_llmkit(model, ids: torch.Tensor, steps: int) -> list[int]:
+    """Greedy decoding with llmkit's static KV cache: prefill, then one token per step."""
+    from llmkit.model import KVCache
+
+    cache = KVCache(model.config, 1, ids.shape[1] + steps, dtype=torch.float32)
+    pos = torch.arange(ids.shape[1])[None]  # (1, T)
     out = []
-    for _ in range(steps):  # full recompute each step: no cache in either model
-        nxt = forward(ids)[0, -1].argmax().item()
+    for _ in range(steps):
+        nxt = model(ids, positions=pos, cache=cache)[0, -1].argmax().item()
         out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        ids, pos = torch.tensor([[nxt]]), pos[:, -1:] + 1
+    return out
+
+
+def _greedy_hf(model, ids: torch.Tensor, steps: int) -> list[int]:
+    """The same with transformers' own cache (past_key_values)."""
+    out, past = [], None
+    for _ in range(steps):
+        r = model(ids, past_key_values=past, use_cache=True)
+        nxt = r.logits[0, -1].argmax().item()
+        out.append(nxt)
+        ids, past = torch.tensor([[nxt]]), r.past_key_values
     return out
 
 
 def test_greedy_32_steps_identical(llm, hf_model, prompt_ids):
     with torch.no_grad():
-        ours = _greedy(llm.model, prompt_ids, 32)
-        ref = _greedy(lambda x: hf_model(x).logits, prompt_ids, 32)
+        ours = _greedy_llmkit(llm.model, prompt_ids, 32)
+        ref = _greedy_hf(hf_model, prompt_ids, 32)
     assert ours == ref
 
 
@@ -74,12 +90,10 @@ def test_loaded_object(llm, smollm2_gguf):
     assert "params=134,515,008" in repr(llm)
 
 
-def test_export_loads_in_transformers(llm, hf_model, prompt_ids, smollm2_gguf, tmp_path_factory):
+def test_export_loads_in_transformers(llm, hf_model, prompt_ids, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    from llmkit.cli import main
-
     out = tmp_path_factory.mktemp("export") / "smollm2-hf"
-    assert main(["export", str(smollm2_gguf), "--to", "hf", str(out)]) == 0
+    llm.save_hf(out)  # what `llmkit export` does after loading (the verb is tested in test_cli_model.py)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):
         assert (out / name).is_file(), name

@@ -141,3 +141,11 @@ def test_cli_pull_prints_the_path(smollm2_gguf, capsys):
     assert capsys.readouterr().out.strip() == str(smollm2_gguf)
     assert main(["pull", "--list"]) == 0
     assert "smollm2-135m-instruct" in capsys.readouterr().out
+
+
+def test_repo_without_config_points_to_gguf_files(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path))
+    with pytest.raises(LlmkitError, match=r"no config.json .* llmkit pull org/x-GGUF/FILE.gguf"):
+        hub.pull("org/x-GGUF")

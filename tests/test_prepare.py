@@ -126,31 +126,42 @@ def cli_error(capsys, argv) -> str:
 def test_empty_corpus_file(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "empty.txt").write_text("  \n")
-    err = cli_error(capsys, ["prepare", str(tmp_path / "c"), "--tokenizer", "char", "--out", str(tmp_path / "d")])
+    err = cli_error(
+        capsys, ["prepare", str(tmp_path / "c"), "--tokenizer", "char", "--out", str(tmp_path / "d")]
+    )
     assert "empty.txt" in err and "empty" in err
     assert not (tmp_path / "d").exists()
 
 
 def test_empty_directory(tmp_path, capsys):
     (tmp_path / "c").mkdir()
-    assert "no .txt files" in cli_error(capsys, ["prepare", str(tmp_path / "c"), "--out", str(tmp_path / "d")])
+    assert "no .txt files" in cli_error(
+        capsys, ["prepare", str(tmp_path / "c"), "--out", str(tmp_path / "d")]
+    )
 
 
 def test_binary_corpus(tmp_path, capsys):
     f = tmp_path / "blob.txt"
     f.write_bytes(bytes(range(256)) * 10)
-    assert "binary" in cli_error(capsys, ["prepare", str(f), "--tokenizer", "char", "--out", str(tmp_path / "d")])
+    assert "binary" in cli_error(
+        capsys, ["prepare", str(f), "--tokenizer", "char", "--out", str(tmp_path / "d")]
+    )
     g = tmp_path / "latin1.txt"
     g.write_bytes("élève".encode("latin-1"))
-    assert "UTF-8" in cli_error(capsys, ["prepare", str(g), "--tokenizer", "char", "--out", str(tmp_path / "d")])
+    assert "UTF-8" in cli_error(
+        capsys, ["prepare", str(g), "--tokenizer", "char", "--out", str(tmp_path / "d")]
+    )
 
 
 def test_vocab_larger_than_possible(corpus, tmp_path, capsys):
-    err = cli_error(capsys, ["prepare", str(corpus), "--tokenizer", "train:100000", "--out", str(tmp_path / "d")])
+    err = cli_error(
+        capsys, ["prepare", str(corpus), "--tokenizer", "train:100000", "--out", str(tmp_path / "d")]
+    )
     assert "vocab" in err
     assert not (tmp_path / "d").exists()
-    assert "at least" in cli_error(capsys, ["prepare", str(corpus), "--tokenizer", "train:10", "--out",
-                                            str(tmp_path / "d")])
+    assert "at least" in cli_error(
+        capsys, ["prepare", str(corpus), "--tokenizer", "train:10", "--out", str(tmp_path / "d")]
+    )
 
 
 def test_unwritable_output(corpus, tmp_path, capsys):

@@ -23,8 +23,11 @@ def browser():
         pytest.skip("chromium is not installed (make setup installs the Debian package when run as root)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extras)")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
-                              headless=True, args=ARGS)
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
+            headless=True,
+            args=ARGS,
+        )
         yield b
         b.close()
 
@@ -54,8 +57,11 @@ def test_chat_page_streams_and_inspects(browser, tmp_path, out_dir):
         # a second turn keeps the history; "new chat" clears it
         page.fill("#msg", "Again")
         page.click("#send")
-        page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2 && "
-                               "!document.getElementById('send').disabled", timeout=60_000)
+        page.wait_for_function(
+            "document.querySelectorAll('.msg.assistant').length === 2 && "
+            "!document.getElementById('send').disabled",
+            timeout=60_000,
+        )
         page.click("#new")
         assert page.locator(".msg").count() == 0
         page.close()

@@ -42,16 +42,33 @@ def test_structured_output_and_forced_tool_call(smol):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer"}}, "required": ["name", "age"]}
     r = client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "Describe a cat as JSON with name and age."}],
-        max_tokens=60, temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "cat",
-                                                                                              "schema": schema}})
+        model="smollm2",
+        messages=[{"role": "user", "content": "Describe a cat as JSON with name and age."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}},
+    )
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-    tool = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                             "parameters": {"type": "object", "required": ["city"],
-                                                            "properties": {"city": {"type": "string"}}}}}
-    r = client.chat.completions.create(model="smollm2", max_tokens=40, temperature=0, tools=[tool],
-                                       tool_choice="required",
-                                       messages=[{"role": "user", "content": "What's the weather in Paris?"}])
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "required": ["city"],
+                "properties": {"city": {"type": "string"}},
+            },
+        },
+    }
+    r = client.chat.completions.create(
+        model="smollm2",
+        max_tokens=40,
+        temperature=0,
+        tools=[tool],
+        tool_choice="required",
+        messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+    )
     call = r.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"]
 

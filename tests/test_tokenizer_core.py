@@ -123,6 +123,14 @@ def test_from_bpe_ids_and_specials():
         Tokenizer.from_bpe(merges, pattern="gpt2", special_tokens={"<x>": 5})
 
 
+def test_fast_path_refused_when_tiktoken_rule_differs():
+    # (b,c) merges first, so 'ab'+'c' never meet under the merge-list rule; tiktoken would merge a+bc -> abc
+    merges = [(b"b", b"c"), (b"a", b"b"), (b"ab", b"c")]
+    tok = Tokenizer.from_bpe(merges, pattern="gpt2")
+    assert tok._tiktoken is None  # the self-check turned the fast path off
+    assert tok.encode("abc") == [97, 256] == tok.encode_reference("abc")
+
+
 def test_special_tokens_stay_text_by_default(gpt2):
     text = "<|endoftext|> and <|im_start|>user [INST]"
     ids = gpt2.encode(text)
@@ -145,6 +153,12 @@ def test_reference_path_equals_fast_path(gpt2):
         assert gpt2.encode_reference(t) == gpt2.encode(t), repr(t)
 
 
+def test_lone_surrogates_become_replacement_char(gpt2):
+    split_in_python = Tokenizer.from_bpe([(b"a", b"b")], pattern=r"\p{L}+|[^\p{L}]+")
+    for tok in (gpt2, split_in_python):
+        assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")
+
+
 def test_round_trip_and_invalid_utf8(gpt2):
     rng = random.Random(2)
     for t in ADVERSARIAL + [random_text(rng, rng.randint(0, 300)) for _ in range(300)]:
@@ -159,6 +173,7 @@ def test_round_trip_and_invalid_utf8(gpt2):
     ]  # truncated '日', then 'x', 0xff
     assert gpt2.decode_bytes(ids) == b"\xe6\x97x\xff"
     assert gpt2.decode(ids) == "\ufffdx\ufffd"
+    assert [gpt2.id_to_piece(i) for i in gpt2.encode(" 🤗")] == [" <0xF0><0x9F>", "<0xA4>", "<0x97>"]
     assert gpt2.decode_bytes(gpt2.encode("日")) == "日".encode()
     with pytest.raises(LlmkitError):
         gpt2.decode([10**9])
@@ -251,7 +266,7 @@ def test_fast_single_regexes_split_like_the_originals():
 
     rng = random.Random(5)
     texts = ADVERSARIAL + [random_text(rng, rng.randint(1, 120)) for _ in range(400)]
-    texts += ["a  1", "x \n 22 y", "  3", "4  ", "'s 5's", "a\t\t7b", "½ Ⅻ x"]
+    texts += ["a  1", "x \n 22 y", "  3", "4  ", "'s 5's", "a\t\t7b", "½ Ⅻ x", "it'ſ I'LL we'Ve", "x\n  "]
     pairs = [((p,), fast) for p, fast in FAST_EQUIVALENT.items()] + list(SINGLE_EQUIVALENT.items())
     for patterns, fast in pairs:
         rx = regex.compile(fast)
@@ -337,3 +352,12 @@ def test_cli_ids_and_pieces(tmp_path):
     r = _cli("--tokenizer", str(d), "--file", str(f))
     assert r.returncode == 0 and r.stdout.splitlines()[0].startswith("Hello:15496  world:995")
     assert "\x1b[" not in r.stdout  # plain when not a TTY
+
+
+def test_hf_slow_gpt2_files_and_model_dir(gpt2, tmp_path):
+    import shutil
+
+    d = shared_path("tokenizers/gpt2")
+    shutil.copy(d / "encoder.json", tmp_path / "vocab.json")
+    shutil.copy(d / "vocab.bpe", tmp_path / "merges.txt")
+    assert Tokenizer.load(tmp_path).encode("Hello world, ça va ?") == gpt2.encode("Hello world, ça va ?")

@@ -20,13 +20,22 @@ from llmkit.errors import LlmkitError
 from llmkit.train.data import TokenBatches, prepare
 from llmkit.train.losses import lm_loss
 from llmkit.train.pretrain import build_config, pretrain
-from llmkit.train.trainer import CHECKPOINT, METRICS, Trainer, TrainConfig
+from llmkit.train.trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(
     f"{i}: Le petit chat dort sur le toit. The small cat sleeps on the roof; the dog barks at {i % 7} birds.\n"
     for i in range(120)
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread, above all on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +48,17 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(steps=8, batch_size=4, block_size=32, lr=3e-3, warmup=2, eval_every=4, eval_tokens=256,
-                progress=False, threads=None)
+    base = dict(
+        steps=8,
+        batch_size=4,
+        block_size=32,
+        lr=3e-3,
+        warmup=2,
+        eval_every=4,
+        eval_tokens=256,
+        progress=False,
+        threads=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -65,7 +83,7 @@ def test_overfit_one_batch(tmp_path):
 def test_resume_is_bitwise_exact(data_dir, tmp_path):
     c = dict(save_every=4, steps=10)
     over = {"dropout": 0.1}  # dropout draws from the torch RNG, so the RNG state must be restored too
-    full = pretrain(data_dir, tmp_path / "full", cfg(**c), model_overrides=over, export=False)
+    pretrain(data_dir, tmp_path / "full", cfg(**c), model_overrides=over, export=False)
     pretrain(data_dir, tmp_path / "cut", cfg(**c), model_overrides=over, export=False, stop_after=5)
     assert json.loads((tmp_path / "cut" / METRICS).read_text().splitlines()[-1])["step"] == 5
     pretrain(data_dir, tmp_path / "cut", cfg(**c), model_overrides=over, export=False, resume=True)
@@ -75,7 +93,9 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path):
     sa = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["model"]
     sb = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    evals = [r for r in map(json.loads, (tmp_path / "cut" / METRICS).read_text().splitlines()) if "val_loss" in r]
+    evals = [
+        r for r in map(json.loads, (tmp_path / "cut" / METRICS).read_text().splitlines()) if "val_loss" in r
+    ]
     assert [r["step"] for r in evals] == [4, 8, 10]
 
 
@@ -88,14 +108,36 @@ def _env() -> dict[str, str]:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path):
-    args = ["pretrain", "--data", str(data_dir), "--steps", "40", "--batch-size", "4", "--block-size", "32",
-            "--save-every", "2", "--eval-every", "0", "--sample-tokens", "0", "--threads", "1", "--no-progress",
-            "--lr", "3e-3", "--warmup", "2"]
+    args = [
+        "pretrain",
+        "--data",
+        str(data_dir),
+        "--steps",
+        "24",
+        "--batch-size",
+        "4",
+        "--block-size",
+        "32",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--sample-tokens",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+    ]
     ref = tmp_path / "ref"
     subprocess.run(_cli([*args, "--out", str(ref)]), env=_env(), check=True, capture_output=True)
     run = tmp_path / "killed"
-    p = subprocess.Popen(_cli([*args, "--out", str(run)]), env=_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        _cli([*args, "--out", str(run)]), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     t_end = time.time() + 120
     while not (run / CHECKPOINT).exists() and p.poll() is None and time.time() < t_end:
         time.sleep(0.05)
@@ -108,20 +150,64 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path):
 
 
 def test_ddp_two_gloo_processes_match_one(data_dir, tmp_path):
-    common = ["--data", str(data_dir), "--steps", "6", "--batch-size", "4", "--block-size", "32", "--eval-every",
-              "3", "--eval-tokens", "256", "--sample-tokens", "0", "--threads", "1", "--no-progress", "--lr", "3e-3",
-              "--warmup", "2", "--grad-accum", "2"]
+    common = [
+        "--data",
+        str(data_dir),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--block-size",
+        "32",
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "256",
+        "--sample-tokens",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--grad-accum",
+        "2",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cli(["pretrain", *common, "--out", str(one)]), env=_env(), check=True, capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29517", "-m", "llmkit", "pretrain", *common, "--out", str(two)],
-                       env=_env(), capture_output=True, text=True)
+    subprocess.run(
+        _cli(["pretrain", *common, "--out", str(one)]), env=_env(), check=True, capture_output=True
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "llmkit",
+            "pretrain",
+            *common,
+            "--out",
+            str(two),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     la, lb = losses(one), losses(two)
     assert len(la) == len(lb) == 6
     np.testing.assert_allclose(la, lb, rtol=1e-4)
-    ev = lambda run: [x["val_loss"] for x in map(json.loads, (run / METRICS).read_text().splitlines())  # noqa: E731
-                      if "val_loss" in x]
+    ev = lambda run: [
+        x["val_loss"]
+        for x in map(json.loads, (run / METRICS).read_text().splitlines())  # noqa: E731
+        if "val_loss" in x
+    ]
     np.testing.assert_allclose(ev(one), ev(two), rtol=1e-4)
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
 

@@ -82,7 +82,7 @@ def build_model(
             )
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        setattr(module, leaf, torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        setattr(module, leaf, torch.nn.Parameter(t.to(device=device, dtype=dtype)))
         seen.add(name)
     missing = [n for n in expected if n not in seen]
     if missing:
@@ -92,8 +92,6 @@ def build_model(
         )
     model.tie_weights()
     model.reset_buffers(device)
-    for p in model.parameters():
-        p.requires_grad_(True)
     return model.eval()
 
 

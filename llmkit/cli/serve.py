@@ -9,7 +9,7 @@ import os
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server + web chat",
-                       description="Serve MODEL (default: the default model) over the OpenAI API with a chat page at /.")
+                       description="Serve MODEL over the OpenAI API, with a chat page at /.")
     p.add_argument("model", nargs="?", default=None, help="model name, HF repo id, GGUF file or HF folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -20,9 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-batch", type=int, default=8, help="rows in the running batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context per row (default: the model's); the KV cache holds max-batch x this")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--store", default=None, help="SQLite file for stored responses (default: in the cache)")
-    p.add_argument("--log-requests", action="store_true", help="log each request and its body (keys redacted)")
+    p.add_argument("--log-requests", action="store_true", help="log requests and bodies (keys redacted)")
     p.set_defaults(func=serve)
 
 
@@ -32,7 +34,7 @@ def banner(url: str, model: str, auth: bool) -> str:
     return f"""
 llmkit serving {model}
   chat page : {url}/
-  API       : {url}/v1   (OpenAI-compatible; api key: {'required' if auth else 'not required'})
+  API       : {url}/v1   (OpenAI-compatible; api key: {"required" if auth else "not required"})
 
 curl:
   curl {url}/v1/chat/completions{hdr} -H "Content-Type: application/json" \\
@@ -61,7 +63,8 @@ def serve(args: argparse.Namespace) -> int:
     name = args.model or DEFAULT_MODEL
     llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
-                     max_queue=args.max_queue, request_timeout=args.timeout, log_requests=args.log_requests)
+                     max_seq_len=args.max_seq_len, max_queue=args.max_queue, request_timeout=args.timeout,
+                     log_requests=args.log_requests)
     url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(banner(url, name, bool(keys)), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

@@ -51,7 +51,7 @@ class TextStream:
     def __init__(self, tokenizer, stops: Sequence[str] = (), skip_ids: Sequence[int] = ()):
         from llmkit.tokenizer import StreamDecoder
 
-        self.decoder = StreamDecoder(tokenizer)
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
         self.matcher = StopMatcher(stops)
         self.skip_ids = set(skip_ids)  # stop token ids: ended the sequence, never shown
         self.text = ""

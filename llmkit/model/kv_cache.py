@@ -2,7 +2,8 @@
 
 Notable choices:
 - One (B, n_kv_heads, S, head_dim) tensor for keys and one for values per layer, allocated once. A step
-  writes its new keys/values at `positions` (B, T) with one index_put, so every row of a batch can be at
+  writes its new keys/values at `positions` (B, T) with one scatter (index_put when `.rows` maps rows),
+  so every row of a batch can be at
   a different position (rows of different lengths share a batch) and the decode step needs no device
   sync, no reallocation and no Python-side branching on tensor values: torch.compile can capture it.
 - Visibility is decided by positions, not by a length counter: a query at position p sees key slot j
@@ -12,6 +13,8 @@ Notable choices:
 - `.rows` (LongTensor (B,) or None) maps the current batch rows to cache rows, for continuous batching:
   the engine can keep a large cache and run any subset of its rows in a step. With rows=None the batch
   uses cache rows 0..B-1 (a view, no copy).
+- The model's mask spans `max_seq_len` key slots, so `update` must return (B, n_kv, max_seq_len, D). A
+  subclass may shrink `max_seq_len` between steps to attend over only the filled prefix (the engine does).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class KVCache:
         shape = (batch_size, config.n_kv_heads, max_seq_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        for t in self.k + self.v:  # fixed addresses: CUDA graphs (torch.compile "reduce-overhead") may
+            torch._dynamo.mark_static_address(t)  # capture the in-place writes (as HF's StaticCache does)
         self.rows: torch.Tensor | None = None
 
     @property

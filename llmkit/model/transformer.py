@@ -13,8 +13,13 @@ Notable choices:
   softmax(QKᵀ/√d + M) explicitly and returns the weights.
 - Positions are explicit (B, T): the causal mask is "key position <= query position", so rows at different
   lengths share a batch and a static KVCache can be written at any position. Without a cache and with
-  default positions the mask is implicit (is_causal) and the fast kernels apply.
-- RoPE cos/sin tables are float32 buffers precomputed on the device; each step gathers them by position.
+  default positions the mask is implicit (is_causal) and the fast kernels apply; otherwise one additive
+  mask per forward (per kind: full / sliding) spans the cache's `max_seq_len` slots. Additive, not
+  boolean: SDPA with a boolean mask and grouped-query attention drops to its math path (2.4x slower
+  per call on an H100, bench notes in /work/notes/model.md).
+- RoPE cos/sin tables are float32 buffers precomputed on the device; each forward gathers them by position
+  once for all layers. The decode step has no host sync and no data-dependent Python branch, so
+  torch.compile(fullgraph=True) captures it (dense models; MoE routing syncs once per MoE layer).
 - RMSNorm computes in float32 and casts back before the weight multiply, exactly as HF does, so fp32 logits
   match transformers to ~1e-6 and bf16 logits round the same way.
 - MoE routes with softmax over all experts, top-k, optional renormalisation (Mixtral: always; Qwen3-MoE:
@@ -177,7 +182,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, d)
         rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, signed sin (B, 1, T, D)
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = visible; None = plain causal, no cache
+        mask: torch.Tensor | None,  # (B, 1, T, S) additive (0 visible, -inf hidden); None = plain causal
         cache: KVCache | None,
         positions: torch.Tensor,  # (B, T)
         output_attentions: bool = False,
@@ -217,8 +222,11 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
         if mask is None:
             T, S = scores.shape[-2:]
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(
+                torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), -math.inf
+            )
+        else:
+            scores = scores + mask
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return F.dropout(weights, dropout, training=dropout > 0) @ v, weights  # (B, H, T, D)
 
@@ -325,7 +333,7 @@ class Transformer(nn.Module):
         rope = None
         if self.config.pos_encoding == "rope":
             rope = rope_for_positions(self.rope_cos, self.rope_sin, positions, x.dtype)  # 2 x (B, 1, T, D)
-        masks = self._masks(positions, cache, explicit)
+        masks = self._masks(positions, cache, explicit, x.dtype)
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
         attentions: list[torch.Tensor] = []
         for layer in self.model.layers:
@@ -344,9 +352,11 @@ class Transformer(nn.Module):
         return logits
 
     def _masks(
-        self, positions: torch.Tensor, cache: KVCache | None, explicit: bool
+        self, positions: torch.Tensor, cache: KVCache | None, explicit: bool, dtype: torch.dtype
     ) -> dict[bool, torch.Tensor | None]:
-        """{sliding: mask} with mask (B, 1, T, S) bool (True = visible), or None for plain causal."""
+        """{sliding: mask}: mask (B, 1, T, S) additive in `dtype` (0 = visible, -inf = hidden), built once
+        per forward, or None for plain causal attention. Additive rather than boolean masks keep SDPA on
+        its fused kernels (a boolean mask with grouped-query attention falls back to the math path)."""
         window = self.config.sliding_window
         if cache is None and not explicit and window is None:
             return {False: None, True: None}
@@ -356,9 +366,11 @@ class Transformer(nn.Module):
             kpos = torch.arange(cache.max_seq_len, device=positions.device)[None, None, :]  # (1, 1, S)
         qpos = positions[:, :, None]  # (B, T, 1)
         full = kpos <= qpos  # (B, T, S)
-        masks = {False: full[:, None], True: None}
+        zero = torch.zeros((), dtype=dtype, device=positions.device)
+        hidden = torch.full((), -math.inf, dtype=dtype, device=positions.device)
+        masks = {False: torch.where(full, zero, hidden)[:, None], True: None}
         if window is not None:
-            masks[True] = (full & (qpos - kpos < window))[:, None]
+            masks[True] = torch.where(full & (qpos - kpos < window), zero, hidden)[:, None]
         return masks
 
     def _aux_loss(self) -> torch.Tensor:

@@ -7,12 +7,12 @@ Notable choices:
 - Errors always have the OpenAI shape {"error": {"message", "type", "param", "code"}}: pydantic
   validation -> 400 naming the field (`param`), LlmkitError -> its status, unknown routes -> 404,
   anything else -> 500 with a generic message (the traceback goes to the log only).
-- API keys: `Authorization: Bearer KEY` on /v1/* and the tokenizer routes, compared with
-  `hmac.compare_digest` against every key (constant time); keys are never logged. /, /health and
-  /metrics stay open.
+- API keys: `Authorization: Bearer KEY` on /v1/* and the tokenizer routes, checked by a middleware
+  before the body is read, with `hmac.compare_digest` against every key (constant time); keys are
+  never logged. /, /health and /metrics stay open.
 - The body limit is checked on Content-Length and again while the body streams in (chunked uploads).
-- Request logging is opt-in (`log_requests`): method, path, status, time and the JSON body with any
-  key that looks like a secret removed; headers are never logged.
+- Request/response logging is opt-in (`log_requests`): method, path, status, time and the JSON bodies
+  with any field that looks like a secret masked; headers (and so keys) are never logged.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -59,7 +59,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         status, code = 400, "invalid_value"
-        msg = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid request"))
+        detail = first.get("msg", "invalid value")
+        msg = f"{param}: {detail}" if param else str(detail)
         if first.get("type") == "json_invalid":
             msg, code = "the request body is not valid JSON", "invalid_json"
     elif isinstance(exc, StarletteHTTPException):
@@ -77,39 +78,71 @@ def _error_response(exc: BaseException) -> JSONResponse:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies over `limit` bytes (declared or streamed)."""
+    """ASGI middleware: 413 for bodies over `limit` bytes, declared (Content-Length) or streamed (chunked).
+
+    The body is read here first (at most `limit` bytes are held) and replayed to the app."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_big = LlmkitError(f"request body larger than {self.limit} bytes", status=413, code="body_too_large")
+        too_big = _error_response(LlmkitError(f"request body larger than {self.limit} bytes", status=413,
+                                              code="body_too_large"))
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _error_response(too_big)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+            return await too_big(scope, receive, send)
+        messages, size = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise too_big
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client left before sending its body
+            size += len(msg.get("body", b""))
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            messages.append(msg)
+            if not msg.get("more_body"):
+                break
+        pending = iter(messages)
 
-        try:
-            await self.app(scope, limited, send)
-        except LlmkitError as e:
-            if e.status != 413:
-                raise
-            await _error_response(e)(scope, receive, send)
+        async def replay():
+            return next(pending, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+
+
+class Auth:
+    """ASGI middleware: with keys configured, /v1/* and the tokenizer routes need `Bearer KEY` (else 401).
+
+    The given key is compared with every configured key by `hmac.compare_digest` (constant time)."""
+
+    def __init__(self, app, keys: Sequence[str]):
+        self.app = app
+        self.keys = [k.encode() for k in keys if k]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            ok = False
+            for k in self.keys:  # every key is compared, whatever matched
+                ok |= hmac.compare_digest(given.strip(), k)
+            if scheme.lower() != b"bearer" or not ok:
+                msg = ("Incorrect API key provided" if header else
+                       "Missing API key: send 'Authorization: Bearer KEY'")
+                err = LlmkitError(msg, status=401, code="invalid_api_key")
+                return await _error_response(err)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class Observe:
-    """ASGI middleware: counts requests by route and status; with `log_requests`, logs each one."""
+    """ASGI middleware: counts requests by route and status; with `log_requests`, logs each request and
+    its reply (JSON bodies with secret-looking fields masked, at most 2000 characters each; streamed
+    replies by size only)."""
 
     def __init__(self, app, metrics: Metrics, log_requests: bool):
         self.app, self.metrics, self.log_requests = app, metrics, log_requests
@@ -118,8 +151,8 @@ class Observe:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.monotonic()
-        status = 500
-        body = bytearray()
+        status, streamed = 500, False
+        body, reply = bytearray(), bytearray()
 
         async def recv():
             msg = await receive()
@@ -128,9 +161,13 @@ class Observe:
             return msg
 
         async def snd(msg):
-            nonlocal status
+            nonlocal status, streamed
             if msg["type"] == "http.response.start":
                 status = msg["status"]
+                streamed = any(k == b"content-type" and v.startswith(b"text/event-stream")
+                               for k, v in msg.get("headers", []))
+            elif self.log_requests and msg["type"] == "http.response.body":
+                reply.extend(msg.get("body", b"") if not streamed and len(reply) < 1 << 16 else b"")
             await send(msg)
 
         try:
@@ -139,21 +176,31 @@ class Observe:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.request_done(route, status)
             if self.log_requests:
-                try:
-                    shown = json.dumps(_redact(json.loads(body))) if body else ""
-                except ValueError:
-                    shown = f"<{len(body)} bytes, not JSON>"
-                log.info("%s %s -> %d (%.0f ms) %s", scope["method"], scope["path"], status,
-                         1000 * (time.monotonic() - t0), shown[:2000])
+                log.info("%s %s -> %d (%.0f ms) request %s reply %s", scope["method"], scope["path"], status,
+                         1000 * (time.monotonic() - t0), _shown(body), "<event stream>" if streamed else
+                         _shown(reply))
+
+
+def _shown(data: bytes | bytearray) -> str:
+    if not data:
+        return "-"
+    try:
+        return json.dumps(_redact(json.loads(data)), ensure_ascii=False)[:2000]
+    except ValueError:
+        return f"<{len(data)} bytes, not JSON>"
 
 
 _SECRET_KEYS = ("key", "token", "secret", "password", "authorization")
+_NOT_SECRET = {"max_tokens", "top_logprobs", "max_completion_tokens", "max_output_tokens", "tokens"}
+
+
+def _secret(name: str) -> bool:
+    return name not in _NOT_SECRET and any(s in name.lower() for s in _SECRET_KEYS)
 
 
 def _redact(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: ("***" if any(s in k.lower() for s in _SECRET_KEYS) and k not in ("max_tokens", "top_logprobs",
-                    "max_completion_tokens", "max_output_tokens", "tokens") else _redact(v)) for k, v in obj.items()}
+        return {k: "***" if _secret(k) else _redact(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_redact(v) for v in obj]
     return obj
@@ -161,18 +208,20 @@ def _redact(obj: Any) -> Any:
 
 def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[str] = (),
                store_path: str | Path | None = None, model_name: str | None = None, max_batch: int = 8,
+               max_seq_len: int | None = None,
                max_queue: int = 64, max_body_bytes: int = 4 << 20, request_timeout: float = 600.0,
                log_requests: bool = False) -> FastAPI:
     """The server for one loaded model. `backend` replaces the engine (tests); `llm` gives the tokenizer."""
     if backend is None:
         from llmkit.generate.engine import Engine
 
-        backend = EngineBackend(Engine(llm.model, max_batch=max_batch, stop_ids=sorted(llm.tokenizer.stop_ids)))
+        engine = Engine(llm.model, max_batch=max_batch, max_seq_len=max_seq_len,
+                        stop_ids=sorted(llm.tokenizer.stop_ids))
+        backend = EngineBackend(engine)
     metrics = Metrics()
     scheduler = Scheduler(backend, max_queue=max_queue, metrics=metrics)
     service = Service(llm, scheduler, store=ResponseStore(store_path), metrics=metrics, model_name=model_name,
                       request_timeout=request_timeout)
-    keys = [k.encode() for k in api_keys if k]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -184,19 +233,6 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
 
     app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service, app.state.scheduler, app.state.metrics = service, scheduler, metrics
-
-    async def auth(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        ok = False
-        for k in keys:  # every key is compared, whatever matched
-            ok |= hmac.compare_digest(given.strip().encode(), k)
-        if scheme.lower() != "bearer" or not ok:
-            raise LlmkitError("Incorrect API key provided" if header else
-                              "Missing API key: send 'Authorization: Bearer YOUR_KEY'", status=401,
-                              code="invalid_api_key")
 
     @app.exception_handler(LlmkitError)
     async def _llmkit_error(request: Request, exc: LlmkitError):
@@ -215,71 +251,65 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error_response(exc)
 
-    app.add_middleware(Observe, metrics=metrics, log_requests=log_requests)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(Auth, keys=api_keys)  # before the body is even read
+    app.add_middleware(Observe, metrics=metrics, log_requests=log_requests)  # outermost: sees every reply
 
-    async def reply(request: Request, result: Any):
-        """JSON for a dict; SSE for a stream. Non-streamed work is cancelled if the client goes away."""
+    async def run(request: Request, coro) -> Any:
+        """JSON for a dict, SSE for a stream. Non-streamed work is cancelled (its rows freed) when the client
+        disconnects first; a stream is cancelled by Starlette when its client goes away."""
+        task = asyncio.ensure_future(coro)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                break
+            if await request.is_disconnected():
+                task.cancel()
+                raise LlmkitError("client disconnected", status=499)
+        result = task.result()
         if isinstance(result, dict):
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def until_disconnect(request: Request, coro) -> Any:
-        """Await `coro`; cancel it (freeing its rows) when the client disconnects first."""
-        task = asyncio.ensure_future(coro)
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise LlmkitError("client disconnected", status=499)
-
-    async def run(request: Request, coro) -> Any:
-        result = await until_disconnect(request, coro)
-        return await reply(request, result)
-
-    v1 = [Depends(auth)]
-
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models")
     async def models():
         return service.models()
 
-    @app.get("/v1/models/{model_id:path}", dependencies=v1)
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         service.check_model(model_id)
         return service.models()["data"][0]
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(request, service.completions(req))
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions")
     async def chat(req: P.ChatCompletionRequest, request: Request):
         return await run(request, service.chat(req))
 
-    @app.post("/v1/responses", dependencies=v1)
+    @app.post("/v1/responses")
     async def responses(req: P.ResponsesRequest, request: Request):
         return await run(request, service.responses(req))
 
-    @app.get("/v1/responses/{response_id}", dependencies=v1)
+    @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
         return service.get_response(response_id)
 
-    @app.delete("/v1/responses/{response_id}", dependencies=v1)
+    @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
         return service.delete_response(response_id)
 
-    @app.post("/tokenize", dependencies=v1)
+    @app.post("/tokenize")
     async def tokenize(req: P.TokenizeRequest):
         return service.tokenize(req)
 
-    @app.post("/detokenize", dependencies=v1)
+    @app.post("/detokenize")
     async def detokenize(req: P.DetokenizeRequest):
         return service.detokenize(req)
 
-    @app.get("/tokenizer_info", dependencies=v1)
+    @app.get("/tokenizer_info")
     async def tokenizer_info():
         return service.tokenizer_info()
 

@@ -75,14 +75,17 @@ class Metrics:
             reqs = sorted(self.requests.items())
             metric("llmkit_requests_total", "counter", "HTTP requests by route and status code.",
                    [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in reqs] or [("", 0)])
-            metric("llmkit_prompt_tokens_total", "counter", "Prompt tokens processed.", [("", self.prompt_tokens)])
-            metric("llmkit_generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens)])
-            metric("llmkit_cached_prompt_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
-                   [("", self.cached_tokens)])
-            metric("llmkit_queue_depth", "gauge", "Requests waiting for a batch slot.", [("", self.queue_depth)])
-            metric("llmkit_running_requests", "gauge", "Rows in the running batch.", [("", self.running)])
+            for name, kind, help_, v in (
+                ("llmkit_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
+                ("llmkit_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
+                ("llmkit_cached_prompt_tokens_total", "counter", "Prompt tokens from the prefix cache.",
+                 self.cached_tokens),
+                ("llmkit_queue_depth", "gauge", "Requests waiting for a batch slot.", self.queue_depth),
+                ("llmkit_running_requests", "gauge", "Rows in the running batch.", self.running),
+            ):
+                metric(name, kind, help_, [("", v)])
             for name, h, help_ in (("llmkit_time_to_first_token_seconds", self.ttft, "Time to first token."),
-                                   ("llmkit_request_latency_seconds", self.latency, "End-to-end request latency.")):
+                                   ("llmkit_request_latency_seconds", self.latency, "Request latency.")):
                 samples = [(f'_bucket{{le="{b}"}}', c) for b, c in zip(h.buckets, h.counts)]
                 samples += [('_bucket{le="+Inf"}', h.total), ("_sum", h.sum), ("_count", h.total)]
                 out.append(f"# HELP {name} {help_}")

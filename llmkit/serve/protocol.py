@@ -3,8 +3,8 @@
 Bounds live on the fields (`Field(ge=..., le=...)`), so a bad parameter is a 400 naming the field
 before any work is queued. Unknown fields are accepted (clients send vendor extensions) and logged
 once per request at WARNING. The vLLM-style extras `top_k`, `min_p`, `repetition_penalty` and
-`ignore_eos` sit at the end of each request. `to_sampling_params()` maps a request onto the engine's `SamplingParams`;
-the routes never touch sampling fields themselves.
+`ignore_eos` sit at the end of each request. `to_sampling_params()` maps a request onto the engine's
+`SamplingParams`; the routes never touch sampling fields themselves.
 """
 
 from __future__ import annotations
@@ -206,8 +206,10 @@ class ChatCompletionRequest(_Sampling):
             names = {t.function.name for t in self.tools or []}
             if not names:
                 raise ValueError("tool_choice: requires tools")
-            if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.get("name") not in names:
-                raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.get('name')!r}")
+            named = isinstance(self.tool_choice, NamedToolChoice)
+            name = self.tool_choice.function.get("name") if named else None
+            if name is not None and name not in names:
+                raise ValueError(f"tool_choice: no tool named {name!r}")
         return self
 
     def limit(self) -> int | None:

@@ -44,7 +44,7 @@ class TokenOut:
 
 @dataclass
 class Prefilled:
-    """A job's row has been prefilled: prefix-cache reuse, prompt logprobs (echo), and whether that was all."""
+    """A job's row is prefilled: prefix-cache reuse, prompt logprobs (echo), and whether that was all."""
 
     cached_tokens: int = 0
     prompt_logprobs: list[tuple[float, TopLogprobs] | None] | None = None
@@ -178,8 +178,8 @@ class Scheduler:
                 for i, (p, pr) in enumerate(zip(params_list, procs))]
         with self._cv:
             if len(self._waiting) + len(jobs) > self.max_queue:
-                raise LlmkitError(f"server busy: {len(self._waiting)} requests waiting (limit {self.max_queue}); "
-                                  "retry later", status=429, code="rate_limit_exceeded")
+                raise LlmkitError(f"server busy: {len(self._waiting)} requests waiting (limit "
+                                  f"{self.max_queue}); retry later", status=429, code="rate_limit_exceeded")
             for j in jobs:
                 j.key = next(self._keys)
                 self._waiting.append(j)
@@ -243,7 +243,8 @@ class Scheduler:
                 except Exception as e:
                     if not isinstance(e, LlmkitError):
                         log.exception("engine add failed")
-                    job._emit(e if isinstance(e, LlmkitError) else LlmkitError(f"engine error: {e}", status=500))
+                        e = LlmkitError(f"engine error: {e}", status=500)
+                    job._emit(e)
                     continue
                 self._running[job.key] = job
                 if job.prefill_only:

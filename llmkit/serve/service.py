@@ -25,6 +25,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import torch
+
 from llmkit.errors import LlmkitError
 from llmkit.serve import protocol as P
 from llmkit.serve import tools as T
@@ -35,7 +37,18 @@ log = logging.getLogger("llmkit.serve")
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}" if prefix in ("cmpl", "chatcmpl") else f"{prefix}_{uuid.uuid4().hex}"
+    if prefix in ("cmpl", "chatcmpl"):
+        return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _chain(steps: list[Callable]) -> Callable:
+    def run(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        for f in steps:
+            logits = f(generated, logits)
+        return logits
+
+    return run
 
 
 def sse(obj: Any, event: str | None = None) -> str:
@@ -121,8 +134,37 @@ class Service:
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.id_to_bytes(token_id).decode("utf-8", errors="replace")
 
-    def json_processor(self, schema: dict[str, Any] | None) -> Callable:
-        return JsonLogitsProcessor(schema, token_texts(self.tokenizer), set(self.tokenizer.stop_ids))
+    def processors(self, n: int, schema: dict[str, Any] | None | bool = False,
+                   logit_bias: dict[str, float] | None = None) -> list[Callable] | None:
+        """One logits processor per sample: `logit_bias`, then the JSON constraint (schema False: none)."""
+        bias = self._bias(logit_bias) if logit_bias else None
+        if bias is None and schema is False:
+            return None
+        out = []
+        for _ in range(n):
+            steps: list[Callable] = [bias] if bias is not None else []
+            if schema is not False:
+                texts, eos = token_texts(self.tokenizer), set(self.tokenizer.stop_ids)
+                steps.append(JsonLogitsProcessor(schema, texts, eos))
+            out.append(steps[0] if len(steps) == 1 else _chain(steps))
+        return out
+
+    def _bias(self, logit_bias: dict[str, float]) -> Callable:
+        V = self.tokenizer.vocab_size
+        try:
+            items = [(int(k), float(v)) for k, v in logit_bias.items()]
+        except ValueError:
+            raise LlmkitError("logit_bias: keys must be token ids", code="invalid_logit_bias") from None
+        if any(not 0 <= t < V or not -100 <= b <= 100 for t, b in items):
+            raise LlmkitError(f"logit_bias: token ids in [0, {V}), biases in [-100, 100]",
+                              code="invalid_logit_bias")
+        ids = torch.tensor([t for t, _ in items], dtype=torch.long)
+        vals = torch.tensor([b for _, b in items])
+
+        def add_bias(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+            return logits.index_add(0, ids.to(logits.device), vals.to(logits.device, logits.dtype))
+
+        return add_bias
 
     def _encode_prompt(self, item: str | list[int]) -> list[int]:
         if isinstance(item, str):
@@ -136,7 +178,7 @@ class Service:
             raise LlmkitError("prompt: empty after tokenization", code="invalid_prompt")
         return ids
 
-    async def _run(self, jobs, queue, on_token: Callable[[int, Any], None]) -> None:
+    async def _run(self, jobs, queue, on_token: Callable[[int, Any], bool]) -> None:
         """Feed every event of `jobs` to on_token(index, TokenOut | Prefilled) until all are done.
 
         Cancels what is left on exit (error, timeout, client gone, all choices done)."""
@@ -154,6 +196,8 @@ class Service:
                                       code="timeout") from None
                 if isinstance(item, Exception):
                     raise item
+                if idx not in live:  # a token that raced with the cancel of a finished choice
+                    continue
                 if isinstance(item, TokenOut) and first and self.metrics:
                     first = False
                     self.metrics.observe_ttft(time.monotonic() - by_index[idx].submitted)
@@ -173,8 +217,8 @@ class Service:
     def _usage(self, n_prompt: int, n_completion: int, cached: int) -> dict[str, Any]:
         if self.metrics:
             self.metrics.tokens(n_prompt, n_completion, cached)
-        return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
+                "total_tokens": n_prompt + n_completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _seeded(self, make: Callable[[int], Any], n: int, seed: int | None) -> list[Any]:
         return [make(i).replace(seed=None if seed is None else seed + i) for i in range(n)]
@@ -186,11 +230,12 @@ class Service:
         n = req.n
         max_tokens = req.max_tokens
         budgets = [self.budget(len(ids), max_tokens) for ids in prompts]
-        params = [self._seeded(lambda i, b=b: req.to_sampling_params(max(b, 1)), n, req.seed) for b in budgets]
+        params = [self._seeded(lambda i, b=b: req.to_sampling_params(max(b, 1)), n, req.seed)
+                  for b in budgets]
         jobs, queue = [], None
         for k, ids in enumerate(prompts):
-            js, queue = self.scheduler.submit(ids, params[k], prefill_only=max_tokens == 0, queue=queue,
-                                              first_index=k * n)
+            js, queue = self.scheduler.submit(ids, params[k], self.processors(n, False, req.logit_bias),
+                                              prefill_only=max_tokens == 0, queue=queue, first_index=k * n)
             jobs += js
         stops = req.stop_list()
         choices = {j.index: Choice(self.tokenizer, stops) for j in jobs}
@@ -201,7 +246,7 @@ class Service:
         def prompt_of(idx: int) -> list[int]:
             return prompts[idx // n]
 
-        def logprobs_obj(idx: int, toks: list[TokenOut], offset: int, with_prompt: bool) -> dict[str, Any] | None:
+        def logprobs_obj(idx: int, toks: list[TokenOut], offset: int, with_prompt: bool) -> dict | None:
             if k_lp is None:
                 return None
             tokens, lps, tops, offs = [], [], [], []
@@ -244,7 +289,7 @@ class Service:
                 out.append({"text": pt + c.text, "index": idx, "finish_reason": c.finish_reason or "length",
                             "logprobs": logprobs_obj(idx, c.tokens, 0, req.echo)})
             usage = self._usage(sum(map(len, prompts)), sum(c.n_tokens for c in choices.values()),
-                                sum(prompt_info[i * n].cached_tokens for i in range(len(prompts)) if i * n in prompt_info))
+                                sum(p.cached_tokens for i, p in prompt_info.items() if i % n == 0))
             return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": out, "usage": usage}
 
@@ -253,8 +298,9 @@ class Service:
             offsets = dict.fromkeys(choices, 0)
 
             def chunk(idx: int, text: str, lp: dict | None, finish: str | None) -> str:
-                return sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                            "choices": [{"text": text, "index": idx, "logprobs": lp, "finish_reason": finish}]})
+                choice = {"text": text, "index": idx, "logprobs": lp, "finish_reason": finish}
+                return sse({"id": rid, "object": "text_completion", "created": created,
+                            "model": self.model_name, "choices": [choice]})
 
             def on_token(idx: int, item: Any) -> bool:
                 if isinstance(item, Prefilled):
@@ -279,8 +325,8 @@ class Service:
             if req.stream_options and req.stream_options.include_usage:
                 usage = self._usage(sum(map(len, prompts)), sum(c.n_tokens for c in choices.values()),
                                     sum(p.cached_tokens for i, p in prompt_info.items() if i % n == 0))
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                           "choices": [], "usage": usage})
+                yield sse({"id": rid, "object": "text_completion", "created": created,
+                           "model": self.model_name, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
 
         return stream()
@@ -299,7 +345,9 @@ class Service:
         task = asyncio.ensure_future(self._run(jobs, queue, handler))
         try:
             while True:
-                await asyncio.wait([task, asyncio.ensure_future(wake.wait())], return_when=asyncio.FIRST_COMPLETED)
+                waiter = asyncio.ensure_future(wake.wait())
+                await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
                 wake.clear()
                 while pending:
                     yield pending.pop(0)
@@ -336,7 +384,7 @@ class Service:
         msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
         uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs)
         if uses_tools and not self.template_knows_tools():
-            return render_chat(self.tokenizer, T.as_text_messages(msgs, tools), add_generation_prompt=True).ids
+            msgs, tools = T.as_text_messages(msgs, tools), None
         if uses_tools:
             for m in msgs:
                 for c in m.get("tool_calls") or []:
@@ -389,8 +437,7 @@ class Service:
             schema = req.response_format.json_schema.schma or {}
         n = req.n
         params = self._seeded(lambda i: req.to_sampling_params(max_tokens), n, req.seed)
-        procs = [self.json_processor(schema) for _ in range(n)] if schema is not False else None
-        jobs, queue = self.scheduler.submit(ids, params, procs)
+        jobs, queue = self.scheduler.submit(ids, params, self.processors(n, schema, req.logit_bias))
         hold = bool(tools) and choice_mode == "auto"
         choices = [Choice(self.tokenizer, req.stop_list(), hold_tools=hold) for _ in range(n)]
         info: dict[int, Prefilled] = {}
@@ -411,7 +458,8 @@ class Service:
             return c.text, [], c.finish_reason or "length"
 
         def usage() -> dict[str, Any]:
-            return self._usage(len(ids), sum(c.n_tokens for c in choices), info[0].cached_tokens if 0 in info else 0)
+            cached = info[0].cached_tokens if 0 in info else 0
+            return self._usage(len(ids), sum(c.n_tokens for c in choices), cached)
 
         if not req.stream:
             def on_token(idx: int, item: Any) -> bool:
@@ -436,7 +484,7 @@ class Service:
         async def stream() -> AsyncIterator[str]:
             pending: list[str] = []
 
-            def chunk(i: int, delta: dict[str, Any], lp: list | None = None, reason: str | None = None) -> str:
+            def chunk(i: int, delta: dict, lp: list | None = None, reason: str | None = None) -> str:
                 ch = {"index": i, "delta": delta, "logprobs": None if lp is None else {"content": lp},
                       "finish_reason": reason}
                 return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -478,6 +526,9 @@ class Service:
     # ------------------------------------------------------------------ /v1/responses
     async def responses(self, req: P.ResponsesRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_model(req.model)
+        if req.tools:
+            raise LlmkitError("tools are not supported on /v1/responses yet; use /v1/chat/completions",
+                              code="unsupported_parameter")
         history: list[dict[str, Any]] = []
         if req.previous_response_id:
             found = self.store.get(req.previous_response_id) if self.store else None
@@ -494,17 +545,18 @@ class Service:
         ids = self.render(prompt, None)
         max_tokens = self.budget(len(ids), req.max_output_tokens, "max_output_tokens")
         fmt = req.text.format if req.text and req.text.format else None
-        procs = None
+        schema: dict | None | bool = False
         if fmt and fmt.type != "text":
-            procs = [self.json_processor(fmt.schma if fmt.type == "json_schema" else None)]
-        jobs, queue = self.scheduler.submit(ids, [req.to_sampling_params(max_tokens)], procs)
+            schema = fmt.schma if fmt.type == "json_schema" else None
+        jobs, queue = self.scheduler.submit(ids, [req.to_sampling_params(max_tokens)],
+                                            self.processors(1, schema))
         choice = Choice(self.tokenizer, [])
         info: dict[int, Prefilled] = {}
         rid, mid, created = new_id("resp"), new_id("msg"), int(time.time())
 
         def message(status: str) -> dict[str, Any]:
-            return {"id": mid, "type": "message", "status": status, "role": "assistant",
-                    "content": [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}]}
+            part = {"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}
+            return {"id": mid, "type": "message", "status": status, "role": "assistant", "content": [part]}
 
         def response(status: str) -> dict[str, Any]:
             done = status != "in_progress"
@@ -519,9 +571,11 @@ class Service:
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
                 "model": self.model_name, "output": [message("completed")] if done else [],
-                "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": req.previous_response_id,
-                "store": req.store, "temperature": req.temperature,
-                "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+                "parallel_tool_calls": req.parallel_tool_calls,
+                "previous_response_id": req.previous_response_id, "store": req.store,
+                "temperature": req.temperature,
+                "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else
+                         {"type": "text"}},
                 "tool_choice": "auto", "tools": [], "top_p": req.top_p, "usage": usage,
                 "metadata": req.metadata or {}, "user": req.user,
             }
@@ -618,7 +672,8 @@ class Service:
             return None if i is None else tok.id_to_bytes(i).decode("utf-8", errors="replace")
 
         return {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size,
-                "model_max_length": self.context, "bos_token": text(tok.bos_id), "eos_token": text(tok.eos_id),
+                "model_max_length": self.context, "bos_token": text(tok.bos_id),
+                "eos_token": text(tok.eos_id),
                 "pad_token": text(tok.pad_id), "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                 "pad_token_id": tok.pad_id, "stop_token_ids": sorted(tok.stop_ids),
                 "add_bos_token": bool(getattr(tok, "add_bos", False)), "chat_template": tok.chat_template,

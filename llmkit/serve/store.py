@@ -48,7 +48,8 @@ class ResponseStore:
     def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """(response object, conversation including the response's output) or None."""
         with closing(self._connect()) as db:
-            row = db.execute("SELECT response, messages FROM responses WHERE id = ?", (response_id,)).fetchone()
+            sql = "SELECT response, messages FROM responses WHERE id = ?"
+            row = db.execute(sql, (response_id,)).fetchone()
         return (json.loads(row[0]), json.loads(row[1])) if row else None
 
     def delete(self, response_id: str) -> bool:

@@ -36,7 +36,7 @@ def tool_system_prompt(tools: list[dict[str, Any]]) -> str:
     )
 
 
-def as_text_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+def as_text_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict]:
     """Messages for a template without tool support: tools in the system turn, calls and results as text."""
     out: list[dict[str, Any]] = []
     for m in messages:
@@ -48,7 +48,8 @@ def as_text_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
                 for c in m["tool_calls"])
             out.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + calls).strip()})
         elif m["role"] == "tool":
-            out.append({"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})
+            result = m.get("content") or ""
+            out.append({"role": "user", "content": f"<tool_response>\n{result}\n</tool_response>"})
         else:
             out.append({"role": m["role"], "content": m.get("content") or ""})
     if tools:
@@ -86,7 +87,7 @@ def forced_call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[st
     fns = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     if len(fns) == 1:
         params = fns[0].get("parameters") or {"type": "object"}
-        defs = {**params.get("definitions", {}), **params.get("$defs", {})}  # local refs resolve from the root
+        defs = {**params.get("definitions", {}), **params.get("$defs", {})}  # refs resolve from the root
         return {"type": "object", "properties": {"name": {"const": fns[0]["name"]}, "arguments": params},
                 "required": ["name", "arguments"], "$defs": defs}
     return {"type": "object", "properties": {"name": {"enum": [f["name"] for f in fns]},

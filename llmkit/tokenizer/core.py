@@ -52,6 +52,17 @@ END_OF_TURN_TEXTS = (
 )
 
 
+# a mixed sample on which the fast path must agree with the reference BPE before it is used
+_SELF_CHECK_TEXT = (
+    "The quick brown fox jumps over the lazy dog; it's 1,234.56 USD (about €1.1k) in 2024!\n"
+    "Le cœur a ses raisons que la raison ne connaît point. Déjà-vu, naïveté, où ça ? «Voilà» — fin.\n"
+    "Der Übermensch wählt größere Straßen. ¿Qué pasó? Olá, ação e coração. Zażółć gęślą jaźń.\n"
+    "Привет, как дела? Ελληνικά γράμματα. 日本語のテキストと中文文本。한국어 문장입니다. हिन्दी पाठ। عربي نص\n"
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\t\tindented\r\n"
+    "    spaces     and\ttabs   \n\n\n emoji 🤗👍🏽🇫🇷 https://example.com/a?b=c&d=e#f <tag attr=\"v\"/>"
+)
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 bytes to printable characters (space -> 'Ġ', newline -> 'Ċ')."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -216,6 +227,8 @@ class Tokenizer:
             )  # bytes never seen in training (SmolLM2 lacks 21): dropped on encode
             self._rank_to_id: list[int] | None = None
             self._tiktoken = self._build_tiktoken() if backend in ("auto", "tiktoken") else None
+            if self._tiktoken is not None and backend == "auto" and not self._fast_path_agrees():
+                self._tiktoken, self._rank_to_id = None, None
         else:
             from llmkit.tokenizer.spm import SpmModel
 
@@ -321,6 +334,22 @@ class Tokenizer:
             self._rank_to_id = None
             return None
 
+    def _fast_path_agrees(self) -> bool:
+        """Guard for merge lists that tiktoken's rule cannot express: both engines must agree on a mixed
+        text sample and on the bytes of up to 2000 merge results spread over the list (~50 ms). Real BPE
+        vocabularies pass: every GPT-2, Qwen3 and SmolLM2 token is what reference BPE makes of its bytes."""
+        pieces = [p.encode("utf-8") for p in self.pre.split(unicodedata.normalize("NFC", _SELF_CHECK_TEXT))]
+        step = max(1, len(self.merges) // 2000)
+        pieces += [a + b for a, b in self.merges[::step]]
+        enc = self._tiktoken
+        for piece in pieces:
+            fast = enc._encode_single_piece(piece)
+            if self._rank_to_id is not None:
+                fast = [i for i in (self._rank_to_id[r] for r in fast) if i >= 0]
+            if fast != self._bpe_ids(piece):
+                return False
+        return True
+
     # --------------------------------------------------------------------------------------------- properties
     @property
     def vocab_size(self) -> int:
@@ -332,11 +361,8 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         """A printable form of one token, for display (bytes that are not UTF-8 shown as <0xNN>)."""
-        b = self.vocab[i]
-        try:
-            return b.decode("utf-8")
-        except UnicodeDecodeError:
-            return "".join(f"<0x{x:02X}>" for x in b)
+        text = self.vocab[i].decode("utf-8", "surrogateescape")  # invalid bytes -> U+DC80..U+DCFF
+        return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if "\udc80" <= c <= "\udcff" else c for c in text)
 
     def token_to_id(self, text: str) -> int | None:
         if text in self.special_tokens:
@@ -398,6 +424,13 @@ class Tokenizer:
             yield text[pos:], None
 
     def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        try:
+            return self._encode_valid_text(text, at_start)
+        except UnicodeEncodeError:  # lone surrogates (e.g. from JSON "\ud800"): U+FFFD, as tiktoken does
+            return self._encode_valid_text(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
+                                           at_start)
+
+    def _encode_valid_text(self, text: str, at_start: bool) -> list[int]:
         if self.normalizer:
             text = unicodedata.normalize(self.normalizer, text)
         if self.model == "spm":

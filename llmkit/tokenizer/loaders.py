@@ -36,8 +36,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             return from_hf_json(p / "tokenizer.json")
-        if (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file():
-            return from_gpt2_files(p)
+        for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):  # OpenAI, HF slow
+            if (p / vocab).is_file() and (p / merges).is_file():
+                return from_gpt2_files(p, vocab, merges)
         ggufs = sorted(p.glob("*.gguf"))
         if ggufs:
             return from_gguf(ggufs[0])
@@ -87,15 +88,17 @@ def _dense(vocab: dict[int, bytes], where: Path) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------------------- GPT-2
-def from_gpt2_files(directory: str | os.PathLike) -> Tokenizer:
-    """OpenAI's encoder.json (token -> id) + vocab.bpe (merges, one 'a b' per line after a #version line)."""
+def from_gpt2_files(directory: str | os.PathLike, vocab_file: str = "encoder.json",
+                    merges_file: str = "vocab.bpe") -> Tokenizer:
+    """OpenAI's encoder.json (token -> id) + vocab.bpe (merges, one 'a b' per line after a #version line);
+    HF's vocab.json + merges.txt are the same files under other names."""
     d = Path(directory)
-    enc = _read_json(d / "encoder.json")
+    enc = _read_json(d / vocab_file)
     if not isinstance(enc, dict):
-        raise LlmkitError(f"{d / 'encoder.json'} is not a token -> id mapping")
-    lines = (d / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    merges = _parse_merges([ln for ln in lines if ln and not ln.startswith("#version")], d / "vocab.bpe")
-    vocab = _dense(dict(zip(enc.values(), _bytes_of_many(list(enc)))), d / "encoder.json")
+        raise LlmkitError(f"{d / vocab_file} is not a token -> id mapping")
+    lines = (d / merges_file).read_text(encoding="utf-8").split("\n")
+    merges = _parse_merges([ln for ln in lines if ln and not ln.startswith("#version")], d / merges_file)
+    vocab = _dense(dict(zip(enc.values(), _bytes_of_many(list(enc)))), d / vocab_file)
     specials = {t: i for t, i in enc.items() if t == "<|endoftext|>"}
     eot = specials.get("<|endoftext|>")
     return Tokenizer(

@@ -40,10 +40,17 @@ _GPT4_FAST_HEAD = (
     r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"
     r"| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s*[\r\n]"
 )
+# the HF tokenizer.json originals keep `(?i:...)` contractions (which also match e.g. "'ſ")
+HF_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+HF_QWEN2_PATTERN = HF_LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+_HF_FAST_HEAD = _GPT4_FAST_HEAD.replace("'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])", "'(?i:[sdmt]|ll|ve|re)")
 FAST_EQUIVALENT = {
     GPT2_PATTERN: r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++" + _FAST_TAIL,
     GPT4_PATTERN: _GPT4_FAST_HEAD + _FAST_TAIL,
     QWEN2_PATTERN: _GPT4_FAST_HEAD.replace(r"\p{N}{1,3}+", r"\p{N}") + _FAST_TAIL,
+    HF_LLAMA3_PATTERN: _HF_FAST_HEAD + _FAST_TAIL,
+    HF_QWEN2_PATTERN: _HF_FAST_HEAD.replace(r"\p{N}{1,3}+", r"\p{N}") + _FAST_TAIL,
 }
 
 _CONTR = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"

@@ -56,7 +56,9 @@ def corpus_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             found = sorted(q for q in p.rglob("*.txt") if q.is_file())
             if not found:
-                raise LlmkitError(f"{p}: no .txt files in this directory; pass .txt files or a folder of them")
+                raise LlmkitError(
+                    f"{p}: no .txt files in this directory; pass .txt files or a folder of them"
+                )
             files += found
         elif p.is_file():
             files.append(p)
@@ -75,7 +77,9 @@ def read_document(path: Path) -> Document:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LlmkitError(f"{path}: not valid UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
+        raise LlmkitError(
+            f"{path}: not valid UTF-8 text (byte {e.start}); convert it to UTF-8 first"
+        ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text.strip():
@@ -83,7 +87,9 @@ def read_document(path: Path) -> Document:
     return Document(path.name, text)
 
 
-def split_documents(docs: list[Document], val_fraction: float, seed: int = 0) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: list[Document], val_fraction: float, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
     """Document-level train/val split (see module docstring); a single document is split at its tail."""
     if not 0.0 <= val_fraction < 1.0:
         raise LlmkitError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -105,7 +111,9 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int = 0) ->
             break
         val_idx.add(i)
         val_bytes += len(docs[i].text.encode())
-    return [d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx]
+    return [d for i, d in enumerate(docs) if i not in val_idx], [
+        d for i, d in enumerate(docs) if i in val_idx
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -129,7 +137,9 @@ def make_tokenizer(spec: str, texts: list[str], progress: bool = True):
             raise LlmkitError(f"--tokenizer {spec}: expected train:VOCAB_SIZE, e.g. train:4096") from None
         n_special = 1
         if vocab < 256 + n_special:
-            raise LlmkitError(f"--tokenizer {spec}: vocab size must be at least {256 + n_special} (256 bytes + specials)")
+            raise LlmkitError(
+                f"--tokenizer {spec}: vocab size must be at least {256 + n_special} (256 bytes + specials)"
+            )
         from llmkit.tokenizer.train import train_bpe
 
         return train_bpe(texts, vocab, special_tokens=[EOT], progress=progress)  # errors if vocab > possible
@@ -174,11 +184,16 @@ def prepare(
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     except OSError as e:
-        raise LlmkitError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+        raise LlmkitError(
+            f"--out {out}: cannot write there ({e.strerror or e}); choose a writable folder"
+        ) from None
 
     try:
         files = corpus_files(corpus)
-        docs = [read_document(f) for f in tqdm(files, desc="read", unit="file", disable=None if progress else True)]
+        docs = [
+            read_document(f)
+            for f in tqdm(files, desc="read", unit="file", disable=None if progress else True)
+        ]
         train_docs, val_docs = split_documents(docs, val_fraction, seed)
         tok = make_tokenizer(tokenizer, [d.text for d in train_docs], progress=progress)
         sep = separator_id(tok)
@@ -191,8 +206,13 @@ def prepare(
             splits[name] = _write_split(tmp, name, sdocs, tok, sep, dtype, shard_tokens, progress)
         manifest = {
             "version": MANIFEST_VERSION,
-            "tokenizer": {"dir": TOKENIZER_DIR, "sha256": tokenizer_hash(tok_dir), "spec": tokenizer,
-                          "vocab_size": vocab, "separator_id": sep},
+            "tokenizer": {
+                "dir": TOKENIZER_DIR,
+                "sha256": tokenizer_hash(tok_dir),
+                "spec": tokenizer,
+                "vocab_size": vocab,
+                "separator_id": sep,
+            },
             "dtype": np.dtype(dtype).name,
             "val_fraction": val_fraction,
             "seed": seed,
@@ -207,8 +227,16 @@ def prepare(
     return manifest
 
 
-def _write_split(root: Path, name: str, docs: list[Document], tok, sep: int | None, dtype, shard_tokens: int,
-                 progress: bool) -> dict[str, Any]:
+def _write_split(
+    root: Path,
+    name: str,
+    docs: list[Document],
+    tok,
+    sep: int | None,
+    dtype,
+    shard_tokens: int,
+    progress: bool,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     shards: list[dict[str, Any]] = []
@@ -240,7 +268,7 @@ def _write_split(root: Path, name: str, docs: list[Document], tok, sep: int | No
             take = arr[: shard_tokens - n_buf]
             buf.append(take)
             n_buf += len(take)
-            arr = arr[len(take):]
+            arr = arr[len(take) :]
             if n_buf >= shard_tokens:
                 flush()
     flush()
@@ -265,7 +293,9 @@ class TokenData:
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
-            raise LlmkitError(f"--data {self.path}: no {MANIFEST}; create it with `llmkit prepare CORPUS --out DIR`")
+            raise LlmkitError(
+                f"--data {self.path}: no {MANIFEST}; create it with `llmkit prepare CORPUS --out DIR`"
+            )
         try:
             self.manifest = json.loads(mf.read_text())
         except json.JSONDecodeError as e:
@@ -305,10 +335,20 @@ class TokenBatches:
     just that position (plus the parameters that must match on resume).
     """
 
-    def __init__(self, shards: list[np.ndarray], block_size: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        shards: list[np.ndarray],
+        block_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if batch_size % world_size:
-            raise LlmkitError(f"--batch-size {batch_size} must be divisible by the number of processes {world_size}")
+            raise LlmkitError(
+                f"--batch-size {batch_size} must be divisible by the number of processes {world_size}"
+            )
         self.shards, self.T, self.B = shards, block_size, batch_size
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world_size, shuffle
         self.position = 0
@@ -316,7 +356,10 @@ class TokenBatches:
         n_shift = block_size if shuffle else 1
         counts = np.array([max(0, (len(s) - n_shift) // block_size) for s in shards], dtype=np.int64)
         if counts.sum() == 0:  # too little text to shift the grid: fixed grid from 0
-            n_shift, counts = 1, np.array([max(0, (len(s) - 1) // block_size) for s in shards], dtype=np.int64)
+            n_shift, counts = (
+                1,
+                np.array([max(0, (len(s) - 1) // block_size) for s in shards], dtype=np.int64),
+            )
         if counts.sum() == 0:
             n = sum(len(s) for s in shards)
             raise LlmkitError(
@@ -366,11 +409,15 @@ class TokenBatches:
     def load_state_dict(self, sd: dict[str, int]) -> None:
         for k, mine in (("seed", self.seed), ("block_size", self.T), ("batch_size", self.B)):
             if sd.get(k, mine) != mine:
-                raise LlmkitError(f"--resume: the checkpoint used {k}={sd[k]}, this run {mine}; use the same value")
+                raise LlmkitError(
+                    f"--resume: the checkpoint used {k}={sd[k]}, this run {mine}; use the same value"
+                )
         self.position = int(sd["position"])
 
 
-def eval_windows(shards: list[np.ndarray], block_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+def eval_windows(
+    shards: list[np.ndarray], block_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
     """Consecutive windows of T+1 tokens overlapping by one, so every token but the first is predicted once.
 
     The last window may be shorter. `max_tokens` caps the number of predicted tokens (periodic evals).

@@ -31,7 +31,7 @@ from llmkit.errors import LlmkitError
 from llmkit.train.data import TokenBatches, TokenData, batched, eval_windows, separator_id
 from llmkit.train.losses import cross_entropy, lm_loss
 from llmkit.train.presets import preset as get_preset
-from llmkit.train.trainer import Trainer, TrainConfig, distributed, resolve_device, seed_everything
+from llmkit.train.trainer import TrainConfig, Trainer, distributed, resolve_device, seed_everything
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -39,8 +39,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def build_config(vocab_size: int, block_size: int, preset: str | None = "tiny", sep_id: int | None = None,
-                 **overrides: Any) -> ModelConfig:
+def build_config(
+    vocab_size: int, block_size: int, preset: str | None = "tiny", sep_id: int | None = None, **overrides: Any
+) -> ModelConfig:
     fields = get_preset(preset) if preset else {}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields["vocab_size"] = vocab_size
@@ -67,8 +68,9 @@ def init_distributed(cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, windows: list, bytes_per_token: float, batch_size: int,
-                device: torch.device) -> dict[str, float]:
+def evaluate_lm(
+    model: torch.nn.Module, windows: list, bytes_per_token: float, batch_size: int, device: torch.device
+) -> dict[str, float]:
     """Val loss (nats/token), perplexity and bits per byte over `windows` (rank-strided under DDP)."""
     rank, world = distributed()
     was_training = model.training
@@ -84,13 +86,23 @@ def evaluate_lm(model: torch.nn.Module, windows: list, bytes_per_token: float, b
         dist.all_reduce(count)
     model.train(was_training)
     loss = float(nats / count.clamp(min=1))
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / (math.log(2) * bytes_per_token),
-            "val_tokens": float(count)}
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 50.0)),
+        "val_bpb": loss / (math.log(2) * bytes_per_token),
+        "val_tokens": float(count),
+    }
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
-           seed: int = 0, device: torch.device | None = None) -> list[int]:
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> list[int]:
     """Temperature sampling with a KV cache and a private generator (the global RNG is untouched)."""
     from llmkit.model import KVCache
 
@@ -116,7 +128,7 @@ def sample(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, t
         x = torch.tensor([[nxt]], device=device)
         pos = torch.tensor([[len(ids) - 1]], device=device)
     model.train(was_training)
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def pretrain(
@@ -151,7 +163,9 @@ def pretrain(
     train_shards = td.shards("train")
     if not train_shards:
         raise LlmkitError(f"--data {data}: the train split is empty; run `llmkit prepare` with more text")
-    batches = TokenBatches(train_shards, cfg.block_size, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    batches = TokenBatches(
+        train_shards, cfg.block_size, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world
+    )
     val_all = eval_windows(td.shards("val"), cfg.block_size)
     val_periodic = eval_windows(td.shards("val"), cfg.block_size, cfg.eval_tokens)
     bpt = td.bytes_per_token("val") if val_all else 1.0
@@ -169,28 +183,42 @@ def pretrain(
         if wins:
             res.update(evaluate_lm(m, wins, bpt, eval_bs, device))
         if rank == 0 and sample_tokens > 0 and prompt_ids:
-            res["sample"] = tok.decode(prompt_ids + sample(m, prompt_ids, sample_tokens, seed=cfg.seed, device=device))
+            res["sample"] = tok.decode(
+                prompt_ids + sample(m, prompt_ids, sample_tokens, seed=cfg.seed, device=device)
+            )
         return res
 
     trainer = Trainer(model, lm_loss, batches, cfg, out, evaluate=evaluate, model_config=mc)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        info = {"model_config": mc.to_dict(), "train_config": {**cfg.__dict__}, "data": str(data),
-                "parameters": n_params, "world_size": world}
+        info = {
+            "model_config": mc.to_dict(),
+            "train_config": {**cfg.__dict__},
+            "data": str(data),
+            "parameters": n_params,
+            "world_size": world,
+        }
         tmp = out / ".run.json.tmp"
         tmp.write_text(json.dumps(info, indent=2, default=str))
         os.replace(tmp, out / "run.json")
         if cfg.progress:
-            print(f"model: {n_params / 1e6:.2f}M parameters, {mc.n_layers} layers x d_model {mc.d_model}; "
-                  f"{cfg.batch_size * cfg.grad_accum * cfg.block_size:,} tokens/step on {world} process(es)")
+            print(
+                f"model: {n_params / 1e6:.2f}M parameters, {mc.n_layers} layers x d_model {mc.d_model}; "
+                f"{cfg.batch_size * cfg.grad_accum * cfg.block_size:,} tokens/step on {world} process(es)"
+            )
     if resume:
         trainer.resume()
     history = trainer.fit(stop_after=stop_after)
     if export and rank == 0 and trainer.finished:
         from llmkit.checkpoint.hf import save_hf_dir
 
-        save_hf_dir(trainer.raw_model, mc, tok, out / "hf",
-                    chat_template=getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE)
+        save_hf_dir(
+            trainer.raw_model,
+            mc,
+            tok,
+            out / "hf",
+            chat_template=getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE,
+        )
     if world > 1:
         dist.barrier()
     return history

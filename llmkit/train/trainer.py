@@ -194,8 +194,9 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise LlmkitError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
-                          "the previous checkpoint is kept") from None
+        raise LlmkitError(
+            f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoint is kept"
+        ) from None
 
 
 def check_writable(run_dir: Path) -> None:
@@ -205,7 +206,9 @@ def check_writable(run_dir: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise LlmkitError(f"--out {run_dir}: not writable ({e.strerror or e}); choose another folder") from None
+        raise LlmkitError(
+            f"--out {run_dir}: not writable ({e.strerror or e}); choose another folder"
+        ) from None
 
 
 def distributed() -> tuple[int, int]:
@@ -238,15 +241,23 @@ class Trainer:
         if self.is_main:
             check_writable(self.run_dir)
         self.raw_model = model.to(self.device)
-        self.opt = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                                     fused=self.device.type == "cuda")
+        self.opt = torch.optim.AdamW(
+            param_groups(self.raw_model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=cfg.betas,
+            fused=self.device.type == "cuda",
+        )
         self.time_frac: float | None = 0.0 if cfg.time_budget else None
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: cfg.lr_at(s, self.time_frac) / cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: cfg.lr_at(s, self.time_frac) / cfg.lr
+        )
         self.model: nn.Module = self.raw_model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = DDP(
+                self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.step = 0
@@ -283,11 +294,15 @@ class Trainer:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise LlmkitError(f"{path}: unreadable checkpoint ({type(e).__name__}); start a new run") from None
+            raise LlmkitError(
+                f"{path}: unreadable checkpoint ({type(e).__name__}); start a new run"
+            ) from None
         mine = self.model_config.to_dict() if hasattr(self.model_config, "to_dict") else None
         if mine is not None and ck.get("model_config") not in (None, mine):
             diff = sorted(k for k in mine if ck["model_config"].get(k) != mine[k])
-            raise LlmkitError(f"--resume: the checkpoint's model differs in {', '.join(diff)}; use the same settings")
+            raise LlmkitError(
+                f"--resume: the checkpoint's model differs in {', '.join(diff)}; use the same settings"
+            )
         self.raw_model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -360,7 +375,9 @@ class Trainer:
                     loss = self.loss_fn(model, batch)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            self.raw_model.parameters(), cfg.clip if cfg.clip > 0 else math.inf
+        )
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -391,8 +408,13 @@ class Trainer:
         if self.peak_flops is None:
             self.peak_flops = measure_peak_flops(self.device, self.amp)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (cfg.progress and self.is_main) else True,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=None if (cfg.progress and self.is_main) else True,
+            unit="step",
+            dynamic_ncols=True,
+        )
         t_start = t_last = self.t_start = time.perf_counter()
         ema = None
         out_of_time = False
@@ -420,10 +442,21 @@ class Trainer:
                 tok_s = tokens_per_step / dt
                 ema = tok_s if ema is None else 0.9 * ema + 0.1 * tok_s
                 mfu = self.flops_per_token * ema / self.world / self.peak_flops
-                self.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                          "tokens": self.tokens_seen, "tok_s": round(tok_s, 1), "mfu": round(mfu, 4),
-                          "time": round(now - t_start, 3)})
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{ema:,.0f}", mfu=f"{100 * mfu:.1f}%")
+                self.log(
+                    {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": gnorm,
+                        "tokens": self.tokens_seen,
+                        "tok_s": round(tok_s, 1),
+                        "mfu": round(mfu, 4),
+                        "time": round(now - t_start, 3),
+                    }
+                )
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{ema:,.0f}", mfu=f"{100 * mfu:.1f}%"
+                )
                 bar.update(1)
                 last = self.step == cfg.steps
                 if cfg.time_budget:
