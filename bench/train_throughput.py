@@ -130,8 +130,9 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in times.items()}
     for name, tok_s in med.items():
         peak = peak16 if "bf16" in name else peak32
+        runs = ", ".join(f"{t:,.0f}" for t in times[name])
         print(
-            f"{name:24s} {tok_s:8,.0f} tok/s (median of {args.rounds}; runs {', '.join(f'{t:,.0f}' for t in times[name])})"
+            f"{name:24s} {tok_s:8,.0f} tok/s (median of {args.rounds}; runs {runs})"
             f"  MFU {100 * fpt * tok_s / peak:5.1f}%"
         )
     peer_med = med["nanoGPT-arch peer fp32"]
@@ -141,7 +142,8 @@ def main() -> None:
     )
     print(
         f"vs the recorded nanoGPT figure {NANOGPT_REFERENCE_TOK_S:,.0f} tok/s (quiet machine): "
-        f"{med['llmkit fp32'] / NANOGPT_REFERENCE_TOK_S:.2f}x fp32 (1-min load average now {os.getloadavg()[0]:.1f})"
+        f"{med['llmkit fp32'] / NANOGPT_REFERENCE_TOK_S:.2f}x fp32 "
+        f"(1-min load average now {os.getloadavg()[0]:.1f})"
     )
 
 

@@ -6,6 +6,8 @@ tokens. transformers dequantises the GGUF with the same gguf-py code, so logits 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -117,33 +119,40 @@ def test_export_loads_in_transformers(llm, hf_model, prompt_ids, tmp_path_factor
     assert again.tokenizer.encode(PROMPT) == llm.tokenizer.encode(PROMPT)
 
 
-def test_inspect_text(smollm2_gguf, capsys):
+@pytest.fixture(scope="module")
+def inspect_json(smollm2_gguf) -> dict:
     from llmkit.cli import main
 
-    assert main(["inspect", str(smollm2_gguf)]) == 0
-    out = capsys.readouterr().out
-    for needle in ("architecture     llama", "layers           30", "d_model          576",
-                   "9 query, 3 key/value (head_dim 64)", "vocab size       49152", "context length   8192",
-                   "Q4_1", "Q8_0", "<|im_start|>", "tied embeddings"):
-        assert needle in out, needle
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["inspect", str(smollm2_gguf), "--json"]) == 0
+    return json.loads(buf.getvalue())
 
 
-def test_inspect_json(smollm2_gguf, capsys, hf_model):
-    import gguf
-
-    from llmkit.cli import main
-
-    assert main(["inspect", str(smollm2_gguf), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
+def test_inspect_json(inspect_json, hf_model):
+    info = inspect_json
     c = info["config"]
     assert (c["n_layers"], c["d_model"], c["n_heads"], c["n_kv_heads"]) == (30, 576, 9, 3)
     assert info["vocab_size"] == 49152 and info["context_length"] == 8192
     assert info["parameters"]["total"] == hf_model.num_parameters() == 134_515_008
     assert info["parameters"]["lm_head"] == 0  # tied
     assert info["parameters"]["embeddings"] == 49152 * 576
-    reader = gguf.GGUFReader(smollm2_gguf)  # independent count of stored bytes per GGML type
-    for t in ("Q4_1", "Q8_0", "F32"):
-        stored = sum(int(x.n_bytes) for x in reader.tensors if x.tensor_type.name == t)
-        assert info["storage"][t]["bytes"] == stored
-    assert info["storage"]["Q4_1"]["tensors"] == 210
+    st = info["storage"]
+    assert sum(d["params"] for d in st.values()) == 134_515_008
+    assert (st["Q4_1"]["tensors"], st["Q8_0"]["tensors"], st["F32"]["tensors"]) == (210, 1, 61)
+    # GGML block sizes: Q4_1 = 32 weights in 20 bytes, Q8_0 = 32 in 34, F32 = 4 bytes each
+    assert st["Q4_1"]["bytes"] * 32 == st["Q4_1"]["params"] * 20
+    assert st["Q8_0"]["bytes"] * 32 == 49152 * 576 * 34
+    assert st["F32"]["bytes"] == 4 * st["F32"]["params"]
     assert "<|im_start|>" in info["chat_template"] and info["special_tokens"]["<|im_end|>"] == 2
+    assert info["bos_eos_pad"]["eos"] == {"id": 2, "text": "<|im_end|>"}
+
+
+def test_inspect_text(inspect_json):
+    from llmkit.checkpoint.info import format_info
+
+    out = format_info(inspect_json)
+    for needle in ("architecture     llama", "layers           30", "d_model          576",
+                   "9 query, 3 key/value (head_dim 64)", "vocab size       49152", "context length   8192",
+                   "Q4_1", "Q8_0", "<|im_start|>", "tied embeddings", "134,515,008"):
+        assert needle in out, needle

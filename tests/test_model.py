@@ -193,10 +193,11 @@ def test_cuda_bf16_forward_and_decode(name):
 
 
 @pytest.mark.gpu
-def test_cuda_compiled_decode_step_matches_eager():
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead = CUDA graphs
+def test_cuda_compiled_decode_step_matches_eager(mode):
     model = tiny("llama_gqa").to("cuda", torch.bfloat16)
     x = rand_ids(2, 12).cuda()
-    step = torch.compile(model, fullgraph=True, dynamic=False)
+    step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
     with torch.no_grad():
         caches = [KVCache(model.config, 2, 32, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
         for c in caches:
@@ -206,3 +207,11 @@ def test_cuda_compiled_decode_step_matches_eager():
             a = model(x[:, t : t + 1], positions=pos, cache=caches[0])
             b = step(x[:, t : t + 1], positions=pos, cache=caches[1])
             assert (a.float() - b.float()).abs().max() <= 0.05 * a.float().abs().max()
+
+
+def test_sequence_longer_than_context_is_a_clear_error():
+    from llmkit.errors import LlmkitError
+
+    model = tiny("gpt2")
+    with pytest.raises(LlmkitError, match="longer than the model's context"):
+        model(rand_ids(1, 65))

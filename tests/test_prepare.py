@@ -13,9 +13,9 @@ from llmkit.errors import LlmkitError
 from llmkit.train.data import TokenBatches, TokenData, eval_windows, prepare
 
 DOCS = {
-    "a.txt": "Il était une fois une marquise qui sortit à cinq heures.\nLe ciel était gris; l'été finissait.\n",
+    "a.txt": "Il était une fois une marquise qui sortit à cinq heures.\nLe ciel était gris; l'été passait.\n",
     "b.txt": "Emma Bovary rêvait de Paris, des bals et des robes de soie. — Ô douleur ! 🙂\n",
-    "c.txt": "The quick brown fox jumps over the lazy dog.\n\nA second paragraph, with numbers 1234 and tabs\t.\n",
+    "c.txt": "The quick brown fox jumps over the lazy dog.\n\nA paragraph, with numbers 1234 and tabs\t.\n",
     "d.txt": "Les misérables : Jean Valjean portait Cosette à travers la nuit. Fin.\n",
 }
 

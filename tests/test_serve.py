@@ -614,14 +614,15 @@ def test_developer_role_and_cli_banner_examples(server, client):
 
 def test_request_logging_never_records_keys(llm, tmp_path, caplog):
     secret = "sk-very-secret-123"
-    with serve(llm, tmp_path / "r.sqlite", api_keys=[secret], log_requests=True) as s:
+    server = serve(llm, tmp_path / "r.sqlite", api_keys=[secret], log_requests=True)
+    with caplog.at_level("INFO", logger="llmkit.serve"), server as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key=secret, max_retries=0)
-        with caplog.at_level("INFO", logger="llmkit.serve"):
-            c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2,
-                                      extra_body={"api_key": secret, "user_token": secret})
-            with pytest.raises(openai.AuthenticationError):
-                openai.OpenAI(base_url=s.url + "/v1", api_key=secret + "x", max_retries=0).models.list()
+        c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2,
+                                  extra_body={"api_key": secret, "user_token": secret})
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key=secret + "x", max_retries=0).models.list()
     logged = caplog.text
-    assert "POST /v1/chat/completions -> 200" in logged and "Say hi." in logged and "chat.completion" in logged
+    assert "POST /v1/chat/completions -> 200" in logged
+    assert "Say hi." in logged and "chat.completion" in logged  # request and reply bodies
     assert "GET /v1/models -> 401" in logged
     assert secret not in logged

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -56,13 +55,22 @@ def chunks(text: str, n: int = 4000) -> list[str]:
     return out
 
 
-@cache
-def vocab(name: str) -> Tokenizer:
-    return Tokenizer.load(shared_path(f"tokenizers/llama.cpp-vocab/ggml-vocab-{name}.gguf"))
+@pytest.fixture(scope="module")
+def vocab():
+    """name -> Tokenizer, loaded once per module and released after it (150k-token vocabularies are big)."""
+    loaded: dict[str, Tokenizer] = {}
+
+    def get(name: str) -> Tokenizer:
+        if name not in loaded:
+            loaded[name] = Tokenizer.load(shared_path(f"tokenizers/llama.cpp-vocab/ggml-vocab-{name}.gguf"))
+        return loaded[name]
+
+    yield get
+    loaded.clear()
 
 
 @pytest.mark.parametrize("name", VOCABS)
-def test_llamacpp_reference_cases(name):
+def test_llamacpp_reference_cases(name, vocab):
     tok = vocab(name)
     cases = llamacpp_cases(name)
     assert len(cases) >= 40
@@ -72,7 +80,7 @@ def test_llamacpp_reference_cases(name):
 
 
 @pytest.mark.parametrize("name", VOCABS)
-def test_llamacpp_vocab_round_trip(name):
+def test_llamacpp_vocab_round_trip(name, vocab):
     tok = vocab(name)
     for text, _ in llamacpp_cases(name):
         assert tok.decode(tok.encode(text)) == text, repr(text)
@@ -81,7 +89,7 @@ def test_llamacpp_vocab_round_trip(name):
 
 
 @pytest.mark.parametrize("name", ["llama-spm", "qwen2"])
-def test_saved_gguf_vocab_loads_in_hf_with_identical_ids(name, tmp_path):
+def test_saved_gguf_vocab_loads_in_hf_with_identical_ids(name, tmp_path, vocab):
     """save() of GGUF vocabularies: SentencePiece (scores -> HF BPE with byte fallback) and byte-level BPE."""
     from tokenizers import Tokenizer as HFTokenizer
     from transformers import AutoTokenizer

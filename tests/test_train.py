@@ -1,4 +1,4 @@
-"""The trainer: it learns (overfit), resumes bit for bit, matches under DDP, exports to transformers, fails cleanly."""
+"""The trainer learns (overfit), resumes bit for bit, matches under DDP, exports to HF, fails cleanly."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from llmkit.train.trainer import CHECKPOINT, METRICS, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(
-    f"{i}: Le petit chat dort sur le toit. The small cat sleeps on the roof; the dog barks at {i % 7} birds.\n"
+    f"{i}: Le petit chat dort sur le toit. The small cat sleeps on the roof; the dog barks at {i % 7}.\n"
     for i in range(120)
 )
 
@@ -63,8 +63,12 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / METRICS).read_text().splitlines()) if "loss" in r]
+def losses(run: Path, key: str = "loss") -> list[float]:
+    return [r[key] for r in map(json.loads, (run / METRICS).read_text().splitlines()) if key in r]
+
+
+def val_losses(run: Path) -> list[float]:
+    return losses(run, "val_loss")
 
 
 def test_overfit_one_batch(tmp_path):
@@ -203,12 +207,7 @@ def test_ddp_two_gloo_processes_match_one(data_dir, tmp_path):
     la, lb = losses(one), losses(two)
     assert len(la) == len(lb) == 6
     np.testing.assert_allclose(la, lb, rtol=1e-4)
-    ev = lambda run: [
-        x["val_loss"]
-        for x in map(json.loads, (run / METRICS).read_text().splitlines())  # noqa: E731
-        if "val_loss" in x
-    ]
-    np.testing.assert_allclose(ev(one), ev(two), rtol=1e-4)
+    np.testing.assert_allclose(val_losses(one), val_losses(two), rtol=1e-4)
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
 
 

@@ -137,6 +137,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     ev = [r for r in hist if "val_loss" in r]
     if ev:
         print(
-            f"final: val loss {ev[-1]['val_loss']:.4f}, bits/byte {ev[-1]['val_bpb']:.4f}; model in {args.out}/hf"
+            f"final: val loss {ev[-1]['val_loss']:.4f}, bits/byte {ev[-1]['val_bpb']:.4f}; "
+            f"model in {args.out}/hf"
         )
     return 0

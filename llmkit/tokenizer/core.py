@@ -7,8 +7,10 @@ Notable choices
   HF `tokenizers` rule. The fast path hands the same vocabulary to tiktoken's Rust CoreBPE: a token's
   tiktoken rank is the index of the first merge that produces it, and tiktoken's ranks are mapped back to
   our ids with a lookup table when they differ. tiktoken merges "the pair whose merged token has the lowest
-  rank", which equals the merge-list rule for vocabularies learnt by BPE (the tests check both engines id for
-  id against tiktoken, HF `tokenizers` and llama.cpp on real text). `backend="python"` forces the reference.
+  rank", which equals the merge-list rule for vocabularies learnt by BPE but not for every merge list: each
+  new Tokenizer runs both engines on a sample (`_fast_path_agrees`) and keeps the reference on a difference;
+  tests check both id for id against tiktoken, HF `tokenizers` and llama.cpp on real text.
+  `backend="python"` forces the reference.
 - Pre-tokenizers are lists of regexes (see pretokenize.py); a single full-coverage regex runs inside tiktoken,
   a list runs in Python and each piece goes to tiktoken's single-piece BPE (an LRU cache of piece -> ids in
   the Python path).

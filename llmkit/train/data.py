@@ -125,7 +125,7 @@ def byte_tokenizer():
 
 
 def make_tokenizer(spec: str, texts: list[str], progress: bool = True):
-    """`char`/`byte` | `train:VOCAB` (byte-level BPE trained on the train split) | a path for Tokenizer.load."""
+    """`char`/`byte` | `train:VOCAB` (byte-level BPE trained on the train split) | a Tokenizer.load path."""
     from llmkit.tokenizer import Tokenizer
 
     if spec in ("char", "byte"):
@@ -171,7 +171,7 @@ def prepare(
     shard_tokens: int = 1 << 27,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Read the corpus, train or load the tokenizer, write shards + manifest into `out`; return the manifest."""
+    """Read the corpus, train or load the tokenizer, write shards + manifest into `out`; return it."""
     from tqdm import tqdm
 
     out = Path(out)

@@ -102,7 +102,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices of Linear layers; no decay for biases, norms and embeddings (shared ones counted once)."""
+    """Decay Linear matrices; no decay for biases, norms and embeddings (shared tensors counted once)."""
     decay, no_decay, seen = [], [], set()
     for mod in model.modules():
         for name, p in mod.named_parameters(recurse=False):
