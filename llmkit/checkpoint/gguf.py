@@ -28,8 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
@@ -121,17 +124,25 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf-py's reader, parsing from a plain ndarray view of its memory map: 3x faster to open, because
+    slicing an np.memmap runs a Python-level __array_finalize__ for each of the ~250k metadata parts (the
+    tokenizer's tokens and merges). Same memory, same results."""
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        self.data = self.data.view(np.ndarray)
+        return super()._build_fields(offs, count)
+
+
 class GGUFFile:
     """A GGUF file opened for reading (memory-mapped): metadata, tensor list, config, tensors."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise LlmkitError(f"{self.path}: no such GGUF file")
         try:
-            self.reader = gguf.GGUFReader(self.path)
+            self.reader = _Reader(self.path)
         except Exception as e:  # bad magic, truncated header, bad offsets: numpy/ValueError/KeyError/...
             raise LlmkitError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
         size = self.path.stat().st_size
@@ -286,9 +297,6 @@ class GGUFFile:
 
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as float32 numpy in PyTorch order (rows first); raises on unsupported GGML types."""
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
         t = self._tensors[name]
         qtype = GGMLQuantizationType(t.tensor_type)
         if qtype.name not in SUPPORTED_TYPES:
