@@ -27,7 +27,7 @@ from llmkit.train.data import prepare
 from llmkit.train.pretrain import pretrain
 from llmkit.train.trainer import METRICS, TrainConfig
 
-CORPUS = Path(__file__).resolve().parent.parent.parent / "shared/data/corpus/en/tinyshakespeare.txt"
+CORPUS = Path(os.environ.get("LLMKIT_SHAKESPEARE", Path(__file__).resolve().parents[2] / "shared/data/corpus/en/tinyshakespeare.txt"))
 GOAL_BPB, NANOGPT_S, NANOGPT_BPB = 2.43, 97.0, 2.70
 
 PEER = dict(
@@ -59,7 +59,7 @@ OURS = dict(
         warmup=30,
         betas=(0.9, 0.99),
         weight_decay=0.1,
-        eval_every=100,
+        eval_every=50,
         eval_tokens=8192,
     ),
 )

@@ -154,9 +154,7 @@ def write_gguf(path: Path, family: str, cfg, tensors: dict[str, np.ndarray], qty
         q = gguf.GGMLQuantizationType[qtype if data.ndim >= 2 else "F32"]
         if name in (override_type or {}):
             q = gguf.GGMLQuantizationType[override_type[name]]
-            raw_shape = gguf.quants.quant_shape_to_byte_shape(data.shape, q)
-            raw = np.random.default_rng(0).integers(0, 256, raw_shape, dtype=np.uint8)
-            w.add_tensor(name, raw, raw_dtype=q)
+            w.add_tensor(name, random_blocks(q.name, data.shape), raw_dtype=q)
             continue
         if q == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, data)
@@ -186,3 +184,23 @@ def _unpermute_ref(w: np.ndarray, n_head: int) -> np.ndarray:
     out = np.empty_like(w)
     out[idx] = w
     return out
+
+
+# byte offsets of the float16 super-block scales (d, dmin) in llama.cpp's K-quant block structs
+_FP16_FIELDS = {"Q2_K": (-4, -2), "Q3_K": (-2,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,)}
+
+
+def random_blocks(qtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random GGML blocks of `qtype` for a tensor of `shape`; K-quant scales set to small finite float16s."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(shape, q), dtype=np.uint8)
+    block = gguf.GGML_QUANT_SIZES[q][1]
+    blocks = raw.reshape(-1, block)
+    for off in _FP16_FIELDS.get(qtype, ()):
+        scale = rng.uniform(1e-4, 3e-4, blocks.shape[0]).astype(np.float16)  # (n_blocks,)
+        start = off % block
+        blocks[:, start:start + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return raw

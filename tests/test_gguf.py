@@ -102,6 +102,30 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def test_k_quants_match_transformers_gguf_loader(tmp_path):
+    """Q4_K / Q5_K / Q6_K tensors (random valid blocks; gguf-py cannot quantise K types) read by llmkit and by
+    transformers' own GGUF loader (its name mapping and q/k un-permutation are independent of ours)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   rms_norm_eps=1e-5, max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    tensors = {k: v.numpy() for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    types = {"token_embd.weight": "Q6_K", "output.weight": "Q5_K", "blk.0.attn_q.weight": "Q4_K",
+             "blk.0.attn_k.weight": "Q5_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.attn_output.weight": "Q4_K",
+             "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q5_K", "blk.0.ffn_down.weight": "Q6_K"}
+    write_gguf(tmp_path / "m.gguf", "llama", cfg, tensors, "F32", override_type=types)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    config, model, f = load_gguf(tmp_path / "m.gguf")
+    assert {t.ggml_type for t in f.tensor_infos()} == {"F32", "Q4_K", "Q5_K", "Q6_K"}
+    with torch.no_grad():
+        expected = ref.eval()(IDS).logits
+        got = model(IDS)
+    assert expected.abs().max() > 1e-3  # the random weights do produce signal
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.fixture
 def llama_file(tmp_path):

@@ -402,7 +402,7 @@ def test_bad_params_400(client, server):
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as e:  # prompt + max_tokens beyond the context
         client.completions.create(model="tiny", prompt="hi " * 600, max_tokens=10)
-    assert e.value.body["code"] == "context_length_exceeded"
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt=[10**9], max_tokens=1)
     status, err = _error(raw(server, "POST", "/v1/chat/completions", "{not json", auth_headers()))
@@ -426,7 +426,7 @@ def test_logit_bias(client, llm):
 def test_unknown_model_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-9", messages=MSG, max_tokens=1)
-    assert e.value.body["code"] == "model_not_found"
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
 
 
 def test_body_too_large_413(server):

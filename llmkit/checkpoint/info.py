@@ -198,7 +198,8 @@ def format_info(info: dict[str, Any], template_lines: int = 8) -> str:
     row("bytes by dtype")
     for dt, d in sorted(info["storage"].items(), key=lambda kv: -kv[1]["bytes"]):
         bits = 8 * d["bytes"] / max(d["params"], 1)
-        row(f"  {dt:<14} {_size(d['bytes']):>14}  {d['tensors']:4d} tensors, {bits:.2f} bits/param")
+        n = f"{d['tensors']:4d} tensor" + ("s," if d["tensors"] != 1 else ",")
+        row(f"  {dt:<14} {_size(d['bytes']):>14}  {n:<13} {bits:.2f} bits/param")
     if "tokenizer_error" in info:
         row(f"tokenizer        unavailable: {info['tokenizer_error']}")
     else:

@@ -42,6 +42,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+class ApiError(LlmkitError):
+    """A LlmkitError that also names the request field at fault (OpenAI `param`)."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message, status=status, code=code)
+        self.param = param
+
+
 def _chain(steps: list[Callable]) -> Callable:
     def run(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         for f in steps:
@@ -109,8 +117,8 @@ class Service:
     # ------------------------------------------------------------------ shared helpers
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise LlmkitError(f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
-                              status=404, code="model_not_found")
+            raise ApiError(f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
+                           status=404, code="model_not_found", param="model")
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -121,14 +129,15 @@ class Service:
         room = self.context - n_prompt
         if max_tokens is None:
             if room < 1:
-                raise LlmkitError(f"This model's maximum context length is {self.context} tokens; the prompt "
-                                  f"has {n_prompt}. Shorten the prompt.", code="context_length_exceeded")
+                raise ApiError(f"This model's maximum context length is {self.context} tokens; the prompt "
+                               f"has {n_prompt}. Shorten the prompt.", code="context_length_exceeded",
+                               param="messages")
             return room
         if n_prompt + max_tokens > self.context:
-            raise LlmkitError(
+            raise ApiError(
                 f"This model's maximum context length is {self.context} tokens. However, you requested "
                 f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in the completion). "
-                f"Reduce the prompt or {param}.", code="context_length_exceeded")
+                f"Reduce the prompt or {param}.", code="context_length_exceeded", param=param)
         return max_tokens
 
     def token_str(self, token_id: int) -> str:
@@ -154,10 +163,11 @@ class Service:
         try:
             items = [(int(k), float(v)) for k, v in logit_bias.items()]
         except ValueError:
-            raise LlmkitError("logit_bias: keys must be token ids", code="invalid_logit_bias") from None
+            raise ApiError("logit_bias: keys must be token ids", code="invalid_logit_bias",
+                           param="logit_bias") from None
         if any(not 0 <= t < V or not -100 <= b <= 100 for t, b in items):
-            raise LlmkitError(f"logit_bias: token ids in [0, {V}), biases in [-100, 100]",
-                              code="invalid_logit_bias")
+            raise ApiError(f"logit_bias: token ids in [0, {V}), biases in [-100, 100]",
+                           code="invalid_logit_bias", param="logit_bias")
         ids = torch.tensor([t for t, _ in items], dtype=torch.long)
         vals = torch.tensor([b for _, b in items])
 
@@ -173,9 +183,10 @@ class Service:
             ids = list(item)
             V = self.tokenizer.vocab_size
             if any(not 0 <= i < V for i in ids):
-                raise LlmkitError(f"prompt: token ids must be in [0, {V})", code="invalid_prompt")
+                raise ApiError(f"prompt: token ids must be in [0, {V})", code="invalid_prompt",
+                               param="prompt")
         if not ids:
-            raise LlmkitError("prompt: empty after tokenization", code="invalid_prompt")
+            raise ApiError("prompt: empty after tokenization", code="invalid_prompt", param="prompt")
         return ids
 
     async def _run(self, jobs, queue, on_token: Callable[[int, Any], bool]) -> None:
@@ -192,8 +203,8 @@ class Service:
                 try:
                     idx, item = await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0.001))
                 except (asyncio.TimeoutError, TimeoutError):
-                    raise LlmkitError(f"request timed out after {self.timeout:g} s", status=408,
-                                      code="timeout") from None
+                    raise ApiError(f"request timed out after {self.timeout:g} s", status=408,
+                                   code="timeout") from None
                 if isinstance(item, Exception):
                     raise item
                 if idx not in live:  # a token that raced with the cancel of a finished choice
@@ -425,7 +436,7 @@ class Service:
         try:
             messages = self.chat_messages(req)
         except ValueError as e:
-            raise LlmkitError(str(e), code="invalid_content") from None
+            raise ApiError(str(e), code="invalid_content", param="messages") from None
         ids = self.render(messages, tools if choice_mode != "none" else None)
         max_tokens = self.budget(len(ids), req.limit(), "max_tokens")
         schema: dict[str, Any] | None | bool = False  # False: unconstrained
@@ -527,19 +538,19 @@ class Service:
     async def responses(self, req: P.ResponsesRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_model(req.model)
         if req.tools:
-            raise LlmkitError("tools are not supported on /v1/responses yet; use /v1/chat/completions",
-                              code="unsupported_parameter")
+            raise ApiError("tools are not supported on /v1/responses yet; use /v1/chat/completions",
+                           code="unsupported_parameter", param="tools")
         history: list[dict[str, Any]] = []
         if req.previous_response_id:
             found = self.store.get(req.previous_response_id) if self.store else None
             if found is None:
-                raise LlmkitError(f"Previous response with id '{req.previous_response_id}' not found.",
-                                  status=404, code="previous_response_not_found")
+                raise ApiError(f"Previous response with id '{req.previous_response_id}' not found.",
+                               status=404, code="previous_response_not_found", param="previous_response_id")
             history = found[1]
         try:
             new = req.messages()
         except ValueError as e:
-            raise LlmkitError(str(e), code="invalid_input") from None
+            raise ApiError(str(e), code="invalid_input", param="input") from None
         convo = history + new
         prompt = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + convo
         ids = self.render(prompt, None)
@@ -638,12 +649,12 @@ class Service:
     def get_response(self, response_id: str) -> dict[str, Any]:
         found = self.store.get(response_id) if self.store else None
         if found is None:
-            raise LlmkitError(f"No response found with id '{response_id}'.", status=404, code="not_found")
+            raise ApiError(f"No response found with id '{response_id}'.", status=404, code="not_found")
         return found[0]
 
     def delete_response(self, response_id: str) -> dict[str, Any]:
         if not (self.store and self.store.delete(response_id)):
-            raise LlmkitError(f"No response found with id '{response_id}'.", status=404, code="not_found")
+            raise ApiError(f"No response found with id '{response_id}'.", status=404, code="not_found")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     # ------------------------------------------------------------------ tokenizer routes
@@ -662,7 +673,7 @@ class Service:
         self.check_model(req.model)
         V = self.tokenizer.vocab_size
         if any(not 0 <= i < V for i in req.tokens):
-            raise LlmkitError(f"tokens: ids must be in [0, {V})", code="invalid_tokens")
+            raise ApiError(f"tokens: ids must be in [0, {V})", code="invalid_tokens", param="tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
     def tokenizer_info(self) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Verbs `generate`, `chat` and `quantize`: thin wrappers over llmkit.generate and llmkit.quant.
+
+`llmkit generate [MODEL] PROMPT`: with two positionals the first is the model, with one it is the prompt and
+the default model is used; PROMPT "-" reads the prompt from stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmkit.errors import LlmkitError
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization at load")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU)")
+
+
+def _params(args):
+    from llmkit.generate.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          stop=args.stop, seed=args.seed).validate()
+
+
+def _load(model: str | None, args):
+    import llmkit
+    from llmkit.hub import DEFAULT_MODEL
+
+    return llmkit.load(model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize)
+
+
+def cmd_generate(args) -> int:
+    if len(args.words) > 2:
+        raise LlmkitError("generate takes [MODEL] PROMPT; quote the prompt")
+    model, prompt = (args.words if len(args.words) == 2 else (None, args.words[0]))
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    params = _params(args)
+    llm = _load(model, args)
+    s = llm.stream(prompt, params=params)
+    for delta in s:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        r = s.result
+        print(f"[{r.usage['completion_tokens']} tokens, {r.timings['decode_tokens_per_s']:.1f} tok/s, "
+              f"finish: {r.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from llmkit.generate.repl import run_chat
+
+    params = _params(args)
+    return run_chat(_load(args.model, args), params, system=args.system)
+
+
+def cmd_quantize(args) -> int:
+    import llmkit
+    from llmkit.quant import quantize_model, save_quantized
+
+    llm = llmkit.load(args.model, device="cpu", dtype="float32")
+    quantize_model(llm.model, args.mode, group_size=args.group_size)
+    out = save_quantized(llm.model, llm.tokenizer, args.to)
+    print(f"wrote {args.mode} model to {out} (load it with llmkit.load({str(out)!r}))")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt", description="Complete a prompt, streaming the text.")
+    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="optional model name/path, then the prompt")
+    _sampling_args(p, 256)
+    p.add_argument("--stats", action="store_true", help="print tokens and tok/s to stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="terminal chatbot", description="Chat with a model in the terminal "
+                       "(/help lists the commands: /reset, /system TEXT, /temp X, /save FILE).")
+    p.add_argument("model", nargs="?", default=None, help="model name or path (default: the default model)")
+    p.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(p, 512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("quantize", help="save a weight-only quantized copy of a model",
+                       description="Quantize every Linear layer (int8 per channel or int4 per group) and save "
+                                   "a folder that llmkit.load reads.")
+    p.add_argument("model", help="model name or path")
+    p.add_argument("--to", required=True, help="output folder")
+    p.add_argument("--mode", choices=("int8", "int4"), default="int4")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32)")
+    p.set_defaults(func=cmd_quantize)
