@@ -133,20 +133,9 @@ def main() -> int:
     a = ap.parse_args()
 
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "llmkit",
-        "serve",
-        *([a.model] if a.model else []),
-        "--port",
-        str(port),
-        "--max-batch",
-        str(max(a.levels)),
-        "--max-queue",
-        str(4 * max(a.levels)),
-        *(["--device", a.device] if a.device else []),
-    ]
+    cmd = [sys.executable, "-m", "llmkit", "serve", *([a.model] if a.model else []), "--port", str(port),
+           "--max-batch", str(max(a.levels)), "--max-queue", str(4 * max(a.levels)), "--max-seq-len", "512",
+           *(["--device", a.device] if a.device else [])]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.time()

@@ -27,7 +27,8 @@ from llmkit.train.data import prepare
 from llmkit.train.pretrain import pretrain
 from llmkit.train.trainer import METRICS, TrainConfig
 
-CORPUS = Path(os.environ.get("LLMKIT_SHAKESPEARE", Path(__file__).resolve().parents[2] / "shared/data/corpus/en/tinyshakespeare.txt"))
+SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+CORPUS = Path(os.environ.get("LLMKIT_SHAKESPEARE", SHARED / "corpus/en/tinyshakespeare.txt"))
 GOAL_BPB, NANOGPT_S, NANOGPT_BPB = 2.43, 97.0, 2.70
 
 PEER = dict(

@@ -20,7 +20,7 @@ def smol(smollm2_gguf, tmp_path_factory):
 
     llm = llmkit.load(smollm2_gguf, device="cpu")
     llm.name = "smollm2"
-    with serve(llm, tmp_path_factory.mktemp("smol") / "r.sqlite", max_batch=4) as s:
+    with serve(llm, tmp_path_factory.mktemp("smol") / "r.sqlite", max_batch=4, max_seq_len=1024) as s:
         yield llm, openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
 
 

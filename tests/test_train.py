@@ -282,3 +282,18 @@ def test_corrupt_checkpoint_and_missing_data(data_dir, tmp_path, capsys):
     assert "unreadable checkpoint" in capsys.readouterr().err
     assert main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(run)]) == 1
     assert "llmkit prepare" in capsys.readouterr().err
+
+
+def test_time_budget_stops_and_exports(data_dir, tmp_path):
+    hist = pretrain(data_dir, tmp_path / "run", cfg(steps=10**6, time_budget=1.5, eval_every=0), sample_tokens=0)
+    steps = [r for r in hist if "loss" in r]
+    assert 0 < len(steps) < 10**6 and steps[-1]["time"] < 3.0
+    assert steps[-1]["lr"] < 3e-3  # the cosine ran over the budget
+    assert "val_bpb" in hist[-1] and (tmp_path / "run" / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_learns(data_dir, tmp_path):
+    hist = pretrain(data_dir, tmp_path / "run", cfg(steps=30, device="cuda", dtype="auto", eval_every=0))
+    steps = [r for r in hist if "loss" in r]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0

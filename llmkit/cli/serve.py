@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+DEFAULT_CONTEXT = 4096  # SmolLM2 has 8192: 8 rows x 8192 positions would hold 2.7 GB of fp32 KV cache
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server + web chat",
@@ -21,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="rows in the running batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context per row (default: the model's); the KV cache holds max-batch x this")
+                   help=f"context per row (default: the model's, at most {DEFAULT_CONTEXT}); the KV cache "
+                        "holds max-batch x this many positions")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU: CUDA graphs)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--store", default=None, help="SQLite file for stored responses (default: in the cache)")
     p.add_argument("--log-requests", action="store_true", help="log requests and bodies (keys redacted)")
@@ -62,9 +66,10 @@ def serve(args: argparse.Namespace) -> int:
         keys.append(os.environ["LLMKIT_API_KEY"])
     name = args.model or DEFAULT_MODEL
     llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    context = args.max_seq_len or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
-                     max_seq_len=args.max_seq_len, max_queue=args.max_queue, request_timeout=args.timeout,
-                     log_requests=args.log_requests)
+                     max_seq_len=context, compile=args.compile, max_queue=args.max_queue,
+                     request_timeout=args.timeout, log_requests=args.log_requests)
     url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(banner(url, name, bool(keys)), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

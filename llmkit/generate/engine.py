@@ -105,7 +105,7 @@ class Sequence_:
 
 class Engine:
     def __init__(self, model: nn.Module, *, max_batch: int = 4, max_seq_len: int | None = None,
-                 stop_ids: Sequence[int] = ()):
+                 stop_ids: Sequence[int] = (), compile: bool = False):
         cfg = model.config
         self.model = model.eval()
         self.config = cfg
@@ -120,6 +120,10 @@ class Engine:
         self.ids: list[list[int]] = [[] for _ in range(max_batch)]  # token ids whose KV each row holds
         self._last_used = [0] * max_batch
         self._clock = itertools.count(1)
+        # compile: decode steps run a torch.compile'd model (CUDA graphs on GPU) over fixed shapes: the whole
+        # cache is attended (masked), so one graph serves every step. Prefill stays eager.
+        self._decode_model = torch.compile(model, mode="reduce-overhead" if p.is_cuda else "default",
+                                           dynamic=False) if compile else None
 
     # ------------------------------------------------------------------ rows
     @property
@@ -222,9 +226,10 @@ class Engine:
             ids[i, : len(c)] = torch.tensor(c)
         positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T); pads past each end
         positions = positions.clamp_(max=self.capacity - 1)
-        self.cache.select(rows, int(max(s + n for s, n in zip(starts, lens))))
+        run = self._decode_model if self._decode_model is not None and T == 1 else self.model
+        self.cache.select(rows, self.capacity if run is not self.model else max(s + n for s, n in zip(starts, lens)))
         with _headless(self.model) as head:
-            h = self.model(ids.to(self.device), positions=positions.to(self.device), cache=self.cache)  # (B,T,d)
+            h = run(ids.to(self.device), positions=positions.to(self.device), cache=self.cache)  # (B, T, d)
         last_idx = torch.tensor(lens, device=h.device) - 1
         last = head(h[torch.arange(len(rows), device=h.device), last_idx]).float()  # (B, V)
         full = [head(h[i, :n]).float() for i, n in enumerate(lens)] if all_logits else []

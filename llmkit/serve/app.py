@@ -35,41 +35,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmkit.errors import LlmkitError
 from llmkit.serve import protocol as P
 from llmkit.serve.metrics import Metrics
+from llmkit.serve.protocol import error_body
 from llmkit.serve.scheduler import Backend, EngineBackend, Scheduler
 from llmkit.serve.service import Service
 from llmkit.serve.store import ResponseStore
 
 log = logging.getLogger("llmkit.serve")
 STATIC = Path(__file__).parent / "static"
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable"}
-
-
-def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, OpenAI error JSON) for any exception."""
-    param = None
-    if isinstance(exc, LlmkitError):
-        status, msg, code = exc.status, str(exc), exc.code
-        param = getattr(exc, "param", None)
-    elif isinstance(exc, RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        status, code = 400, "invalid_value"
-        detail = first.get("msg", "invalid value")
-        msg = f"{param}: {detail}" if param else str(detail)
-        if first.get("type") == "json_invalid":
-            msg, code = "the request body is not valid JSON", "invalid_json"
-    elif isinstance(exc, StarletteHTTPException):
-        status, msg, code = exc.status_code, str(exc.detail), None
-    else:
-        status, msg, code = 500, "internal server error", None
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return status, {"error": {"message": msg, "type": kind, "param": param, "code": code}}
-
 
 def _error_response(exc: BaseException) -> JSONResponse:
     status, body = error_body(exc)
@@ -208,15 +180,16 @@ def _redact(obj: Any) -> Any:
 
 def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[str] = (),
                store_path: str | Path | None = None, model_name: str | None = None, max_batch: int = 8,
-               max_seq_len: int | None = None,
+               max_seq_len: int | None = None, compile: bool = False,
                max_queue: int = 64, max_body_bytes: int = 4 << 20, request_timeout: float = 600.0,
                log_requests: bool = False) -> FastAPI:
     """The server for one loaded model. `backend` replaces the engine (tests); `llm` gives the tokenizer."""
     if backend is None:
         from llmkit.generate.engine import Engine
 
+        extra = {"compile": True} if compile else {}  # torch.compile'd decode steps (CUDA graphs on GPU)
         engine = Engine(llm.model, max_batch=max_batch, max_seq_len=max_seq_len,
-                        stop_ids=sorted(llm.tokenizer.stop_ids))
+                        stop_ids=sorted(llm.tokenizer.stop_ids), **extra)
         backend = EngineBackend(engine)
     metrics = Metrics()
     scheduler = Scheduler(backend, max_queue=max_queue, metrics=metrics)

@@ -4,7 +4,8 @@ Bounds live on the fields (`Field(ge=..., le=...)`), so a bad parameter is a 400
 before any work is queued. Unknown fields are accepted (clients send vendor extensions) and logged
 once per request at WARNING. The vLLM-style extras `top_k`, `min_p`, `repetition_penalty` and
 `ignore_eos` sit at the end of each request. `to_sampling_params()` maps a request onto the engine's
-`SamplingParams`; the routes never touch sampling fields themselves.
+`SamplingParams`; the routes never touch sampling fields themselves. `error_body` gives any exception
+the OpenAI error shape {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmkit.errors import LlmkitError
 
 log = logging.getLogger("llmkit.serve")
 
@@ -305,3 +310,41 @@ class TokenizeRequest(_Lenient):
 class DetokenizeRequest(_Lenient):
     model: str | None = None
     tokens: list[int]
+
+
+# --------------------------------------------------------------------------- errors
+class ApiError(LlmkitError):
+    """A LlmkitError that also names the request field at fault (OpenAI `param`)."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message, status=status, code=code)
+        self.param = param
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, OpenAI error JSON) for any exception."""
+    param = None
+    if isinstance(exc, LlmkitError):
+        status, msg, code = exc.status, str(exc), exc.code
+        param = getattr(exc, "param", None)
+    elif isinstance(exc, RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        status, code = 400, "invalid_value"
+        detail = first.get("msg", "invalid value")
+        msg = f"{param}: {detail}" if param else str(detail)
+        if first.get("type") == "json_invalid":
+            msg, code = "the request body is not valid JSON", "invalid_json"
+    elif isinstance(exc, StarletteHTTPException):
+        status, msg, code = exc.status_code, str(exc.detail), None
+    else:
+        status, msg, code = 500, "internal server error", None
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return status, {"error": {"message": msg, "type": kind, "param": param, "code": code}}

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from llmkit.errors import LlmkitError
 from llmkit.serve import protocol as P
 from llmkit.serve import tools as T
 from llmkit.serve.constrain import JsonLogitsProcessor, token_texts
+from llmkit.serve.protocol import ApiError
 from llmkit.serve.scheduler import Prefilled, Scheduler, TokenOut
 
 log = logging.getLogger("llmkit.serve")
@@ -40,14 +40,6 @@ def new_id(prefix: str) -> str:
     if prefix in ("cmpl", "chatcmpl"):
         return f"{prefix}-{uuid.uuid4().hex[:24]}"
     return f"{prefix}_{uuid.uuid4().hex}"
-
-
-class ApiError(LlmkitError):
-    """A LlmkitError that also names the request field at fault (OpenAI `param`)."""
-
-    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None):
-        super().__init__(message, status=status, code=code)
-        self.param = param
 
 
 def _chain(steps: list[Callable]) -> Callable:
@@ -200,11 +192,19 @@ class Service:
         first = True
         try:
             while live:
-                try:
-                    idx, item = await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0.001))
-                except (asyncio.TimeoutError, TimeoutError):
-                    raise ApiError(f"request timed out after {self.timeout:g} s", status=408,
-                                   code="timeout") from None
+                if queue.empty():  # not asyncio.wait_for: before 3.12 it can swallow a cancellation
+                    getter = asyncio.ensure_future(queue.get())
+                    try:
+                        done, _ = await asyncio.wait({getter}, timeout=max(deadline - loop.time(), 0.001))
+                    finally:
+                        if not getter.done():
+                            getter.cancel()
+                    if not done:
+                        raise ApiError(f"request timed out after {self.timeout:g} s", status=408,
+                                       code="timeout")
+                    idx, item = getter.result()
+                else:
+                    idx, item = queue.get_nowait()
                 if isinstance(item, Exception):
                     raise item
                 if idx not in live:  # a token that raced with the cancel of a finished choice
@@ -357,8 +357,10 @@ class Service:
         try:
             while True:
                 waiter = asyncio.ensure_future(wake.wait())
-                await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
                 wake.clear()
                 while pending:
                     yield pending.pop(0)
@@ -366,9 +368,7 @@ class Service:
                     break
             exc = task.exception()
             if exc is not None:
-                from llmkit.serve.app import error_body
-
-                yield sse(error_body(exc)[1])
+                yield sse(P.error_body(exc)[1])
         finally:
             if not task.done():
                 task.cancel()

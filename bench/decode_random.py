@@ -1,0 +1,97 @@
+"""Decode/prefill speed on random weights of SmolLM2-135M's shape: for machines without the GGUF file
+(a GPU box), where only speed matters. CPU: llmkit fp32/int8/int4 vs HF transformers, rounds alternating;
+CUDA: llmkit bf16 eager vs torch.compile (CUDA graphs) decode, and HF transformers bf16.
+
+    python bench/decode_random.py --device cpu --threads 2
+    python bench/decode_random.py --device cuda
+"""
+
+import argparse
+import copy
+import time
+
+import torch
+
+from llmkit.config import ModelConfig
+from llmkit.generate.bench import _hf, _ours
+from llmkit.model import Transformer
+from llmkit.quant import quantize_model
+
+SMOLLM2_135M = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+                           max_seq_len=8192, pos_encoding="rope", rope_theta=100000.0, norm="rmsnorm",
+                           mlp="swiglu", activation="silu", tie_embeddings=True, norm_eps=1e-5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    base = Transformer(SMOLLM2_135M).eval()
+    prompt = torch.randint(0, 49152, (13,)).tolist()
+    long = torch.randint(0, 49152, (512,)).tolist()
+    if a.device == "cpu":
+        systems = [_ours("llmkit fp32", base, prompt, long, a.new_tokens),
+                   _ours("llmkit int8", quantize_model(copy.deepcopy(base), "int8"), prompt, long, a.new_tokens),
+                   _ours("llmkit int4", quantize_model(copy.deepcopy(base), "int4"), prompt, long, a.new_tokens),
+                   _hf(base, SMOLLM2_135M, prompt, long, a.new_tokens)]
+    else:
+        from llmkit.generate.engine import Engine
+
+        gpu = copy.deepcopy(base).to(a.device, torch.bfloat16)
+        gpu.reset_buffers(a.device)
+        systems = [_ours("llmkit bf16 eager", gpu, prompt, long, a.new_tokens)]
+        comp = _ours("llmkit bf16 compiled", gpu, prompt, long, a.new_tokens)
+        eng = Engine(gpu, max_batch=1, max_seq_len=1024, compile=True)
+        systems.append(_with_engine(comp, eng, prompt, a.new_tokens))
+        hf = _hf(base, SMOLLM2_135M, prompt, long, a.new_tokens)
+        systems.append(hf)
+    for r in range(a.rounds):
+        line = []
+        for s in systems:
+            if isinstance(s, str):
+                continue
+            t = time.perf_counter()
+            s.results["decode"].append(s.decode())
+            if s.prefill:
+                s.results["prefill"].append(s.prefill())
+            line.append(f"{s.name} {s.results['decode'][-1]:.1f} ({time.perf_counter() - t:.0f}s)")
+        print(f"round {r + 1}: " + ", ".join(line), flush=True)
+    ref = {s.name: max(s.results["decode"]) for s in systems if not isinstance(s, str)}
+    hf = next((v for k, v in ref.items() if k.startswith("HF")), None)
+    for s in systems:
+        if isinstance(s, str):
+            print(s)
+            continue
+        d, p = max(s.results["decode"]), max(s.results["prefill"] or [float("nan")])
+        print(f"{s.name:24} decode {d:8.1f} tok/s  x HF {d / hf if hf else float('nan'):5.2f}  prefill {p:8.1f} tok/s")
+
+
+def _with_engine(system, eng, prompt, n_new):
+    """Point `system.decode` at a given (compiled) engine."""
+    from llmkit.generate.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+
+    def decode() -> float:
+        list(eng.generate_ids(prompt, params.replace(max_tokens=4)))  # warm-up / compile
+        eng.ids[0] = []
+        row = eng.add(prompt, params)
+        t = time.perf_counter()
+        n = 0
+        while eng.running:
+            n += len(eng.step())
+        dt = time.perf_counter() - t
+        eng.remove(row)
+        return n / dt
+
+    system.decode, system.prefill = decode, None
+    return system
+
+
+if __name__ == "__main__":
+    main()
