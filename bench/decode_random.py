@@ -1,6 +1,6 @@
 """Decode/prefill speed on random weights of SmolLM2-135M's shape: for machines without the GGUF file
 (a GPU box), where only speed matters. CPU: llmkit fp32/int8/int4 vs HF transformers, rounds alternating;
-CUDA: llmkit bf16 eager vs torch.compile (CUDA graphs) decode, and HF transformers bf16.
+CUDA: llmkit bf16 decode, eager vs torch.compile (CUDA graphs).
 
     python bench/decode_random.py --device cpu --threads 2
     python bench/decode_random.py --device cuda
@@ -36,8 +36,8 @@ def main() -> None:
     long = torch.randint(0, 49152, (512,)).tolist()
     if a.device == "cpu":
         systems = [_ours("llmkit fp32", base, prompt, long, a.new_tokens),
-                   _ours("llmkit int8", quantize_model(copy.deepcopy(base), "int8"), prompt, long, a.new_tokens),
-                   _ours("llmkit int4", quantize_model(copy.deepcopy(base), "int4"), prompt, long, a.new_tokens),
+                   *[_ours(f"llmkit {m}", quantize_model(copy.deepcopy(base), m), prompt, long, a.new_tokens)
+                     for m in ("int8", "int4")],
                    _hf(base, SMOLLM2_135M, prompt, long, a.new_tokens)]
     else:
         from llmkit.generate.engine import Engine
@@ -48,8 +48,6 @@ def main() -> None:
         comp = _ours("llmkit bf16 compiled", gpu, prompt, long, a.new_tokens)
         eng = Engine(gpu, max_batch=1, max_seq_len=1024, compile=True)
         systems.append(_with_engine(comp, eng, prompt, a.new_tokens))
-        hf = _hf(base, SMOLLM2_135M, prompt, long, a.new_tokens)
-        systems.append(hf)
     for r in range(a.rounds):
         line = []
         for s in systems:
@@ -68,7 +66,8 @@ def main() -> None:
             print(s)
             continue
         d, p = max(s.results["decode"]), max(s.results["prefill"] or [float("nan")])
-        print(f"{s.name:24} decode {d:8.1f} tok/s  x HF {d / hf if hf else float('nan'):5.2f}  prefill {p:8.1f} tok/s")
+        x_hf = d / hf if hf else float("nan")
+        print(f"{s.name:24} decode {d:8.1f} tok/s  x HF {x_hf:5.2f}  prefill {p:8.1f} tok/s")
 
 
 def _with_engine(system, eng, prompt, n_new):

@@ -1,4 +1,4 @@
-"""Weight-only quantization as nn.Linear module swaps: int8 per output channel, int4 in groups along the input.
+"""Weight-only quantization as nn.Linear module swaps: int8 per output channel, int4 in groups of inputs.
 
     quantize_model(model, "int8")   # every nn.Linear -> Int8Linear  (1 byte / weight + a scale per row)
     quantize_model(model, "int4")   # every nn.Linear -> Int4Linear  (4 bits / weight + scale, zero per group)
@@ -81,13 +81,15 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
 
 
 class Int8Linear(QuantLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__(in_features, out_features, bias, device)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        q = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("qweight", q)
         self.register_buffer("scales", torch.ones(out_features, device=device))  # (N,) float32
         self._low: torch.Tensor | None = None  # scales in the kernel's dtype, made on first use
 
@@ -121,7 +123,8 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
+                 device=None):
         super().__init__(in_features, out_features, bias, device)
         if in_features % group_size:
             raise LlmkitError(f"int4: in_features {in_features} is not a multiple of group_size {group_size}")
@@ -161,7 +164,8 @@ class Int4Linear(QuantLinear):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None or self._packed.device != x.device:
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._unpacked().to(torch.int32), 1)
+            q = self._unpacked().to(torch.int32)  # (N, K) in 0..15
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self._sz_low = self.scales_and_zeros.to(LOW)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._packed, self.group_size, self._sz_low)
 
@@ -222,8 +226,9 @@ def fuse_projections(model: nn.Module) -> list[_FusedGroup]:
     for mod in model.modules():
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             members = [getattr(mod, n, None) for n in names]
-            if all(isinstance(m, QuantLinear) for m in members) and len({type(m) for m in members}) == 1 and \
-                    len({m.in_features for m in members}) == 1 and len({m.bias is None for m in members}) == 1:
+            alike = all(isinstance(m, QuantLinear) for m in members) and len(
+                {(type(m), m.in_features, m.bias is None) for m in members}) == 1
+            if alike:
                 groups.append(_FusedGroup(members))
     model._fused_groups = groups
     model.fused_projections = nn.ModuleList(g.fused for g in groups)  # moved by .to() with the model
@@ -276,7 +281,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str])
 
     qc = getattr(model, "quantization", None)
     if not qc:
-        raise LlmkitError("save_quantized: the model is not quantized; call quantize_model(model, mode) first")
+        raise LlmkitError("save_quantized: the model is not quantized; "
+                          "call quantize_model(model, mode) first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()

@@ -50,8 +50,9 @@ def test_int4_group_size_must_divide():
 
 def tiny_model() -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32,
-                      pos_encoding="rope", norm="rmsnorm", mlp="swiglu", activation="silu", tie_embeddings=True)
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=32, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", activation="silu",
+                      tie_embeddings=True)
     return Transformer(cfg).eval()
 
 

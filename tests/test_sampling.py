@@ -106,7 +106,8 @@ def test_logprobs_are_raw_model_logprobs():
     ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"top_k": -1}, "top_k"), ({"min_p": 2.0}, "min_p"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 3.0}, "presence_penalty"),
-    ({"n": 0}, "n"), ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"), ({"temperature": "hot"}, "temperature"),
+    ({"n": 0}, "n"), ({"logprobs": 50}, "logprobs"), ({"stop": [""]}, "stop"),
+    ({"temperature": "hot"}, "temperature"),
 ])
 def test_invalid_params_clear_errors(kw, field):
     with pytest.raises(LlmkitError, match=f"invalid sampling parameter {field}="):

@@ -325,6 +325,27 @@ def test_responses_chain_stream_and_delete(client):
         )
 
 
+def test_responses_function_call_round_trip(client):
+    tool = {"type": "function", **WEATHER["function"]}
+    r = client.responses.create(model="tiny", input="Weather in Paris?", tools=[tool], max_output_tokens=100,
+                                tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather" and r.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    r2 = client.responses.create(model="tiny", previous_response_id=r.id, tools=[tool], max_output_tokens=4,
+                                 input=[{"type": "function_call_output", "call_id": call.call_id,
+                                         "output": json.dumps({"temperature_c": 21})}])
+    assert r2.output[0].type == "message" and r2.usage.input_tokens > r.usage.input_tokens
+    events = list(client.responses.create(model="tiny", input="Weather?", tools=[tool], stream=True,
+                                          tool_choice="required", max_output_tokens=100, temperature=0))
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    done = [e for e in events if e.type == "response.function_call_arguments.done"][0]
+    jsonschema.validate(json.loads(done.arguments), WEATHER["function"]["parameters"])
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="tiny", input="x", tools=[{"type": "web_search"}])
+
+
 def test_responses_survive_restart(llm, tmp_path):
     store = tmp_path / "r.sqlite"
     with serve(llm, store) as s:

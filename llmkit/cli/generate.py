@@ -13,7 +13,8 @@ from llmkit.errors import LlmkitError
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
+    p.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"new tokens at most (default {max_tokens})")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -21,7 +22,8 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     p.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization at load")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization at load")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU)")
 
@@ -80,8 +82,10 @@ def cmd_quantize(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="complete a prompt", description="Complete a prompt, streaming the text.")
-    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="optional model name/path, then the prompt")
+    p = sub.add_parser("generate", help="complete a prompt",
+                       description="Complete a prompt, streaming the text.")
+    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
+                   help="optional model name/path, then the prompt")
     _sampling_args(p, 256)
     p.add_argument("--stats", action="store_true", help="print tokens and tok/s to stderr")
     p.set_defaults(func=cmd_generate)
@@ -94,7 +98,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("quantize", help="save a weight-only quantized copy of a model",
-                       description="Quantize every Linear layer (int8 per channel or int4 per group) and save "
+                       description="Quantize every Linear layer (int8 per channel or int4 per group) "
+                                   "and save "
                                    "a folder that llmkit.load reads.")
     p.add_argument("model", help="model name or path")
     p.add_argument("--to", required=True, help="output folder")

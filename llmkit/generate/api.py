@@ -112,8 +112,8 @@ def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: Sam
 def _result(seq, st: _Live, reason: str) -> GenerationResult:
     now = time.perf_counter()
     n = len(st.ids)
-    usage = {"prompt_tokens": len(st.prompt_ids), "completion_tokens": n, "total_tokens": len(st.prompt_ids) + n,
-             "cached_tokens": st.cached}
+    usage = {"prompt_tokens": len(st.prompt_ids), "completion_tokens": n,
+             "total_tokens": len(st.prompt_ids) + n, "cached_tokens": st.cached}
     decode_s = now - st.t1
     timings = {"prefill_s": st.t1 - st.t0, "decode_s": decode_s,
                "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0}

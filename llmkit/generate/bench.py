@@ -240,8 +240,8 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
             s.results["decode"].append(s.decode())
             if s.prefill:
                 s.results["prefill"].append(s.prefill())
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{s.name} {s.results['decode'][-1]:.1f}" for s in systems),
-              flush=True)
+        line = ", ".join(f"{s.name} {s.results['decode'][-1]:.1f}" for s in systems)
+        print(f"round {r + 1}/{rounds}: {line}", flush=True)
 
     report: dict = {"threads": threads, "bandwidth_gbs": bw, "new_tokens": new_tokens,
                     "prefill_tokens": len(long_ids), "systems": {}}

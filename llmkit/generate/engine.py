@@ -227,7 +227,8 @@ class Engine:
         positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T); pads past each end
         positions = positions.clamp_(max=self.capacity - 1)
         run = self._decode_model if self._decode_model is not None and T == 1 else self.model
-        self.cache.select(rows, self.capacity if run is not self.model else max(s + n for s, n in zip(starts, lens)))
+        filled = max(s + n for s, n in zip(starts, lens))
+        self.cache.select(rows, self.capacity if run is not self.model else filled)
         with _headless(self.model) as head:
             h = run(ids.to(self.device), positions=positions.to(self.device), cache=self.cache)  # (B, T, d)
         last_idx = torch.tensor(lens, device=h.device) - 1
@@ -237,7 +238,8 @@ class Engine:
             self.ids[r].extend(c)
         return list(last), full
 
-    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[StepOutput]:
+    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+                     ) -> Iterator[StepOutput]:
         """Run one sequence to its end in a free row, yielding each StepOutput; the row is removed after."""
         row = self.add(prompt_ids, params)
         try:

@@ -71,7 +71,8 @@ class SamplingParams:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kw) - names)
         if unknown:
-            raise LlmkitError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise LlmkitError(f"unknown sampling parameter(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(names))}")
         return cls(**{k: v for k, v in kw.items() if v is not None or k in ("seed", "logprobs")}).validate()
 
     def validate(self) -> SamplingParams:

@@ -1,4 +1,4 @@
-"""Stop strings on a stream of text, and the per-sequence detokenizer that the CLI, the API and the server share.
+"""Stop strings on streamed text, and the per-sequence detokenizer shared by the CLI, the API and the server.
 
 Notable choices:
 - Stop strings are matched on decoded text, not on token ids, so a stop string split across two (or more)

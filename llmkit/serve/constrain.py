@@ -282,11 +282,13 @@ def _number_step(integer: bool, st: str, ch: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- token level
-_TEXT_CACHE: dict[int, list[str | None]] = {}
+_TEXT_CACHE: dict[int, tuple[Any, list[str | None]]] = {}  # id(tokenizer) -> (tokenizer, texts)
 
 
 def token_texts(tokenizer) -> list[str | None]:
-    """Each token's text, or None for special tokens and tokens that are not whole UTF-8 on their own."""
+    """Each token's text, or None for special tokens and tokens that are not whole UTF-8 on their own.
+
+    Cached per tokenizer object (the cache holds the tokenizer, so its id cannot be reused meanwhile)."""
     key = id(tokenizer)
     if key not in _TEXT_CACHE:
         special = set(tokenizer.special_tokens.values())
@@ -300,8 +302,10 @@ def token_texts(tokenizer) -> list[str | None]:
             except (UnicodeDecodeError, KeyError, IndexError):
                 t = None
             texts.append(t or None)
-        _TEXT_CACHE[key] = texts
-    return _TEXT_CACHE[key]
+        while len(_TEXT_CACHE) >= 4:
+            _TEXT_CACHE.pop(next(iter(_TEXT_CACHE)))
+        _TEXT_CACHE[key] = (tokenizer, texts)
+    return _TEXT_CACHE[key][1]
 
 
 class _Vocab:
@@ -315,7 +319,7 @@ class _Vocab:
         self.first = torch.tensor([index[t[0]] if t else none for t in texts], dtype=torch.long)  # (V,)
 
 
-_VOCABS: dict[int, _Vocab] = {}
+_VOCABS: dict[int, _Vocab] = {}  # id(texts) -> _Vocab (which holds the texts, so the id stays theirs)
 
 
 class JsonLogitsProcessor:
@@ -332,6 +336,8 @@ class JsonLogitsProcessor:
                  first: int = 64):
         self.v = JsonPrefix(schema)
         if id(texts) not in _VOCABS:
+            while len(_VOCABS) >= 4:
+                _VOCABS.pop(next(iter(_VOCABS)))
             _VOCABS[id(texts)] = _Vocab(texts)
         self.vocab = _VOCABS[id(texts)]
         self.texts, self.eos_ids, self.first = texts, eos_ids, first

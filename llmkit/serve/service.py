@@ -93,6 +93,22 @@ class Choice:
         return delta, new
 
 
+def finish_choice(c: Choice, forced: str | None, hold: bool) -> tuple[str | None, list[dict[str, Any]], str]:
+    """(content, tool_calls, finish_reason) of a finished choice: a forced call is the whole output's JSON;
+    with tools in "auto" mode, <tool_call> blocks are parsed out of the text."""
+    if forced:
+        try:
+            call = json.loads(c.text)
+            return None, [T.tool_call(call["name"], call.get("arguments", {}))], "tool_calls"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return c.text, [], c.finish_reason or "length"
+    if hold:
+        content, calls = T.parse_tool_calls(c.text)
+        if calls:
+            return content or None, calls, "tool_calls"
+    return c.text, [], c.finish_reason or "length"
+
+
 class Service:
     def __init__(self, llm, scheduler: Scheduler, *, store=None, metrics=None, model_name: str | None = None,
                  request_timeout: float = 600.0):
@@ -455,18 +471,7 @@ class Service:
         rid, created = new_id("chatcmpl"), int(time.time())
 
         def finish(c: Choice) -> tuple[str | None, list[dict[str, Any]], str]:
-            """(content, tool_calls, finish_reason) of a finished choice."""
-            if forced:
-                try:
-                    call = json.loads(c.text)
-                    return None, [T.tool_call(call["name"], call.get("arguments", {}))], "tool_calls"
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    return c.text, [], c.finish_reason or "length"
-            if hold:
-                content, calls = T.parse_tool_calls(c.text)
-                if calls:
-                    return content or None, calls, "tool_calls"
-            return c.text, [], c.finish_reason or "length"
+            return finish_choice(c, forced, hold)
 
         def usage() -> dict[str, Any]:
             cached = info[0].cached_tokens if 0 in info else 0
@@ -537,9 +542,7 @@ class Service:
     # ------------------------------------------------------------------ /v1/responses
     async def responses(self, req: P.ResponsesRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_model(req.model)
-        if req.tools:
-            raise ApiError("tools are not supported on /v1/responses yet; use /v1/chat/completions",
-                           code="unsupported_parameter", param="tools")
+        tools, mode, forced = self._response_tools(req)
         history: list[dict[str, Any]] = []
         if req.previous_response_id:
             found = self.store.get(req.previous_response_id) if self.store else None
@@ -553,48 +556,64 @@ class Service:
             raise ApiError(str(e), code="invalid_input", param="input") from None
         convo = history + new
         prompt = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + convo
-        ids = self.render(prompt, None)
+        ids = self.render(prompt, tools if mode != "none" else None)
         max_tokens = self.budget(len(ids), req.max_output_tokens, "max_output_tokens")
         fmt = req.text.format if req.text and req.text.format else None
         schema: dict | None | bool = False
-        if fmt and fmt.type != "text":
+        if forced:
+            schema = T.forced_call_schema(tools, None if forced == "*" else forced)
+        elif fmt and fmt.type != "text":
             schema = fmt.schma if fmt.type == "json_schema" else None
         jobs, queue = self.scheduler.submit(ids, [req.to_sampling_params(max_tokens)],
                                             self.processors(1, schema))
-        choice = Choice(self.tokenizer, [])
+        hold = bool(tools) and mode == "auto"
+        choice = Choice(self.tokenizer, [], hold_tools=hold)
         info: dict[int, Prefilled] = {}
         rid, mid, created = new_id("resp"), new_id("msg"), int(time.time())
 
-        def message(status: str) -> dict[str, Any]:
-            part = {"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}
+        def message(status: str, text: str) -> dict[str, Any]:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             return {"id": mid, "type": "message", "status": status, "role": "assistant", "content": [part]}
 
-        def response(status: str) -> dict[str, Any]:
-            done = status != "in_progress"
+        def outputs() -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+            """(output items, the assistant turn for the stored conversation, status) once finished."""
+            content, calls, reason = finish_choice(choice, forced, hold)
+            items = [] if forced else [message("completed", content or "")]
+            items += [{"type": "function_call", "id": "fc_" + c["id"].removeprefix("call_"),
+                       "call_id": c["id"], "name": c["function"]["name"],
+                       "arguments": c["function"]["arguments"], "status": "completed"} for c in calls]
+            turn = {"role": "assistant", "content": content or "", **({"tool_calls": calls} if calls else {})}
+            return items, turn, "completed" if reason in ("stop", "tool_calls") else "incomplete"
+
+        def response(status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
             usage = None
-            if done:
+            if status != "in_progress":
                 u = self._usage(len(ids), choice.n_tokens, info[0].cached_tokens if 0 in info else 0)
-                usage = {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": u[
-                    "prompt_tokens_details"]["cached_tokens"]}, "output_tokens": u["completion_tokens"],
-                    "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": u["total_tokens"]}
+                cached = u["prompt_tokens_details"]["cached_tokens"]
+                usage = {"input_tokens": u["prompt_tokens"],
+                         "input_tokens_details": {"cached_tokens": cached},
+                         "output_tokens": u["completion_tokens"],
+                         "output_tokens_details": {"reasoning_tokens": 0},
+                         "total_tokens": u["total_tokens"]}
             return {
                 "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-                "model": self.model_name, "output": [message("completed")] if done else [],
-                "parallel_tool_calls": req.parallel_tool_calls,
+                "model": self.model_name, "output": output, "parallel_tool_calls": req.parallel_tool_calls,
                 "previous_response_id": req.previous_response_id, "store": req.store,
                 "temperature": req.temperature,
                 "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else
                          {"type": "text"}},
-                "tool_choice": "auto", "tools": [], "top_p": req.top_p, "usage": usage,
+                "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+                "tools": req.tools or [], "top_p": req.top_p, "usage": usage,
                 "metadata": req.metadata or {}, "user": req.user,
             }
 
         def finalize() -> dict[str, Any]:
-            resp = response("completed" if choice.finish_reason == "stop" else "incomplete")
+            items, turn, status = outputs()
+            resp = response(status, items)
             if req.store and self.store is not None:
-                self.store.put(resp, convo + [{"role": "assistant", "content": choice.text}])
+                self.store.put(resp, convo + [turn])
             return resp
 
         def on_token(idx: int, item: Any) -> bool:
@@ -618,25 +637,35 @@ class Service:
                 seq += 1
 
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            ids_ = {"item_id": mid, "output_index": 0, "content_index": 0}
-            event("response.created", response=response("in_progress"))
-            event("response.in_progress", response=response("in_progress"))
-            event("response.output_item.added", output_index=0,
-                  item={**message("in_progress"), "content": []})
-            event("response.content_part.added", **ids_, part=part)
+            where = {"item_id": mid, "output_index": 0, "content_index": 0}
+            event("response.created", response=response("in_progress", []))
+            event("response.in_progress", response=response("in_progress", []))
+            if not forced:
+                event("response.output_item.added", output_index=0, item={**message("in_progress", ""),
+                                                                           "content": []})
+                event("response.content_part.added", **where, part=part)
 
             def on_stream(idx: int, item: Any) -> bool:
                 if isinstance(item, Prefilled):
                     info[idx] = item
                     return False
                 delta, _ = choice.push(item)
-                if delta:
-                    event("response.output_text.delta", **ids_, delta=delta, logprobs=[])
+                if delta and not forced:
+                    event("response.output_text.delta", **where, delta=delta, logprobs=[])
                 if choice.finish_reason:
-                    event("response.output_text.done", **ids_, text=choice.text, logprobs=[])
-                    event("response.content_part.done", **ids_, part={**part, "text": choice.text})
-                    event("response.output_item.done", output_index=0, item=message("completed"))
                     final = finalize()
+                    for k, it in enumerate(final["output"]):
+                        if it["type"] == "message":
+                            text = it["content"][0]["text"]
+                            event("response.output_text.done", **where, text=text, logprobs=[])
+                            event("response.content_part.done", **where, part={**part, "text": text})
+                        else:
+                            at = {"item_id": it["id"], "output_index": k}
+                            event("response.output_item.added", output_index=k,
+                                  item={**it, "arguments": "", "status": "in_progress"})
+                            event("response.function_call_arguments.delta", **at, delta=it["arguments"])
+                            event("response.function_call_arguments.done", **at, arguments=it["arguments"])
+                        event("response.output_item.done", output_index=k, item=it)
                     event("response.completed" if final["status"] == "completed" else "response.incomplete",
                           response=final)
                 return choice.finish_reason is not None
@@ -645,6 +674,27 @@ class Service:
                 yield piece
 
         return stream()
+
+    @staticmethod
+    def _response_tools(req: P.ResponsesRequest) -> tuple[list[dict[str, Any]], str, str | None]:
+        """Function tools in chat form, the tool_choice mode, and the forced function (or "*", or None)."""
+        tools = []
+        for t in req.tools or []:
+            if t.get("type") != "function" or not t.get("name"):
+                raise ApiError(f"tools: only function tools are supported, got {t.get('type')!r}",
+                               code="unsupported_parameter", param="tools")
+            fn = {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}
+            tools.append({"type": "function", "function": fn})
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+        if isinstance(choice, dict):
+            name = choice.get("name") or (choice.get("function") or {}).get("name")
+            if name not in {t["function"]["name"] for t in tools}:
+                raise ApiError(f"tool_choice: no tool named {name!r}", param="tool_choice")
+            return tools, "required", name
+        if choice not in ("auto", "none", "required") or (choice == "required" and not tools):
+            raise ApiError(f"tool_choice: {choice!r}; use auto, none, required (with tools) or a function",
+                           param="tool_choice")
+        return tools, choice, "*" if choice == "required" else None
 
     def get_response(self, response_id: str) -> dict[str, Any]:
         found = self.store.get(response_id) if self.store else None
