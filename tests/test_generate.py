@@ -57,11 +57,11 @@ def test_stream_deltas_equal_generate_text(llm):
 
 def test_batch_equals_each_alone_and_seeds(llm):
     prompts = ["Bonjour, je m'appelle", "The three primary colors are", "def fibonacci(n):"]
-    batch = llm.generate(prompts, temperature=0, max_tokens=8)
-    alone = [llm.generate(p, temperature=0, max_tokens=8).token_ids for p in prompts]
+    batch = llm.generate(prompts, temperature=0, max_tokens=6)
+    alone = [llm.generate(p, temperature=0, max_tokens=6).token_ids for p in prompts]
     assert [r.token_ids for r in batch] == alone
-    a = llm.generate("Once upon a time", temperature=1.0, seed=11, max_tokens=8, n=2)
-    b = llm.generate("Once upon a time", temperature=1.0, seed=11, max_tokens=8, n=2)
+    a = llm.generate("Once upon a time", temperature=1.0, seed=11, max_tokens=5, n=2)
+    b = llm.generate("Once upon a time", temperature=1.0, seed=11, max_tokens=5, n=2)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
 

@@ -285,7 +285,9 @@ def test_corrupt_checkpoint_and_missing_data(data_dir, tmp_path, capsys):
 
 
 def test_time_budget_stops_and_exports(data_dir, tmp_path):
-    hist = pretrain(data_dir, tmp_path / "run", cfg(steps=10**6, time_budget=1.5, eval_every=0), sample_tokens=0)
+    hist = pretrain(
+        data_dir, tmp_path / "run", cfg(steps=10**6, time_budget=1.5, eval_every=0), sample_tokens=0
+    )
     steps = [r for r in hist if "loss" in r]
     assert 0 < len(steps) < 10**6 and steps[-1]["time"] < 3.0
     assert steps[-1]["lr"] < 3e-3  # the cosine ran over the budget
