@@ -228,7 +228,7 @@ class Engine:
         positions = positions.clamp_(max=self.capacity - 1)
         run = self._decode_model if self._decode_model is not None and T == 1 else self.model
         filled = max(s + n for s, n in zip(starts, lens))
-        self.cache.select(rows, self.capacity if run is not self.model else filled)
+        self.cache.select(rows, filled if run is self.model else self.capacity)  # compiled: fixed shapes
         with _headless(self.model) as head:
             h = run(ids.to(self.device), positions=positions.to(self.device), cache=self.cache)  # (B, T, d)
         last_idx = torch.tensor(lens, device=h.device) - 1
