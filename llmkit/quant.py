@@ -19,9 +19,10 @@ Notable choices:
 - Tied embeddings: the lm_head gets its own quantized copy; the embedding table stays in floating point
   (a lookup reads one row per token, it costs no bandwidth).
 - Projections of the same input (q/k/v, gate/up) run as one matmul: `fuse_projections` gives each group a
-  concatenated quantized module and points the members' forward at slices of its output (the first member
-  called computes all of them). The members keep their own tensors, so state dicts and saved files keep
-  the per-projection HF names.
+  concatenated quantized module, which llmkit's Attention / MLP call directly (`fused_qkv`,
+  `fused_gate_up`) and split; the members' own forward is pointed at slices of its output for any other
+  caller (the first member called computes all of them). The members keep their own tensors, so state
+  dicts and saved files keep the per-projection HF names.
 - The MoE router (`mlp.gate` of a MoE layer) stays in floating point: routing decisions are fragile.
 - Saved folders hold config.json (+ "quantization_config": {"quant_method": "llmkit", "mode", "group_size"}),
   model.safetensors with the quantized tensors in a portable layout (int4 as two nibbles per byte; the
@@ -45,6 +46,9 @@ from llmkit.errors import LlmkitError
 MODES = ("int8", "int4")
 DENSE_ROWS = 16  # from this many activation rows on, dequantize + dense GEMM
 LOW = torch.bfloat16  # activation dtype of the CPU weight-only kernels' fast paths
+# The ops looked up once: `torch.ops.aten.name` is three Python attribute lookups per call otherwise.
+_INT8_MM = torch.ops.aten._weight_int8pack_mm
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
 class QuantLinear(nn.Module):
@@ -59,12 +63,13 @@ class QuantLinear(nn.Module):
             self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Called ~120 times per decode token: keep the Python here lean (is_cpu, no torch.device objects).
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x.device.type == "cpu" and x2.shape[0] < DENSE_ROWS:
+        if x.is_cpu and x2.shape[0] < DENSE_ROWS:
             y = self._kernel(x2.to(LOW)).to(x.dtype)  # (M, N)
         else:
-            dt = LOW if x.device.type == "cpu" else x.dtype
+            dt = LOW if x.is_cpu else x.dtype
             y = F.linear(x2.to(dt), self.dequantize(dt)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -113,7 +118,7 @@ class Int8Linear(QuantLinear):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self._low is None or self._low.device != x.device:
             self._low = self.scales.to(LOW)
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._low)
+        return _INT8_MM(x, self.qweight, self._low)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # GPU: weight cast fused by the GEMM caller, then per-channel scales
@@ -167,7 +172,7 @@ class Int4Linear(QuantLinear):
             q = self._unpacked().to(torch.int32)  # (N, K) in 0..15
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self._sz_low = self.scales_and_zeros.to(LOW)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._packed, self.group_size, self._sz_low)
+        return _INT4_MM(x, self._packed, self.group_size, self._sz_low)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -224,12 +229,15 @@ def fuse_projections(model: nn.Module) -> list[_FusedGroup]:
     """Fuse q/k/v and gate/up of every attention / dense MLP whose members are quantized alike."""
     groups = []
     for mod in model.modules():
-        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        for names, attr in ((("q_proj", "k_proj", "v_proj"), "fused_qkv"), (("gate_proj", "up_proj"),
+                                                                         "fused_gate_up")):
             members = [getattr(mod, n, None) for n in names]
             alike = all(isinstance(m, QuantLinear) for m in members) and len(
                 {(type(m), m.in_features, m.bias is None) for m in members}) == 1
             if alike:
                 groups.append(_FusedGroup(members))
+                if hasattr(mod, attr):  # Attention / MLP call it directly and split the output
+                    mod.__dict__[attr] = groups[-1].fused  # plain attribute: no duplicate state-dict keys
     model._fused_groups = groups
     model.fused_projections = nn.ModuleList(g.fused for g in groups)  # moved by .to() with the model
     return groups

@@ -47,7 +47,8 @@ class EngineCache(KVCache):
         super().__init__(config, batch_size, capacity, device, dtype)
         self.capacity = capacity
         self.row_start = 0  # with rows None: the batch is cache rows row_start .. row_start + B - 1
-        self._arange = torch.arange(batch_size, device=device)
+        self._pos: torch.Tensor | None = None  # positions of the step whose scatter index is _idx
+        self._idx: torch.Tensor | None = None
 
     def select(self, rows: Sequence[int], length: int) -> None:
         """Run the next forward on cache `rows` (sorted), attending to key slots [0, length)."""
@@ -58,18 +59,21 @@ class EngineCache(KVCache):
             self.rows = torch.tensor(rows, device=self.device)
 
     def update(self, layer_idx, k, v, positions):
-        """Write k, v (B, n_kv, T, D) at positions (B, T); return keys/values (B, n_kv, length, D)."""
-        b, n = k.shape[0], self.max_seq_len
-        if self.rows is None:
+        """Write k, v (B, T, n_kv, D) at positions (B, T); return keys/values (B, n_kv, length, D)."""
+        n = self.max_seq_len
+        if self.rows is None:  # contiguous rows: scatter into views (cheaper than an index_put)
+            b = k.shape[0]
             kc = self.k[layer_idx][self.row_start : self.row_start + b]  # views
             vc = self.v[layer_idx][self.row_start : self.row_start + b]
-            idx = self._arange[:b, None]  # (B, 1)
-        else:
-            kc, vc, idx = self.k[layer_idx], self.v[layer_idx], self.rows[:, None]
-        kc[idx, :, positions] = k.transpose(1, 2).to(kc.dtype)  # indexed view (B, T, n_kv, D)
-        vc[idx, :, positions] = v.transpose(1, 2).to(vc.dtype)
-        if self.rows is None:
+            if positions is not self._pos:  # the scatter index is the same for every layer of a step
+                _, _, hkv, d = k.shape
+                self._pos, self._idx = positions, positions[:, None, :, None].expand(b, hkv, -1, d)
+            kc.scatter_(2, self._idx, k.transpose(1, 2).to(kc.dtype))  # (B, n_kv, T, D) views written
+            vc.scatter_(2, self._idx, v.transpose(1, 2).to(vc.dtype))
             return kc[:, :, :n], vc[:, :, :n]
+        kc, vc, idx = self.k[layer_idx], self.v[layer_idx], self.rows[:, None]
+        kc[idx, :, positions] = k.to(kc.dtype)  # indexed view (B, T, n_kv, D)
+        vc[idx, :, positions] = v.to(vc.dtype)
         return kc[self.rows, :, :n], vc[self.rows, :, :n]  # gathered copies
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:

@@ -54,18 +54,20 @@ class KVCache:
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, D) at positions (B, T); return this batch's keys/values (B, n_kv, S, D)."""
+        """Write k, v (B, T, n_kv, D) at positions (B, T); return this batch's keys/values (B, n_kv, S, D).
+        The new keys come in the projection's (B, T, n_kv, D) layout: no transpose copy before the write."""
         kc, vc = self.k[layer_idx], self.v[layer_idx]
         b = k.shape[0]
         if self.rows is None:  # rows 0..B-1: one scatter per tensor into a view
             kc, vc = kc[:b], vc[:b]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # views (B, n_kv, T, D)
             idx = positions[:, None, :, None].expand(k.shape)  # (B, n_kv, T, D)
             kc.scatter_(2, idx, k.to(kc.dtype))
             vc.scatter_(2, idx, v.to(vc.dtype))
             return kc, vc
         rows = self.rows[:, None]  # (B, 1), broadcast with positions (B, T)
-        kc[rows, :, positions] = k.transpose(1, 2).to(kc.dtype)  # indexed view is (B, T, n_kv, D)
-        vc[rows, :, positions] = v.transpose(1, 2).to(vc.dtype)
+        kc[rows, :, positions] = k.to(kc.dtype)  # indexed view is (B, T, n_kv, D)
+        vc[rows, :, positions] = v.to(vc.dtype)
         return kc[self.rows], vc[self.rows]  # (B, n_kv, S, D) gathered copies
 
     def reset(self) -> None:

@@ -57,15 +57,15 @@ def rope_tables(
 def rope_for_positions(
     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather the tables at positions (B, T) -> (cos, signed sin), each (B, 1, T, D) in `dtype`, laid out
+    """Gather the tables at positions (B, T) -> (cos, signed sin), each (B, T, 1, D) in `dtype`, laid out
     for apply_rope: cos repeated on both halves, sin negated on the first half. Computed once per forward
     and shared by all layers."""
     c, s = cos[positions], sin[positions]  # (B, T, D/2) float32
-    return torch.cat((c, c), -1).unsqueeze(1).to(dtype), torch.cat((-s, s), -1).unsqueeze(1).to(dtype)
+    return torch.cat((c, c), -1).unsqueeze(2).to(dtype), torch.cat((-s, s), -1).unsqueeze(2).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by (cos, signed sin) from rope_for_positions: x cos + swap_halves(x) sin,
+    """Rotate x (B, T, H, D) by (cos, signed sin) from rope_for_positions: x cos + swap_halves(x) sin,
     i.e. (x1 cos - x2 sin, x2 cos + x1 sin). Same operations, in the same order and dtype, as HF's
     q * cos + rotate_half(q) * sin, so results match bit for bit; 4 kernels in eager mode."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -69,9 +69,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm is one fused kernel (5 eager kernels written out), same float32 math as HF's
+        # x * rsqrt(mean(x²) + eps). In float32 the weight multiply goes inside too; in lower precision
+        # HF normalises in float32, casts back, then multiplies by the weight, and so do we.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -80,6 +83,17 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(dim, eps=config.norm_eps)
     raise LlmkitError(f"unknown norm {config.norm!r} (expected 'rmsnorm' or 'layernorm')")
+
+
+def _plain(*mods: nn.Module) -> bool:
+    """True when every module is an exact nn.Linear (not a LoRA wrapper or a quantized swap)."""
+    return all(type(m) is nn.Linear for m in mods)
+
+
+def _cat_params(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of the linears stacked along the output dimension, for one F.linear call."""
+    bias = None if lins[0].bias is None else torch.cat([m.bias for m in lins])
+    return torch.cat([m.weight for m in lins]), bias
 
 
 class MLP(nn.Module):
@@ -97,8 +111,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, config.d_model, bias=bias)
         self.act = ACTIVATIONS[config.activation]
+        self.fused_gate_up: nn.Module | None = None  # set by llmkit.quant.fuse_projections (see Attention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated and self.fused_gate_up is not None:  # quantized: gate|up in one matmul
+            g, h = self.fused_gate_up(x).chunk(2, dim=-1)  # (..., d_ff) each
+            return self.down_proj(self.act(g) * h)
+        if self.gated and self.training and _plain(self.gate_proj, self.up_proj):  # one GEMM (see Attention)
+            g, h = F.linear(x, *_cat_params(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+            return self.down_proj(self.act(g) * h)
         h = self.up_proj(x)  # (..., d_ff)
         h = self.act(self.gate_proj(x)) * h if self.gated else self.act(h)
         return self.down_proj(h)  # (..., d)
@@ -173,31 +194,62 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.attn_qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.attn_qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.attn_out_bias)
+        self.qk_norm = config.qk_norm  # a plain flag: hasattr on a Module costs an exception when False
         if config.qk_norm:
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
         self.dropout = config.dropout
+        # Set by llmkit.quant.fuse_projections to a quantized q|k|v matmul. A plain attribute, not a
+        # submodule (the fused module is registered once on the model), so state dicts keep HF names.
+        self.fused_qkv: nn.Module | None = None
+
+    def _qkv(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H, D), k and v (B, T, Hkv, D), q and k normed (qk_norm) and rotated (RoPE).
+        One matmul when fused (quantized) or training, else three."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.fused_qkv is not None:
+            y = self.fused_qkv(x)  # (B, T, (H + 2 Hkv) D)
+        elif self.training and _plain(self.q_proj, self.k_proj, self.v_proj):
+            # Training: one GEMM over the concatenated weights is faster than three small ones, and
+            # autograd splits the gradient back exactly (cat's backward is a slice per weight).
+            y = F.linear(x, *_cat_params(self.q_proj, self.k_proj, self.v_proj))
+        else:  # inference in floating point: three GEMMs read the weights once, no concatenation copy
+            y = None
+        if y is not None and rope is not None and not self.qk_norm:
+            # q and k are adjacent heads of one tensor: rotate them in one go (half the small kernels)
+            qk, v = y.view(B, T, H + 2 * Hkv, D).split((H + Hkv, Hkv), dim=2)
+            q, k = apply_rope(qk, *rope).split((H, Hkv), dim=2)
+            return q, k, v
+        if y is not None:
+            q, k, v = y.view(B, T, H + 2 * Hkv, D).split((H, Hkv, Hkv), dim=2)
+        else:
+            q, k, v = (self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D),
+                       self.v_proj(x).view(B, T, Hkv, D))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # elementwise, so applied in (B, T, H, D) layout: no transposes before it
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, d)
-        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, signed sin (B, 1, T, D)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, signed sin (B, T, 1, D)
         mask: torch.Tensor | None,  # (B, 1, T, S) additive (0 visible, -inf hidden); None = plain causal
         cache: KVCache | None,
         positions: torch.Tensor,  # (B, T)
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, Hkv, S, D)
+        q, k, v = self._qkv(x, rope)  # (B, T, H|Hkv, D)
+        if cache is not None:  # the cache takes (B, T, Hkv, D) and returns (B, Hkv, S, D)
+            k, v = cache.update(self.layer_idx, k, v, positions)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+        q = q.transpose(1, 2)  # (B, H, T, D)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if output_attentions:
@@ -247,8 +299,10 @@ class Block(nn.Module):
         a, weights = self.self_attn(
             self.input_layernorm(x), rope, masks[self.sliding], cache, positions, output_attentions
         )
-        x = x + self.dropout(a)
-        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        drop = self.training and self.dropout.p > 0  # an identity dropout call still costs a module call
+        x = x + (self.dropout(a) if drop else a)
+        m = self.mlp(self.post_attention_layernorm(x))
+        x = x + (self.dropout(m) if drop else m)
         return x, weights
 
 
@@ -329,10 +383,11 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(ids)  # (B, T, d)
         if hasattr(self.model, "embed_positions"):
             x = x + self.model.embed_positions(positions)
-        x = self.dropout(x)
+        if self.training and self.dropout.p > 0:
+            x = self.dropout(x)
         rope = None
         if self.config.pos_encoding == "rope":
-            rope = rope_for_positions(self.rope_cos, self.rope_sin, positions, x.dtype)  # 2 x (B, 1, T, D)
+            rope = rope_for_positions(self.rope_cos, self.rope_sin, positions, x.dtype)  # 2 x (B, T, 1, D)
         masks = self._masks(positions, cache, explicit, x.dtype)
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
         attentions: list[torch.Tensor] = []
