@@ -78,6 +78,12 @@ class QuantLinear(nn.Module):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() move the buffers: drop the kernel-layout copies made from them (remade on next
+        # use), so the hot path checks only `is None`, not devices.
+        self._low = self._packed = self._sz_low = None
+        return super()._apply(fn, recurse)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
@@ -116,7 +122,7 @@ class Int8Linear(QuantLinear):
         return self.qweight.numel() + 2 * self.out_features
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if self._low is None or self._low.device != x.device:
+        if self._low is None:
             self._low = self.scales.to(LOW)
         return _INT8_MM(x, self.qweight, self._low)
 
@@ -168,7 +174,7 @@ class Int4Linear(QuantLinear):
         return self.qweight.numel() + 2 * self.scales_and_zeros.numel()
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None or self._packed.device != x.device:
+        if self._packed is None:
             q = self._unpacked().to(torch.int32)  # (N, K) in 0..15
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self._sz_low = self.scales_and_zeros.to(LOW)
