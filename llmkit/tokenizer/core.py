@@ -386,6 +386,8 @@ class Tokenizer:
         self, text: str, *, add_special_tokens: bool = False, allow_special: bool = False
     ) -> list[int]:
         """Text -> ids; no BOS/EOS unless add_special_tokens; specials stay text unless allow_special."""
+        if not add_special_tokens and (self._split_all if allow_special else self._split_added) is None:
+            return self._encode_text(text, True) if text else []  # nothing to cut out: skip the copies
         ids: list[int] = []
         if add_special_tokens and self.add_bos and self.bos_id is not None:
             ids.append(self.bos_id)
