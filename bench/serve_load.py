@@ -126,7 +126,8 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
-    ap.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (short answers weigh the one-at-a-time prefill more)")
+    ap.add_argument("--max-tokens", type=int, default=128,
+                    help="tokens per answer (short answers weigh the one-at-a-time prefill more)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="append one JSON line per level and round here")
