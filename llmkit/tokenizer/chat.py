@@ -239,8 +239,7 @@ def _control_tokens(tokenizer: Tokenizer, template: str) -> tuple[str, ...]:
 
 def _encode_as_text(tokenizer: Tokenizer, text: str) -> list[int]:
     """Encode with no special *or added* token matched (user text that spells a control token)."""
-    encode_text = getattr(tokenizer, "_encode_text", None)
-    return encode_text(text, True) if encode_text else tokenizer.encode(text)
+    return tokenizer.encode_ordinary(text)
 
 
 def _encode_pieces(tokenizer: Tokenizer, marked: str, markers_re: re.Pattern
