@@ -13,7 +13,7 @@ import time
 import torch
 
 from llmkit.config import ModelConfig
-from llmkit.generate.bench import _hf, _ours
+from llmkit.generate.bench import _hf, _ours, time_decode
 from llmkit.model import Transformer
 from llmkit.quant import quantize_model
 
@@ -77,16 +77,7 @@ def _with_engine(system, eng, prompt, n_new):
     params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
 
     def decode() -> float:
-        list(eng.generate_ids(prompt, params.replace(max_tokens=4)))  # warm-up / compile
-        eng.ids[0] = []
-        row = eng.add(prompt, params)
-        t = time.perf_counter()
-        n = 0
-        while eng.running:
-            n += len(eng.step())
-        dt = time.perf_counter() - t
-        eng.remove(row)
-        return n / dt
+        return time_decode(eng, prompt, params, warmup_tokens=4)  # warm-up also compiles
 
     system.decode, system.prefill = decode, None
     return system

@@ -70,6 +70,20 @@ class System:
     results: dict[str, list[float]] = field(default_factory=lambda: {"decode": [], "prefill": []})
 
 
+def time_decode(eng, prompt_ids: list[int], params, warmup_tokens: int = 2) -> float:
+    """tok/s of one greedy decode of `params.max_tokens` tokens in row 0, after a short warm-up."""
+    list(eng.generate_ids(prompt_ids, params.replace(max_tokens=warmup_tokens)))
+    eng.ids[0] = []  # no prefix reuse between rounds
+    row = eng.add(prompt_ids, params)
+    t = time.perf_counter()
+    n = 0
+    while eng.running:
+        n += len(eng.step())
+    dt = time.perf_counter() - t
+    eng.remove(row)
+    return n / dt
+
+
 def _ours(name: str, model, prompt_ids: list[int], long_ids: list[int], n_new: int) -> System:
     from llmkit.generate.engine import Engine
     from llmkit.generate.sampling import SamplingParams
@@ -78,16 +92,7 @@ def _ours(name: str, model, prompt_ids: list[int], long_ids: list[int], n_new: i
     eng = Engine(model, max_batch=1, max_seq_len=max(1024, len(long_ids) + 8))
 
     def decode() -> float:
-        list(eng.generate_ids(prompt_ids, params.replace(max_tokens=2)))
-        eng.ids[0] = []  # no prefix reuse between rounds
-        row = eng.add(prompt_ids, params)
-        t = time.perf_counter()
-        n = 0
-        while eng.running:
-            n += len(eng.step())
-        dt = time.perf_counter() - t
-        eng.remove(row)
-        return n / dt
+        return time_decode(eng, prompt_ids, params)
 
     def prefill() -> float:
         eng.ids[0] = []
