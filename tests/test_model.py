@@ -1,6 +1,7 @@
 """The Transformer on its own: parameter count of GPT-2 small, causality, KV-cache decoding == full
 recompute (mixed-length rows, sliding window, MoE, cache row mapping), eager attention == SDPA, bf16,
-training backward. Parity with transformers lives in test_checkpoint_hf.py."""
+training backward, hidden states + head == logits, position errors. Parity with transformers lives in
+test_checkpoint_hf.py."""
 
 from __future__ import annotations
 
@@ -162,10 +163,11 @@ def test_bf16_cpu_forward_close_to_fp32():
 def test_training_backward(name):
     model = tiny(name).train()
     x = rand_ids(2, 8)
-    logits = model(x)
+    out = model(x, output_aux=True)
+    logits = out.logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), x[:, 1:].reshape(-1))
-    if model.aux_loss is not None:
-        loss = loss + 0.01 * model.aux_loss
+    if out.aux_loss is not None:
+        loss = loss + 0.01 * out.aux_loss
     loss.backward()
     assert model.model.embed_tokens.weight.grad is not None
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
@@ -215,3 +217,49 @@ def test_sequence_longer_than_context_is_a_clear_error():
     model = tiny("gpt2")
     with pytest.raises(LlmkitError, match="longer than the model's context"):
         model(rand_ids(1, 65))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])  # learned positions and RoPE
+def test_positions_outside_the_table_or_cache_are_clear_errors(name):
+    from llmkit.errors import LlmkitError
+
+    model = tiny(name)
+    with pytest.raises(LlmkitError, match="position 64 is beyond the model's context"):
+        model(rand_ids(1, 2), positions=torch.tensor([[62, 64]]))
+    with pytest.raises(LlmkitError, match="negative"):
+        model(rand_ids(1, 1), positions=torch.tensor([[-1]]))
+    cache = KVCache(model.config, 1, 8)
+    with pytest.raises(LlmkitError, match="position 8 is beyond the KV cache's capacity"):
+        model(rand_ids(1, 3), positions=torch.tensor([[6, 7, 8]]), cache=cache)
+    model(rand_ids(1, 2), positions=torch.tensor([[62, 63]]))  # the last positions are fine
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen3_headdim_qknorm", "moe_shared"])
+def test_return_hidden_then_head_equals_logits(name):
+    model = tiny(name)
+    x = rand_ids(2, 9)
+    with torch.no_grad():
+        logits = model(x)
+        h = model(x, return_hidden=True)  # (B, T, d)
+        out = model(x, return_hidden=True, output_hidden_states=True, output_aux=True)
+    assert h.shape == (2, 9, 64)
+    torch.testing.assert_close(model.head(h[:, -1]), logits[:, -1], rtol=0, atol=1e-6)
+    # the head is the lm_head matmul: check one row by hand
+    torch.testing.assert_close(h[0, 3] @ model.lm_head.weight.T, logits[0, 3], rtol=1e-5, atol=1e-5)
+    assert out.logits is None and torch.equal(out.hidden, h) and torch.equal(out.hidden_states[-1], h)
+    assert out.aux_loss is None  # eval mode (and dense models): no aux loss
+    assert not hasattr(model, "aux_loss")
+
+
+def test_aux_loss_is_returned_not_stored():
+    from llmkit.model import MoE
+
+    model = tiny("moe_shared").train()
+    x = rand_ids(2, 8)
+    out = model(x, output_aux=True)
+    assert out.aux_loss is not None and out.aux_loss.ndim == 0 and out.aux_loss > 0
+    assert torch.is_tensor(model(x))  # a plain call is still the logits tensor
+    for m in model.modules():
+        if isinstance(m, MoE):
+            assert not any(torch.is_tensor(v) for v in vars(m).values())  # nothing left on the module
+    assert tiny("gpt2").train()(x, output_aux=True).aux_loss is None  # dense

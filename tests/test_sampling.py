@@ -1,4 +1,5 @@
-"""Samplers on hand-made distributions, penalties as defined, parameter validation, stop strings."""
+"""Samplers on hand-made distributions, penalties as defined, the batched (B, V) sampler against the per-row
+filters, seeded draws independent of batch companions, parameter validation, stop strings."""
 
 import math
 
@@ -7,14 +8,15 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate.sampling import (
+    Sampler,
     SamplingParams,
-    SequenceSampler,
     apply_min_p,
     apply_presence_frequency,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
-    prompt_logprobs,
+    draw,
+    logprob_infos,
 )
 from llmkit.generate.stop import StopMatcher
 
@@ -24,6 +26,18 @@ LOGITS = PROBS.log()
 
 def kept(logits: torch.Tensor) -> set[int]:
     return set(torch.isfinite(logits).nonzero().flatten().tolist())
+
+
+def one_row(params, prompt_ids, vocab_size, sample_index=0):
+    """A Sampler of one row, called as the old per-sequence sampler was: logits (V,) -> (token, info)."""
+    s = Sampler(1, vocab_size)
+    s.start(0, params, prompt_ids, sample_index)
+
+    def pick(logits):
+        ids, infos = s.sample([0], logits[None])
+        return ids[0], infos[0]
+
+    return pick
 
 
 def test_top_k_keeps_k_largest():
@@ -44,7 +58,7 @@ def test_min_p_relative_to_top(m, expect):
 
 
 def test_kept_tokens_sampled_with_renormalised_probs():
-    s = SequenceSampler(SamplingParams(top_p=0.75, seed=0), [], 4)
+    s = one_row(SamplingParams(top_p=0.75, seed=0), [], 4)
     draws = torch.tensor([s(LOGITS)[0] for _ in range(4000)])
     assert set(draws.tolist()) == {1, 3}
     assert abs((draws == 1).float().mean().item() - 0.5 / 0.8) < 0.03
@@ -52,8 +66,8 @@ def test_kept_tokens_sampled_with_renormalised_probs():
 
 def test_temperature_zero_is_argmax_and_low_temperature_approaches_it():
     logits = torch.tensor([1.0, 3.0, 2.9, -1.0])
-    assert SequenceSampler(SamplingParams(temperature=0), [], 4)(logits)[0] == 1
-    s = SequenceSampler(SamplingParams(temperature=1e-3, seed=1), [], 4)
+    assert one_row(SamplingParams(temperature=0), [], 4)(logits)[0] == 1
+    s = one_row(SamplingParams(temperature=1e-3, seed=1), [], 4)
     assert all(s(logits)[0] == 1 for _ in range(50))
 
 
@@ -61,7 +75,7 @@ def test_seed_reproduces_and_differs():
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
 
     def draw(seed, idx=0):
-        s = SequenceSampler(SamplingParams(seed=seed), [], 1000, sample_index=idx)
+        s = one_row(SamplingParams(seed=seed), [], 1000, sample_index=idx)
         return [s(logits)[0] for _ in range(20)]
 
     assert draw(7) == draw(7)
@@ -84,22 +98,148 @@ def test_presence_frequency_as_defined():
 
 def test_sampler_penalises_prompt_and_generated_tokens():
     logits = torch.tensor([1.0, 0.9, 0.0])
-    s = SequenceSampler(SamplingParams(temperature=0, repetition_penalty=2.0), prompt_ids=[0], vocab_size=3)
+    s = one_row(SamplingParams(temperature=0, repetition_penalty=2.0), prompt_ids=[0], vocab_size=3)
     assert s(logits)[0] == 1  # 0 was in the prompt: 1.0 -> 0.5 < 0.9
     assert s(logits)[0] == 0  # now 1 was generated: 0.9 -> 0.45 < 0.5
-    f = SequenceSampler(SamplingParams(temperature=0, frequency_penalty=0.6), prompt_ids=[0], vocab_size=3)
+    f = one_row(SamplingParams(temperature=0, frequency_penalty=0.6), prompt_ids=[0], vocab_size=3)
     assert [f(logits)[0] for _ in range(3)] == [0, 1, 0]  # frequency counts generated tokens only
 
 
 def test_logprobs_are_raw_model_logprobs():
     logits = torch.tensor([0.0, 1.0, 2.0])
-    s = SequenceSampler(SamplingParams(temperature=0, logprobs=2, repetition_penalty=1.5), [2], 3)
+    s = one_row(SamplingParams(temperature=0, logprobs=2, repetition_penalty=1.5), [2], 3)
     tok, info = s(logits)
     lp = logits.log_softmax(-1)
     assert info.token_id == tok and math.isclose(info.logprob, lp[tok].item(), rel_tol=1e-6)
     assert [i for i, _ in info.top] == [2, 1]
-    out = prompt_logprobs(torch.stack([logits, logits]), [5, 1, 2], 0)
-    assert out[0] is None and math.isclose(out[2].logprob, lp[2].item(), rel_tol=1e-6)
+    out = logprob_infos(torch.stack([logits, logits]), torch.tensor([1, 2]), 0)  # a prompt's tokens 1, 2
+    assert math.isclose(out[1].logprob, lp[2].item(), rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------- the batched sampler
+ROWS = [  # (top_k, top_p, min_p, temperature) per row; top_k 200 >= V is off
+    (3, 1.0, 0.0, 1.0), (0, 0.6, 0.0, 1.0), (0, 1.0, 0.2, 1.0), (5, 0.8, 0.05, 0.7), (0, 1.0, 0.0, 1.3),
+    (200, 1.0, 0.0, 1.0),
+]
+
+
+def row_logits(n: int = len(ROWS), v: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, v, generator=torch.Generator().manual_seed(seed)) * 3  # (n, V)
+
+
+def per_row_reference(logits: torch.Tensor, k: int, p: float, m: float, t: float) -> torch.Tensor:
+    return apply_min_p(apply_top_p(apply_top_k(logits / t, k), p), m)
+
+
+def test_batched_filters_keep_what_each_row_keeps():
+    """Per-row knobs as (B, 1) tensors give, row by row, the same kept set and values as one-value calls."""
+    logits = row_logits()
+    k, p, m, t = (torch.tensor(c)[:, None] for c in zip(*ROWS))  # (B, 1) each
+    got = apply_min_p(apply_top_p(apply_top_k(logits / t, k, kmax=200), p), m)  # (B, V)
+    for i, (ki, pi, mi, ti) in enumerate(ROWS):
+        ref = per_row_reference(logits[i], ki, pi, mi, ti)
+        assert kept(got[i]) == kept(ref), i
+        assert torch.allclose(got[i][torch.isfinite(ref)], ref[torch.isfinite(ref)])
+    assert len(kept(got[0])) == 3 and kept(got[5]) == set(range(50))  # the filters did act / stay off
+
+
+def test_batched_sampler_draws_each_rows_filtered_distribution():
+    logits = row_logits(seed=1)
+    s = Sampler(len(ROWS), 50)
+    for r, (k, p, m, t) in enumerate(ROWS):
+        s.start(r, SamplingParams(top_k=k, top_p=p, min_p=m, temperature=t, seed=r))
+    n = 3000
+    draws = torch.tensor([s.sample(range(len(ROWS)), logits)[0] for _ in range(n)])  # (n, B)
+    for r, (k, p, m, t) in enumerate(ROWS):
+        probs = per_row_reference(logits[r], k, p, m, t).softmax(-1)
+        freq = torch.bincount(draws[:, r], minlength=50) / n
+        assert set(draws[:, r].tolist()) <= kept(probs.log()), r
+        assert (freq - probs).abs().max() < 0.035, r
+
+
+def test_seeded_row_draws_the_same_whatever_shares_its_batch():
+    V, steps = 50, 30
+    target = SamplingParams(seed=11, top_p=0.9, temperature=0.8, presence_penalty=0.5)
+    seq = [row_logits(1, V, seed=100 + i)[0] for i in range(steps)]  # the target's logits at each step
+
+    alone = Sampler(1, V)
+    alone.start(0, target, [1, 2, 3])
+    want = [alone.sample([0], x[None])[0][0] for x in seq]
+
+    crowd = Sampler(4, V)
+    crowd.start(0, SamplingParams(temperature=0, repetition_penalty=1.3), [4, 5])
+    crowd.start(1, SamplingParams(top_k=4), [6], processors=[lambda g, x: x.flip(0)])  # unseeded
+    crowd.start(2, target, [1, 2, 3])
+    crowd.start(3, SamplingParams(seed=11, min_p=0.3))  # the same seed, other knobs
+    got = []
+    for i, x in enumerate(seq):
+        rows = [0, 1, 2, 3] if i % 2 else [1, 2]  # the companions change from step to step
+        batch = row_logits(len(rows), V, seed=500 + i)
+        batch[rows.index(2)] = x
+        got.append(crowd.sample(rows, batch, [[]] * len(rows))[0][rows.index(2)])
+    assert got == want
+
+
+def test_greedy_rows_and_per_row_penalties_in_one_batch():
+    """The single-row expectations of test_sampler_penalises_prompt_and_generated_tokens, in one batch
+    with a plain greedy row and a sampling row."""
+    logits = torch.tensor([1.0, 0.9, 0.0]).expand(4, 3)
+    s = Sampler(4, 3)
+    s.start(0, SamplingParams(temperature=0, repetition_penalty=2.0), [0])
+    s.start(1, SamplingParams(temperature=0, frequency_penalty=0.6), [0])
+    s.start(2, SamplingParams(temperature=0), [0])
+    s.start(3, SamplingParams(seed=0))
+    out = [s.sample(range(4), logits)[0] for _ in range(3)]
+    assert [o[0] for o in out][:2] == [1, 0]
+    assert [o[1] for o in out] == [0, 1, 0]
+    assert [o[2] for o in out] == [0, 0, 0]
+
+
+def test_processors_run_on_their_own_row_before_penalties():
+    calls = []
+
+    def boost(generated, logits):  # token 2's logit becomes 1.5, whatever it was
+        calls.append(list(generated))
+        return logits.index_fill(0, torch.tensor([2]), 1.5)
+
+    logits = torch.tensor([1.0, 0.9, 0.0]).expand(3, 3)
+    s = Sampler(3, 3)
+    s.start(0, SamplingParams(temperature=0, repetition_penalty=2.0), [2], processors=[boost])
+    s.start(1, SamplingParams(temperature=0), [2])
+    s.start(2, SamplingParams(temperature=0), [2], processors=[boost])
+    ids, _ = s.sample(range(3), logits, [[7], [], [8, 9]])
+    assert ids == [0, 0, 2]  # row 0: 1.5 then penalised to 0.75 < 1.0; row 2: 1.5 wins; row 1 untouched
+    assert calls == [[7], [8, 9]]
+
+
+def test_one_host_transfer_per_step_for_greedy_and_plain_sampling(monkeypatch):
+    conversions = []
+
+    def counted(name):
+        orig = getattr(torch.Tensor, name)
+        return lambda self, *a, **k: conversions.append(name) or orig(self, *a, **k)
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    s = Sampler(6, 50)
+    for r in range(6):
+        s.start(r, SamplingParams(temperature=0) if r % 2 else SamplingParams(top_k=5, top_p=0.9, seed=r))
+    s.sample(range(6), row_logits(6))
+    assert conversions == ["tolist"]
+
+
+def test_draw_inverts_the_cdf_in_vocabulary_order():
+    logits = LOGITS.expand(5, 4)  # cumulative 0.05, 0.55, 0.7, 1.0
+    assert draw(logits, torch.tensor([0.04, 0.3, 0.6, 0.99, 1.0])).tolist() == [0, 1, 2, 3, 3]
+    holes = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]])
+    assert draw(holes, torch.tensor([1.0])).tolist() == [2]  # never a token of probability 0
+    assert draw(holes, torch.tensor([1e-9])).tolist() == [0]
+
+
+def test_max_tokens_zero_only_with_echo():
+    SamplingParams(max_tokens=0, echo=True).validate()
+    with pytest.raises(LlmkitError, match="0 only with echo"):
+        SamplingParams(max_tokens=0).validate()
 
 
 @pytest.mark.parametrize("kw, field", [

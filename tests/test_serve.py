@@ -279,7 +279,7 @@ def test_tool_call_round_trip(client):
 
 
 def test_tool_call_parsing():
-    from llmkit.serve.tools import parse_tool_calls
+    from llmkit.generate.tools import parse_tool_calls
 
     text = ('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
             '<tool_call>{"name": "g"')

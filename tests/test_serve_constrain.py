@@ -16,7 +16,7 @@ import pytest
 import torch
 from serve_utils import tiny_tokenizer
 
-from llmkit.serve.constrain import JsonLogitsProcessor, JsonPrefix, token_texts
+from llmkit.generate.constrain import JsonLogitsProcessor, JsonPrefix, token_texts
 
 PERSON = {
     "type": "object", "additionalProperties": False, "required": ["name", "age"],

@@ -179,6 +179,56 @@ def test_round_trip_and_invalid_utf8(gpt2):
         gpt2.decode([10**9])
 
 
+def test_out_of_range_ids_are_clear_errors(gpt2):
+    """A negative id must not pick a token from the end of the vocabulary (Python's vocab[-1])."""
+    hello = gpt2.encode("Hello")
+    for bad in ([-1], [*hello, -50257], [*hello, 50257], (i for i in [*hello, -1])):
+        with pytest.raises(LlmkitError, match=r"id -?\d+ is outside the vocabulary \(0\.\.50256\)") as e:
+            gpt2.decode_bytes(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(LlmkitError, match="token id -1 is outside"):
+        gpt2.decode([*hello, -1])
+    with pytest.raises(LlmkitError, match="token id -1 is outside"):
+        gpt2.id_to_bytes(-1)
+    with pytest.raises(LlmkitError, match="token id 'x' is outside"):
+        gpt2.decode_bytes([*hello, "x"])
+    import numpy as np
+
+    assert gpt2.decode(np.array(hello)) == "Hello"  # numpy integers are ids too
+
+
+def test_id_to_text(gpt2):
+    ids = gpt2.encode(" hello 🤗")  # ' hello', ' \xf0\x9f', '\xa4', '\x97' (see the pieces above)
+    assert [gpt2.id_to_text(i) for i in ids] == [" hello", " \ufffd", "\ufffd", "\ufffd"]
+    assert gpt2.id_to_text(50256) == "<|endoftext|>"
+
+
+def test_tokenizer_never_imports_the_layers_above():
+    """The tokenizer package resolves paths only: no llmkit.hub (model names), api, cli, serve, ..."""
+    import ast
+    import pathlib
+
+    import llmkit.tokenizer
+
+    above = ("llmkit.hub", "llmkit.api", "llmkit.cli", "llmkit.serve", "llmkit.generate", "llmkit.train",
+             "llmkit.checkpoint", "llmkit.model")
+    for f in pathlib.Path(llmkit.tokenizer.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not [n for n in names if n.startswith(above)], (f.name, names)
+    with pytest.raises(LlmkitError, match=r"llmkit\.load\(name\)\.tokenizer"):
+        Tokenizer.load("smollm2-135m-instruct")
+
+
+def test_cli_resolves_a_model_name(smollm2_gguf):
+    """`llmkit tokenize --tokenizer NAME` still works: the CLI resolves the name through llmkit.hub."""
+    r = _cli("--tokenizer", "smollm2-135m-instruct", "--format", "ids", "strawberry")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(i) for i in Tokenizer.load(smollm2_gguf).encode("strawberry")]
+
+
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
 def test_save_loads_in_hf_with_identical_ids(tmp_path, pattern):
     from tokenizers import Tokenizer as HFTokenizer

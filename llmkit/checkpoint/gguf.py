@@ -6,15 +6,17 @@ each stored as one GGML type (F32, F16, BF16 or a block quantization such as Q4_
 Notable choices:
 - The metadata is translated into a Hugging Face config.json dict (`hf_config`) and then read by the one
   `ModelConfig.from_hf`, so a GGUF model and the same model's HF folder give the same ModelConfig.
-- Tensors are renamed to HF names (token_embd -> model.embed_tokens, blk.N.attn_q -> ...q_proj, ...) and
-  dequantised to float32 one at a time with `gguf.quants.dequantize` (numpy), then handed to
-  `build_model` as a generator: peak RAM is the final weights plus one dequantised tensor. The file itself is
-  memory-mapped, so reading metadata (`llmkit inspect`) never touches the weights.
+- The header (metadata and tensor table) is parsed by the one GGUF reader, `llmkit.io.read_gguf`, which the
+  tokenizer uses too. Tensors are renamed to HF names (token_embd -> model.embed_tokens, blk.N.attn_q ->
+  ...q_proj, ...) and dequantised to float32 one at a time with `gguf.quants.dequantize` (numpy) from a
+  memory map of the file, then handed to `build_model` as a generator: peak RAM is the final weights plus
+  one dequantised tensor, and reading metadata (`llmkit inspect`) never touches the weights.
 - llama.cpp's converter permutes the rows of the q and k projections of `llama`-architecture models (its
   rotary kernel pairs neighbouring dimensions, HF's `rotate_half` pairs dimension i with i + head_dim/2).
   `unpermute_qk` undoes it. qwen2 / qwen3 / qwen3moe files are written unpermuted (their rope is "neox").
 - Llama-3 RoPE scaling is stored by llama.cpp as a `rope_freqs` tensor of per-frequency factors; we
-  recognise the standard Llama-3 parameters from it and write them back as HF `rope_scaling`.
+  recognise the standard Llama-3 parameters from it (comparing with the factors that llmkit.model.rope's
+  own llama3 scaling implies) and write them back as HF `rope_scaling`.
 - MoE experts are stacked in GGUF (`ffn_gate_exps`: (n_expert, d_ff, d_model)); they are split into the
   per-expert HF names.
 """
@@ -25,17 +27,19 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.io import read_gguf
+from llmkit.model.rope import rope_inv_freq
 
 # GGUF general.architecture -> (HF model_type, q/k rows permuted by llama.cpp)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -106,6 +110,16 @@ class TensorInfo:
     n_bytes: int
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """Where a tensor's data lies in the file and how it is encoded."""
+
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order
+    offset: int
+    n_bytes: int
+
+
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's `permute(w, n_head)` on q/k rows (weights (n_head*head_dim, d) or biases).
 
@@ -118,41 +132,21 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf permutation (used to write test files like llama.cpp does)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-class _Reader(gguf.GGUFReader):
-    """gguf-py's reader, parsing from a plain ndarray view of its memory map: 3x faster to open, because
-    slicing an np.memmap runs a Python-level __array_finalize__ for each of the ~250k metadata parts (the
-    tokenizer's tokens and merges). Same memory, same results."""
-
-    def _build_fields(self, offs: int, count: int) -> int:
-        self.data = self.data.view(np.ndarray)
-        return super()._build_fields(offs, count)
-
-
 class GGUFFile:
-    """A GGUF file opened for reading (memory-mapped): metadata, tensor list, config, tensors."""
+    """A GGUF file opened for reading: `metadata` (dict), tensor table, config, tensors (memory-mapped)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise LlmkitError(f"{self.path}: no such GGUF file")
-        try:
-            self.reader = _Reader(self.path)
-        except Exception as e:  # bad magic, truncated header, bad offsets: numpy/ValueError/KeyError/...
-            raise LlmkitError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        index = read_gguf(self.path)
+        self.metadata: dict[str, Any] = index.metadata
         size = self.path.stat().st_size
-        for t in self.reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size or t.data.nbytes != t.n_bytes:
-                raise LlmkitError(
-                    f"{self.path}: tensor {t.name} ends at byte {end} but the file has {size} bytes "
-                    "(truncated download?); fetch the file again"
-                )
+        self._tensors: dict[str, _Stored] = {}
+        for t in index.tensors:
+            self._tensors[t.name] = self._stored(t.name, t.ggml_type, t.dims, t.offset, size)
+        if len(self._tensors) != len(index.tensors):
+            raise LlmkitError(f"{self.path}: the tensor table names a tensor twice; the file is corrupt")
         self.arch = str(self.get("general.architecture", ""))
         if self.arch not in ARCHITECTURES:
             raise LlmkitError(
@@ -160,15 +154,34 @@ class GGUFFile:
                 f"{', '.join(ARCHITECTURES)}"
             )
         self.model_type, self.permuted_qk = ARCHITECTURES[self.arch]
-        self._tensors = {t.name: t for t in self.reader.tensors}
+
+    def _stored(self, name: str, ggml_type: int, dims: tuple[int, ...], offset: int, size: int) -> _Stored:
+        try:
+            qtype = GGMLQuantizationType(ggml_type)
+        except ValueError:
+            raise LlmkitError(
+                f"{self.path}: tensor {name} has unknown GGML type {ggml_type}; convert the file with "
+                "llama-quantize"
+            ) from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if dims and dims[0] % block:
+            raise LlmkitError(f"{self.path}: tensor {name} rows of {dims[0]} do not fill {qtype.name} blocks")
+        n_bytes = math.prod(dims) // block * type_size
+        if offset + n_bytes > size:
+            raise LlmkitError(
+                f"{self.path}: tensor {name} ends at byte {offset + n_bytes} but the file has {size} bytes "
+                "(truncated download?); fetch the file again"
+            )
+        return _Stored(qtype, tuple(reversed(dims)), offset, n_bytes)
+
+    @cached_property
+    def _data(self) -> np.memmap:
+        return np.memmap(self.path, dtype=np.uint8, mode="r")
 
     # ------------------------------------------------------------------ metadata
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value (`{arch}.` in the key is replaced by the architecture)."""
-        field = self.reader.fields.get(key.replace("{arch}", getattr(self, "arch", "")))
-        if field is None:
-            return default
-        return field.contents()
+        return self.metadata.get(key.replace("{arch}", getattr(self, "arch", "")), default)
 
     def _arch_int(self, key: str, default: Any = None) -> Any:
         v = self.get("{arch}." + key, default)
@@ -195,7 +208,7 @@ class GGUFFile:
         tok_bos, tok_eos = self.get("tokenizer.ggml.bos_token_id"), self.get("tokenizer.ggml.eos_token_id")
         hf: dict[str, Any] = {
             "model_type": self.model_type,
-            "vocab_size": int(emb.shape[1]),  # ggml order: (d_model, vocab)
+            "vocab_size": emb.shape[0],  # (vocab, d_model)
             "hidden_size": d_model,
             "num_hidden_layers": int(self._arch_int("block_count")),
             "num_attention_heads": n_heads,
@@ -249,35 +262,27 @@ class GGUFFile:
         return None
 
     def _llama3_scaling(self, head_dim: int) -> dict[str, Any]:
-        """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency factors (rope_freqs)."""
-        got = self.dequantize("rope_freqs.weight").astype(np.float64)  # (head_dim/2,)
+        """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency factors (rope_freqs): llama.cpp
+        divides each frequency by its factor, so the factors are inv_freq / (llama3-scaled inv_freq)."""
+        got = torch.from_numpy(self.dequantize("rope_freqs.weight"))  # (head_dim/2,)
         base = float(self._arch_int("rope.freq_base", 10000.0))
-        inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        factor = _f32(got.max())
+        factor = _f32(float(got.max()))
+        plain = rope_inv_freq(head_dim, base)
         for low, high, orig in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 2048)):
-            if np.allclose(got, llama3_rope_factors(inv_freq, factor, low, high, orig), rtol=1e-4, atol=1e-4):
-                return {
-                    "rope_type": "llama3",
-                    "factor": factor,
-                    "low_freq_factor": low,
-                    "high_freq_factor": high,
-                    "original_max_position_embeddings": orig,
-                }
+            scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                       "high_freq_factor": high, "original_max_position_embeddings": orig}
+            if torch.allclose(got, plain / rope_inv_freq(head_dim, base, scaling), rtol=1e-4, atol=1e-4):
+                return scaling
         raise LlmkitError(f"{self.path}: rope_freqs does not match Llama-3 rope scaling; not supported")
 
     # ------------------------------------------------------------------ tensors
     def tensor_infos(self) -> list[TensorInfo]:
         """Every tensor in file order with its HF name(s); raises on names llmkit does not know."""
         n_experts = int(self._arch_int("expert_count", 0) or 0)
-        out = []
-        for t in self.reader.tensors:
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            out.append(
-                TensorInfo(
-                    t.name, self._hf_names(t.name, n_experts), t.tensor_type.name, shape, int(t.n_bytes)
-                )
-            )
-        return out
+        return [
+            TensorInfo(name, self._hf_names(name, n_experts), t.qtype.name, t.shape, t.n_bytes)
+            for name, t in self._tensors.items()
+        ]
 
     def _hf_names(self, name: str, n_experts: int) -> tuple[str, ...]:
         if name in _GLOBAL_NAMES:
@@ -298,15 +303,15 @@ class GGUFFile:
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as float32 numpy in PyTorch order (rows first); raises on unsupported GGML types."""
         t = self._tensors[name]
-        qtype = GGMLQuantizationType(t.tensor_type)
+        qtype, shape = t.qtype, t.shape
         if qtype.name not in SUPPORTED_TYPES:
             raise LlmkitError(_type_error(self.path, name, qtype.name))
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        raw = self._data[t.offset : t.offset + t.n_bytes]  # (n_bytes,) uint8, read-only
         try:
-            w = dequantize(np.asarray(t.data), qtype).reshape(shape)
+            w = dequantize(raw.reshape(*shape[:-1], -1), qtype).reshape(shape)
         except Exception as e:
             raise LlmkitError(f"{self.path}: tensor {name} ({qtype.name}, {shape}) is corrupt: {e}") from e
-        w = w.astype(np.float32, copy=False)
+        w = np.asarray(w, dtype=np.float32)
         return w if w.flags.writeable else w.copy()  # F32 data is a read-only view of the memory map
 
     def check(self, config: ModelConfig) -> None:
@@ -370,22 +375,6 @@ class GGUFFile:
             for e, hf_name in enumerate(info.hf_names):  # stacked experts -> one tensor per expert
                 yield hf_name, torch.from_numpy(np.ascontiguousarray(w[e]))
 
-    def bytes_by_type(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.reader.tensors:
-            out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + int(t.n_bytes)
-        return out
-
-
-def llama3_rope_factors(
-    inv_freq: np.ndarray, factor: float, low: float, high: float, orig: int
-) -> np.ndarray:
-    """The per-frequency divisors llama.cpp stores for Llama-3 rope scaling (convert_hf_to_gguf)."""
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (orig / wavelen - low) / (high - low)
-    mid = 1.0 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
-
 
 def _f32(v: Any) -> float:
     """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
@@ -410,14 +399,6 @@ def gguf_name(hf_name: str) -> str:
         if gname:
             return f"blk.{layer}.{gname}.{suffix}"
     return hf_name
-
-
-def is_gguf(path: str | Path) -> bool:
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def load_gguf(

@@ -33,12 +33,13 @@ from safetensors.torch import save_file
 
 from llmkit.checkpoint.safetensors_io import read_header, read_safetensors
 from llmkit.config import ModelConfig
+from llmkit.device import DTYPES
 from llmkit.errors import LlmkitError
+from llmkit.io import read_json
 from llmkit.model import Transformer
 
 # Non-parameter tensors some checkpoints carry (causal-mask buffers, RoPE caches): skipped on load.
 _IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------- build
@@ -220,17 +221,6 @@ def llmkit_to_hf(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------- load
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LlmkitError(
-            f"{path}: not found; an HF model folder needs config.json and *.safetensors"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlmkitError(f"{path}: invalid JSON ({e})") from None
-
-
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of an HF folder (single file, or the shards named by the index)."""
     single = path / "model.safetensors"
@@ -238,7 +228,7 @@ def weight_files(path: Path) -> list[Path]:
         return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise LlmkitError(f"{index}: no 'weight_map'; the index is corrupt")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
@@ -276,8 +266,9 @@ def load_hf_dir(
     if not path.is_dir():
         raise LlmkitError(f"{path}: not a directory; expected an HF model folder with config.json")
     cfg_path = path / "config.json"
-    config = ModelConfig.from_hf(_read_json(cfg_path), source=str(cfg_path))
-    dtype = dtype or _DTYPES.get(config.dtype, torch.float32)
+    hf = read_json(cfg_path, missing="an HF model folder needs config.json and *.safetensors")
+    config = ModelConfig.from_hf(hf, source=str(cfg_path))
+    dtype = dtype or DTYPES.get(config.dtype, torch.float32)
     files = weight_files(path)
     origin: dict[str, str] = {}
     source = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")

@@ -1,7 +1,8 @@
 """What a model file holds, read without loading its weights (`llmkit inspect`).
 
 The course's "model files" slide: architecture and config, parameter counts by component, bytes per dtype,
-vocabulary size, special tokens, chat template, context length.
+vocabulary size, special tokens, chat template, context length, and the generation defaults (sampling
+settings the model comes with; llmkit.generate.defaults).
 
 Notable choices:
 - Nothing is dequantised or read from the tensor data: GGUF files are memory-mapped and only their metadata
@@ -24,9 +25,13 @@ from llmkit.errors import LlmkitError
 _COMPONENTS = ("embeddings", "attention", "mlp", "experts", "norms", "lm_head")
 
 
-def model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A JSON-able description of the GGUF file or HF folder at `path` (see module docstring)."""
+def model_info(path: str | os.PathLike[str], known: Any = None) -> dict[str, Any]:
+    """A JSON-able description of the GGUF file or HF folder at `path` (see module docstring); `known`: the
+    hub's NamedModel when `path` is a known model's file (its generation defaults fill the file's gaps)."""
+    from llmkit.generate.defaults import model_defaults
+
     p = Path(path)
+    gguf_metadata = None
     if p.is_file():
         from llmkit.checkpoint.gguf import GGUFFile
 
@@ -41,7 +46,8 @@ def model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "file_bytes": p.stat().st_size,
         }
         storage = _storage_gguf(f)
-        tokenizer_source: Any = f.reader
+        tokenizer_source: Any = f
+        gguf_metadata = f.metadata
     else:
         cfg_path = p / "config.json"
         try:
@@ -68,6 +74,8 @@ def model_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         storage=storage,
     )
     info.update(_tokenizer_info(tokenizer_source))
+    defaults, source = model_defaults(p, known=known, gguf_metadata=gguf_metadata)
+    info.update(generation_defaults=defaults, generation_defaults_from=source or None)
     return info
 
 
@@ -219,6 +227,13 @@ def format_info(info: dict[str, Any], template_lines: int = 8) -> str:
             row("  | ...")
     else:
         row("chat template    none")
+    gen = info.get("generation_defaults")
+    if gen:
+        from llmkit.generate.defaults import describe
+
+        row(f"generation       {describe(gen)} (from {info['generation_defaults_from']})")
+    else:
+        row("generation       no defaults (llmkit's own: temperature 1.0, or each surface's)")
     return "\n".join(lines)
 
 

@@ -2,25 +2,44 @@
 
 `llmkit generate [MODEL] PROMPT`: with two positionals the first is the model, with one it is the prompt and
 the default model is used; PROMPT "-" reads the prompt from stdin.
+
+Sampling flags default to None ("unset"): an explicit flag wins, then the model's generation defaults
+(`llm.generation_defaults`), then, for `chat` only, the loop guard of llmkit.generate.defaults
+(`interactive_defaults`), then this module's fallbacks (temperature 0.7; 256 tokens for generate).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from llmkit.errors import LlmkitError
 
+FALLBACK = {"temperature": 0.7, "max_tokens": 256}  # when neither a flag nor the model says
 
-def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens,
-                   help=f"new tokens at most (default {max_tokens})")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+
+def _sampling_args(p: argparse.ArgumentParser, interactive: bool) -> None:
+    # the "else" values: FALLBACK here, llmkit.generate.defaults.INTERACTIVE for chat
+    def unset(otherwise: str) -> str:
+        return f"default: the model's; else {otherwise}"
+
+    most = "512" if interactive else str(FALLBACK["max_tokens"])
+    p.add_argument("--max-tokens", type=int, default=None, help=f"new tokens at most ({unset(most)})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy ({unset(str(FALLBACK['temperature']))})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"keep the k most likely tokens ({unset('0 = off')})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass ({unset('1 = off')})")
+    p.add_argument("--min-p", type=float, default=None, help=f"min-p sampling ({unset('0 = off')})")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"divide the logits of tokens seen in the prompt or the answer ({unset('1 = off')})")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="subtract this times a token's count in the answer (default: "
+                        + ("0.3 against loops)" if interactive else "0 = off)"))
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="subtract this from tokens already in the answer (default: 0 = off)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); never printed")
     p.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only quantization at load")
@@ -28,12 +47,23 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU)")
 
 
-def _params(args):
+def _explicit(args) -> dict[str, Any]:
+    """The sampling flags as given (None = unset), checked before any model is loaded."""
     from llmkit.generate.sampling import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          stop=args.stop, seed=args.seed).validate()
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+              frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+              stop=args.stop, seed=args.seed)
+    SamplingParams.from_kwargs(**kw)
+    return kw
+
+
+def _params(llm, explicit: dict[str, Any], interactive: bool):
+    from llmkit.generate.defaults import interactive_defaults, resolve_params
+
+    model = llm.generation_defaults
+    return resolve_params({**FALLBACK, **(interactive_defaults(model) if interactive else model)}, **explicit)
 
 
 def _load(model: str | None, args):
@@ -49,9 +79,9 @@ def cmd_generate(args) -> int:
     model, prompt = (args.words if len(args.words) == 2 else (None, args.words[0]))
     if prompt == "-":
         prompt = sys.stdin.read()
-    params = _params(args)
+    explicit = _explicit(args)
     llm = _load(model, args)
-    s = llm.stream(prompt, params=params)
+    s = llm.stream(prompt, params=_params(llm, explicit, interactive=False))
     for delta in s:
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -66,8 +96,9 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from llmkit.generate.repl import run_chat
 
-    params = _params(args)
-    return run_chat(_load(args.model, args), params, system=args.system)
+    explicit = _explicit(args)
+    llm = _load(args.model, args)
+    return run_chat(llm, _params(llm, explicit, interactive=True), system=args.system)
 
 
 def cmd_quantize(args) -> int:
@@ -86,7 +117,7 @@ def register(sub) -> None:
                        description="Complete a prompt, streaming the text.")
     p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
                    help="optional model name/path, then the prompt")
-    _sampling_args(p, 256)
+    _sampling_args(p, interactive=False)
     p.add_argument("--stats", action="store_true", help="print tokens and tok/s to stderr")
     p.set_defaults(func=cmd_generate)
 
@@ -94,7 +125,7 @@ def register(sub) -> None:
                        "(/help lists the commands: /reset, /system TEXT, /temp X, /save FILE).")
     p.add_argument("model", nargs="?", default=None, help="model name or path (default: the default model)")
     p.add_argument("--system", default=None, help="system prompt")
-    _sampling_args(p, 512)
+    _sampling_args(p, interactive=True)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("quantize", help="save a weight-only quantized copy of a model",

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="what a model file holds: config, parameters, dtypes, tokenizer",
                        description="Describe a model without loading its weights: architecture and config, "
                                    "parameter counts by component, bytes per stored dtype, vocabulary, "
-                                   "special tokens, chat template, context length.")
+                                   "special tokens, chat template, context length, generation defaults "
+                                   "(the sampling settings used when a request leaves them unset).")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"name, repo id or path (default: {DEFAULT_MODEL})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -52,9 +53,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from llmkit.checkpoint.info import format_info, model_info
-    from llmkit.hub import resolve
+    from llmkit.hub import named_model_at, resolve
 
-    info = model_info(resolve(args.model))
+    path = resolve(args.model)
+    info = model_info(path, known=named_model_at(path))
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         print()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,28 +42,29 @@ def _show(piece: str) -> str:
     return piece.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
+def load_tokenizer(name_or_path: str):
+    """A tokenizer from a path, or from a model name known to llmkit.hub (pulled into the cache once)."""
+    from llmkit import hub
+    from llmkit.tokenizer import Tokenizer
+
+    if not Path(name_or_path).expanduser().exists() and name_or_path in hub.NAMED_MODELS:
+        return Tokenizer.load(hub.pull_named(name_or_path))
+    return Tokenizer.load(name_or_path)
+
+
 def run(args: argparse.Namespace) -> int:
     from llmkit.errors import LlmkitError
-    from llmkit.tokenizer import Tokenizer
+    from llmkit.io import read_text
 
     if args.file and args.text:
         raise LlmkitError("give either TEXT or --file, not both")
     if args.file:
-        if args.file == "-":
-            inputs = sys.stdin.read().splitlines()
-        else:
-            try:
-                with open(args.file, encoding="utf-8") as f:
-                    inputs = f.read().splitlines()
-            except FileNotFoundError:
-                raise LlmkitError(f"input file not found: {args.file}") from None
-            except UnicodeDecodeError:
-                raise LlmkitError(f"input file {args.file} is not UTF-8 text") from None
+        inputs = (sys.stdin.read() if args.file == "-" else read_text(args.file)).splitlines()
     elif args.text:
         inputs = args.text
     else:
         raise LlmkitError("nothing to tokenize: give TEXT arguments or --file F")
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     colour = sys.stdout.isatty()
     for text in inputs:
         ids = tok.encode(text, allow_special=args.allow_special, add_special_tokens=args.add_special_tokens)

@@ -15,6 +15,10 @@ Notable choices:
 - Raw prompts are encoded with the tokenizer's special tokens (BOS where the model wants one); chats are
   rendered with the model's own template (`render_chat`, add_generation_prompt=True).
 - Text never shows stop strings, stop ids or other control tokens; token_ids keep every sampled id.
+- The per-request state, tools and JSON constraints come from llmkit.generate.request, which the server uses
+  too: `llm.chat(msgs, response_format={"type": "json_object"})` and tools behave as over HTTP.
+- Sampling keywords left unset take the model's generation defaults (`llm.generation_defaults`, e.g.
+  SmolLM2-135M-Instruct's temperature 0.2, top-p 0.9); an explicit value or SamplingParams object wins.
 """
 
 from __future__ import annotations
@@ -26,8 +30,16 @@ from dataclasses import dataclass, field
 
 from llmkit.errors import LlmkitError
 from llmkit.generate.engine import Engine
+from llmkit.generate.request import (
+    NOT_CONSTRAINED,
+    ChatPrompt,
+    Completion,
+    Processor,
+    chat_prompt,
+    make_processors,
+    usage,
+)
 from llmkit.generate.sampling import SamplingParams, TokenLogprob
-from llmkit.generate.stop import TextStream
 
 
 @dataclass
@@ -40,6 +52,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # one per generated token (params.logprobs set)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # params.echo; the first token has none
     timings: dict[str, float] = field(default_factory=dict)  # prefill_s, decode_s, decode_tokens_per_s
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI-shaped calls parsed from a chat answer
 
     def __str__(self) -> str:
         return self.text
@@ -54,107 +67,137 @@ def get_engine(llm, max_batch: int = 1) -> Engine:
     return eng
 
 
-def sampling_params(params: SamplingParams | None = None, **kw) -> SamplingParams:
+def sampling_params(params: SamplingParams | None = None, defaults: dict | None = None, **kw
+                    ) -> SamplingParams:
+    """SamplingParams from an explicit object (taken as it is, keywords replace fields) or from keywords,
+    where the model's generation `defaults` fill what the caller left unset (None)."""
     if params is not None:
         return params.replace(**kw).validate() if kw else params.validate()
+    if defaults:
+        kw = {**defaults, **{k: v for k, v in kw.items() if v is not None}}
     return SamplingParams.from_kwargs(**kw)
 
 
 @dataclass
 class _Live:
     index: int  # which prompt
-    text: TextStream
+    out: Completion
     prompt_ids: list[int]
     cached: int
     t0: float
-    t1: float
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    t1: float | None = None  # first token
 
 
 def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-        truncate: bool = False) -> Iterator[tuple[int, str, GenerationResult | None]]:
-    """Drive the engine over every (prompt, sample); yield (prompt index, text delta, result when done)."""
+        truncate: bool = False, processors: Sequence[Sequence[Processor]] | None = None,
+        prompt: ChatPrompt | None = None) -> Iterator[tuple[int, str, GenerationResult | None]]:
+    """Drive the engine over every (prompt, sample); yield (prompt index, text delta, result when done).
+    `processors`: one list of logits processors per sample (n of them); `prompt` gives the tool handling."""
     jobs = deque((i, s) for i in range(len(prompts)) for s in range(params.n))
     live: dict[int, _Live] = {}
-    stops = sorted(engine.stop_ids | set(params.stop_ids))
+    skip = sorted(engine.stop_ids | set(params.stop_ids))
     try:
         while jobs or live:
             while jobs and engine.free_rows:
                 i, s = jobs.popleft()
                 t0 = time.perf_counter()
-                row = engine.add(prompts[i], params, sample_index=s, truncate=truncate)
-                seq = engine.seq(row)
-                live[row] = _Live(i, TextStream(tokenizer, params.stop, stops), seq.prompt_ids,
-                                  seq.cached_tokens, t0, time.perf_counter())
-            for out in engine.step():
-                st = live[out.row]
-                st.ids.append(out.token_id)
-                if out.logprob is not None:
-                    st.logprobs.append(out.logprob)
-                delta, stopped = st.text.push(out.token_id)
-                if not (stopped or out.finished):
+                row = engine.add(prompts[i], params, sample_index=s, truncate=truncate,
+                                 processors=processors[s] if processors else ())
+                req = engine.request(row)
+                out = Completion(tokenizer, params.stop, skip_ids=skip,
+                                 hold_tools=bool(prompt and prompt.hold_tools),
+                                 forced_tool=prompt.forced_tool if prompt else None)
+                live[row] = _Live(i, out, req.prompt_ids, req.cached_tokens, t0)
+            for step in engine.step():
+                st = live[step.row]
+                if st.t1 is None:
+                    st.t1 = time.perf_counter()
+                if step.prompt_logprobs is not None:
+                    st.out.prompt_logprobs = step.prompt_logprobs
+                delta, _ = st.out.push(step.token_id, step.logprob, step.finish_reason)
+                if not st.out.finished:
                     if delta:
                         yield st.index, delta, None
                     continue
-                if not stopped:
-                    delta += st.text.finish()
-                reason = "stop" if stopped or st.text.matcher.stopped else out.finish_reason
-                result = _result(engine.seq(out.row), st, reason)
-                engine.remove(out.row)
-                del live[out.row]
-                yield st.index, delta, result
+                engine.remove(step.row)
+                del live[step.row]
+                yield st.index, delta, _result(st, params)
     finally:
         for row in live:  # the caller stopped early (or an error): free the rows
             engine.remove(row)
 
 
-def _result(seq, st: _Live, reason: str) -> GenerationResult:
+def _result(st: _Live, params: SamplingParams) -> GenerationResult:
     now = time.perf_counter()
-    n = len(st.ids)
-    usage = {"prompt_tokens": len(st.prompt_ids), "completion_tokens": n,
-             "total_tokens": len(st.prompt_ids) + n, "cached_tokens": st.cached}
-    decode_s = now - st.t1
-    timings = {"prefill_s": st.t1 - st.t0, "decode_s": decode_s,
+    out = st.out
+    n = len(out.token_ids)
+    t1 = st.t1 if st.t1 is not None else now
+    decode_s = now - t1
+    timings = {"prefill_s": t1 - st.t0, "decode_s": decode_s,
                "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0}
-    return GenerationResult(st.text.text, st.ids, reason, usage, st.prompt_ids,
-                            st.logprobs if seq.params.logprobs is not None else None,
-                            seq.prompt_logprobs, timings)
+    content, calls, reason = out.final()
+    return GenerationResult(out.text if content is None else content, out.token_ids, reason,
+                            usage(len(st.prompt_ids), n, st.cached), st.prompt_ids,
+                            out.logprobs if params.logprobs is not None else None, out.prompt_logprobs,
+                            timings, calls)
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of a raw prompt: text encoded with the tokenizer's special tokens (BOS where the model wants
+    one), or token ids checked against the vocabulary."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    if not all(isinstance(i, int) for i in prompt):
-        raise LlmkitError("a prompt is a string or a list of token ids")
-    return list(prompt)
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            raise LlmkitError("a prompt is a string or a list of token ids", param="prompt")
+        ids = list(prompt)
+        if any(not 0 <= i < tokenizer.vocab_size for i in ids):
+            raise LlmkitError(f"prompt: token ids must be in [0, {tokenizer.vocab_size})",
+                              code="invalid_prompt", param="prompt")
+    if not ids:
+        raise LlmkitError("prompt: empty after tokenization", code="invalid_prompt", param="prompt")
+    return ids
 
 
-def chat_ids(tokenizer, messages: list[dict], **template_kw) -> list[int]:
-    from llmkit.tokenizer import render_chat
-
-    return render_chat(tokenizer, messages, add_generation_prompt=True, **template_kw).ids
-
-
-def _prompts(llm, prompt) -> tuple[list[list[int]], bool]:
-    """(token-id prompts, whether one prompt was given)."""
+def _prompts(llm, prompt, chat_kw: dict) -> tuple[list[list[int]], bool, ChatPrompt | None]:
+    """(token-id prompts, whether one prompt was given, the chat prompt's tool/constraint handling)."""
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], int)):
-        return [encode_prompt(llm.tokenizer, prompt)], True
+        return [encode_prompt(llm.tokenizer, prompt)], True, None
     if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-        return [chat_ids(llm.tokenizer, list(prompt))], True
+        cp = chat_prompt(llm.tokenizer, list(prompt), **chat_kw)
+        return [cp.ids], True, cp
     if isinstance(prompt, Sequence) and prompt:
-        return [encode_prompt(llm.tokenizer, p) for p in prompt], False
+        return [encode_prompt(llm.tokenizer, p) for p in prompt], False, None
     raise LlmkitError("empty prompt: give a string, a list of token ids, a list of strings or chat messages")
 
 
-def generate(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, **kw
+def _start(llm, prompt, params, kw, *, tools=None, tool_choice=None, response_format=None, logit_bias=None):
+    params = sampling_params(params, getattr(llm, "generation_defaults", None), **kw)
+    chat_kw = {"tools": tools, "tool_choice": tool_choice, "response_format": response_format}
+    is_chat = isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict)
+    if not is_chat and any(chat_kw.values()):
+        raise LlmkitError("tools, tool_choice and response_format apply to chat messages; use llm.chat")
+    prompts, single, cp = _prompts(llm, prompt, chat_kw)
+    schema = cp.schema if cp is not None else NOT_CONSTRAINED
+    procs = make_processors(llm.tokenizer, params.n, schema, logit_bias)
+    return params, prompts, single, cp, procs
+
+
+def generate(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
+             tool_choice=None, response_format=None, logit_bias=None, **kw
              ) -> GenerationResult | list[GenerationResult]:
-    """Complete a prompt (str, token ids, chat messages) or a list of prompts (one batch)."""
-    params = sampling_params(params, **kw)
-    prompts, single = _prompts(llm, prompt)
+    """Complete a prompt (str, token ids, chat messages) or a list of prompts (one batch).
+
+    Sampling keywords left unset take the model's generation defaults (`llm.generation_defaults`). For chat
+    messages, `tools` / `tool_choice` / `response_format` work as in the OpenAI API; `logit_bias` maps token
+    ids to biases in [-100, 100]."""
+    params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
+                                                response_format=response_format, logit_bias=logit_bias)
+    if procs is not None and len(prompts) > 1:
+        procs = None if logit_bias is None else procs  # only logit_bias applies to a batch of raw prompts
     eng = get_engine(llm, min(len(prompts) * params.n, 8))
     results: dict[int, list[GenerationResult]] = {}
-    for i, _, res in run(eng, llm.tokenizer, prompts, params, truncate=truncate):
+    for i, _, res in run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs, prompt=cp):
         if res is not None:
             results.setdefault(i, []).append(res)
     flat = [r for i in range(len(prompts)) for r in results[i]]
@@ -162,7 +205,8 @@ def generate(llm, prompt, params: SamplingParams | None = None, *, truncate: boo
 
 
 def chat(llm, messages: list[dict], params: SamplingParams | None = None, **kw) -> GenerationResult:
-    """Answer a conversation [{"role": ..., "content": ...}, ...] with the model's chat template."""
+    """Answer a conversation [{"role": ..., "content": ...}, ...] with the model's chat template
+    (keywords as `generate`, including tools, tool_choice and response_format)."""
     if not messages or not all(isinstance(m, dict) for m in messages):
         raise LlmkitError("chat expects a non-empty list of {'role': ..., 'content': ...} messages")
     return generate(llm, messages, params, **kw)
@@ -186,12 +230,14 @@ class Stream:
         self._events.close()
 
 
-def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, **kw) -> Stream:
+def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
+           tool_choice=None, response_format=None, logit_bias=None, **kw) -> Stream:
     """Text deltas of one completion (prompt: str, token ids or chat messages)."""
-    params = sampling_params(params, **kw)
+    params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
+                                                response_format=response_format, logit_bias=logit_bias)
     if params.n != 1:
         raise LlmkitError("stream produces one sequence; use generate for n > 1")
-    prompts, single = _prompts(llm, prompt)
     if not single:
         raise LlmkitError("stream takes one prompt; use generate for a batch")
-    return Stream(run(get_engine(llm), llm.tokenizer, prompts, params, truncate=truncate))
+    return Stream(run(get_engine(llm), llm.tokenizer, prompts, params, truncate=truncate, processors=procs,
+                      prompt=cp))

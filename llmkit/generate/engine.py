@@ -1,33 +1,43 @@
-"""Engine: token ids in, token ids out, for many sequences at once over one static KV cache.
+"""Engine: token ids in, token ids out, for many requests at once over one static KV cache.
 
-    row = engine.add(prompt_ids, params)     # prefill (only the part not already cached); the row joins
-    for out in engine.step(): ...            # one new token for every running row (a StepOutput each)
-    engine.remove(row)                       # the row leaves; its KV stays for prefix reuse
+    row = engine.add(prompt_ids, params)  # reserve a free row, match the prefix cache (nothing runs yet)
+    for out in engine.step(): ...         # prefill joining prompts, then one new token for every running row
+    engine.remove(row)                    # the row leaves; its keys/values stay for prefix reuse
 
 Notable choices:
-- One `KVCache` with `max_batch` rows is allocated once. A decode step runs the running rows together, each
-  at its own position (positions (B, 1)); rows join (`add`, prefilled on their own while others wait) and
-  leave (`remove`) between steps — the server's continuous batching drives exactly this loop.
-- Attention reads only the filled prefix of the cache: `EngineCache` presents the model with the first
-  max(position) + 1 slots (and a plain view when the rows are contiguous), so a decode step costs what the
-  sequence length costs, not what the cache capacity costs.
-- The vocabulary projection runs only where a token is sampled (the last prompt position at prefill), unless
-  prompt logprobs are asked for (`echo`): the model runs with its head detached and the engine applies it.
-- Prefix reuse: each row remembers the token ids whose keys/values it holds. A new request goes to the free
-  row sharing the longest prefix with it; if another row (even a running one) shares a longer prefix, those
-  slots are copied over. Only the rest is prefilled and `cached_tokens` reports the saving. n samples of one
-  prompt thus prefill once.
+- One KVCache with `max_batch` rows is allocated once; rows join (`add`) and leave (`remove`) between steps,
+  which is all the server's continuous batching needs. A step (`step`) does three things:
+  1. prefill: the prompts waiting in their rows run together, right-padded, in one forward of at most
+     `prefill_chunk` tokens (padding included), oldest first; a longer prompt continues over the next
+     steps, so running rows never wait for more than one chunk;
+  2. sample: every row with fresh next-token logits (decoded last step, or whose prompt just finished) in
+     one (B, V) sampler step with one host transfer (llmkit.generate.sampling); a request's first token thus
+     comes in the step that finishes its prompt;
+  3. decode: one forward of the new tokens of the rows that go on, each at its own position (B, 1).
+- The model is never modified: prefill asks for hidden states (`return_hidden=True`) and applies
+  `model.head` only where logits are needed (the last prompt position; every position for echo); decode
+  takes the logits as they come. Another thread may use the same model meanwhile. The engine does not switch
+  train/eval mode either: give it a model in eval mode (the loaders do).
+- Attention reads only the filled prefix of the cache (`KVCache.select`), so a step costs what the sequences
+  hold, not what the cache can hold. compile=True runs decode steps through torch.compile (CUDA graphs on a
+  GPU) over fixed shapes: the whole cache is attended (masked), so one graph serves each batch size.
+- Prefix reuse: each row remembers the token ids whose keys/values it holds (`ids`). A new request goes to
+  the free row sharing the longest prefix with it; if another row (even a running one) shares a longer
+  prefix, those slots are copied over; if that row is still prefilling the shared part (n samples of one
+  prompt), the copy waits for it. Only the rest is prefilled and `cached_tokens` says how much was saved.
+  Echo requests (prompt logprobs) run their whole prompt.
+- Weight version: remembered prefixes are tied to the model's weights (the sum of the parameters' and
+  buffers' in-place version counters, and which tensors they are), checked on `add`; after an optimizer
+  step (RL between rollouts) or a weight load, no stale keys/values are reused. Writes through `.data` are
+  not counted by PyTorch: update weights in place under torch.no_grad() as optimizers do.
 - Context policy: a prompt that leaves no room for one new token raises LlmkitError, or with
   `truncate=True` keeps its last tokens (leaving room for max_tokens, up to half the context). A row that
-  fills the context finishes with reason "length".
-- Sliding-window models are handled by the model's mask (key j visible from p iff p - j < window).
-- The engine never sees text: stop strings are the caller's (llmkit.generate.stop.TextStream); stop ids are
-  checked here.
+  fills the context finishes with reason "length". Sliding windows are handled by the model's mask.
+- The engine never sees text: stop strings are the caller's (llmkit.generate.stop); stop ids are checked here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,57 +46,17 @@ import torch
 import torch.nn as nn
 
 from llmkit.errors import LlmkitError
-from llmkit.generate.sampling import SamplingParams, SequenceSampler, TokenLogprob, prompt_logprobs
+from llmkit.generate.sampling import Processor, Sampler, SamplingParams, TokenLogprob, logprob_infos
 from llmkit.model import KVCache
-
-
-class EngineCache(KVCache):
-    """The model's static KVCache, showing each step only the rows it runs and the slots it can see."""
-
-    def __init__(self, config, batch_size: int, capacity: int, device=None, dtype=None):
-        super().__init__(config, batch_size, capacity, device, dtype)
-        self.capacity = capacity
-        self.row_start = 0  # with rows None: the batch is cache rows row_start .. row_start + B - 1
-        self._pos: torch.Tensor | None = None  # positions of the step whose scatter index is _idx
-        self._idx: torch.Tensor | None = None
-
-    def select(self, rows: Sequence[int], length: int) -> None:
-        """Run the next forward on cache `rows` (sorted), attending to key slots [0, length)."""
-        self.max_seq_len = length  # the model builds its (B, 1, T, S) mask over S = max_seq_len slots
-        if list(rows) == list(range(rows[0], rows[0] + len(rows))):
-            self.rows, self.row_start = None, rows[0]
-        else:
-            self.rows = torch.tensor(rows, device=self.device)
-
-    def update(self, layer_idx, k, v, positions):
-        """Write k, v (B, T, n_kv, D) at positions (B, T); return keys/values (B, n_kv, length, D)."""
-        n = self.max_seq_len
-        if self.rows is None:  # contiguous rows: scatter into views (cheaper than an index_put)
-            b = k.shape[0]
-            kc = self.k[layer_idx][self.row_start : self.row_start + b]  # views
-            vc = self.v[layer_idx][self.row_start : self.row_start + b]
-            if positions is not self._pos:  # the scatter index is the same for every layer of a step
-                _, _, hkv, d = k.shape
-                self._pos, self._idx = positions, positions[:, None, :, None].expand(b, hkv, -1, d)
-            kc.scatter_(2, self._idx, k.transpose(1, 2).to(kc.dtype))  # (B, n_kv, T, D) views written
-            vc.scatter_(2, self._idx, v.transpose(1, 2).to(vc.dtype))
-            return kc[:, :, :n], vc[:, :, :n]
-        kc, vc, idx = self.k[layer_idx], self.v[layer_idx], self.rows[:, None]
-        kc[idx, :, positions] = k.to(kc.dtype)  # indexed view (B, T, n_kv, D)
-        vc[idx, :, positions] = v.to(vc.dtype)
-        return kc[self.rows, :, :n], vc[self.rows, :, :n]  # gathered copies
-
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        for t in self.k + self.v:
-            t[dst, :, :n] = t[src, :, :n]
 
 
 @dataclass
 class StepOutput:
     row: int
-    token_id: int
-    logprob: TokenLogprob | None
+    token_id: int | None  # None only for a prefill-only request (max_tokens=0 with echo)
+    logprob: TokenLogprob | None  # with params.logprobs
     finish_reason: str | None  # None while running; "stop" (stop id) | "length" (max_tokens or context)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # a row's first output, with params.echo
 
     @property
     def finished(self) -> bool:
@@ -94,102 +64,145 @@ class StepOutput:
 
 
 @dataclass
-class Sequence_:
+class Request:
+    """One request in an engine row: what was asked, what came from the prefix cache, what came out."""
+
     prompt_ids: list[int]
     params: SamplingParams
-    sampler: SequenceSampler
-    stop_ids: set[int]
-    cached_tokens: int
+    cached_tokens: int  # prompt tokens whose keys/values were reused (not prefilled)
     truncated: int = 0  # prompt tokens dropped by truncate=True
     output_ids: list[int] = field(default_factory=list)
-    logits: torch.Tensor | None = None  # (V,) next-token logits
-    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # params.echo, once the prompt is prefilled
+    logits: torch.Tensor | None = None  # (V,) float32 next-token logits, until sampled
+    stop_ids: frozenset[int] = frozenset()
+    order: int = 0  # arrival (prefill goes oldest first)
+    wait: tuple[int, int] | None = None  # (row, n): copy n prefix slots from that row once it holds them
+    _scored: list[TokenLogprob | None] = field(default_factory=lambda: [None], repr=False)  # echo so far
 
 
 class Engine:
-    def __init__(self, model: nn.Module, *, max_batch: int = 4, max_seq_len: int | None = None,
-                 stop_ids: Sequence[int] = (), compile: bool = False):
+    def __init__(self, model: nn.Module, max_batch: int = 8, max_seq_len: int | None = None,
+                 stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 512):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         cfg = model.config
-        self.model = model.eval()
+        self.model = model
         self.config = cfg
         self.capacity = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.stop_ids = set(stop_ids)  # the tokenizer's eos / end-of-turn ids
         p = next(model.parameters())
         self.device = p.device
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-        self.cache = EngineCache(cfg, max_batch, self.capacity, device=p.device, dtype=dtype)
-        self.max_batch = max_batch
-        self.stop_ids = set(stop_ids)  # the tokenizer's eos / end-of-turn ids
-        self.seqs: list[Sequence_ | None] = [None] * max_batch
-        self.ids: list[list[int]] = [[] for _ in range(max_batch)]  # token ids whose KV each row holds
+        self.cache = KVCache(cfg, max_batch, self.capacity, device=p.device, dtype=dtype)
+        self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)
+        self.requests: list[Request | None] = [None] * max_batch
+        self.ids: list[list[int]] = [[] for _ in range(max_batch)]  # token ids whose K/V each row holds
+        self._weights = [None] * max_batch  # weight version each row's K/V was computed with
         self._last_used = [0] * max_batch
         self._clock = itertools.count(1)
-        # compile: decode steps run a torch.compile'd model (CUDA graphs on GPU) over fixed shapes: the whole
-        # cache is attended (masked), so one graph serves every step. Prefill stays eager.
-        self._decode_model = torch.compile(model, mode="reduce-overhead" if p.is_cuda else "default",
-                                           dynamic=False) if compile else None
+        self._decoded: tuple[list[int], torch.Tensor] | None = None  # rows, logits (B, V) of the last decode
+        self._compiled = torch.compile(model, mode="reduce-overhead" if p.is_cuda else "default",
+                                       dynamic=False) if compile else None
 
     # ------------------------------------------------------------------ rows
     @property
     def running(self) -> list[int]:
-        return [r for r, s in enumerate(self.seqs) if s is not None and s.finish_reason is None]
+        """Rows whose request is not finished (prefilling or generating)."""
+        return [r for r, q in enumerate(self.requests) if q is not None and q.finish_reason is None]
 
     @property
     def free_rows(self) -> int:
-        return sum(s is None for s in self.seqs)
+        return sum(q is None for q in self.requests)
 
-    def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, sample_index: int = 0,
-            truncate: bool = False) -> int:
-        """Prefill a new sequence into a free row; return the row (see `seq(row).cached_tokens`)."""
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+            processors: Sequence[Processor] = (), sample_index: int = 0, truncate: bool = False) -> int:
+        """Reserve a free row for a request and match its prompt against the prefix cache; the model runs
+        in the next step()s. Returns the row (`request(row).cached_tokens` is known at once).
+
+        processors: per-row logits processors `proc(generated_ids, logits (V,)) -> logits`, applied before
+        penalties and temperature. sample_index: sample i of n (a seeded request draws with seed + i)."""
         params = (params or SamplingParams()).validate()
         ids, dropped = self._fit_context([int(i) for i in prompt_ids], params, truncate)
         if any(not 0 <= i < self.config.vocab_size for i in ids):
             raise LlmkitError(f"prompt holds token ids outside the vocabulary [0, {self.config.vocab_size})")
-        row, cached = self._pick_row(ids, reuse=not params.echo)
-        stops = set() if params.ignore_eos else set(self.stop_ids)
-        sampler = SequenceSampler(params, ids, self.config.vocab_size, self.device, sample_index)
-        seq = Sequence_(ids, params, sampler, stops | set(params.stop_ids), cached, dropped)
-        self.seqs[row] = seq
-        self.ids[row] = ids[:cached]
-        last, full = self._forward([row], [ids[cached:]], all_logits=params.echo)
-        seq.logits = last[0]
-        if params.echo:
-            seq.prompt_logprobs = prompt_logprobs(full[0], ids, params.logprobs or 0)
+        row, cached, wait = self._reserve(ids, reuse=not params.echo)
+        stops = frozenset(() if params.ignore_eos else self.stop_ids) | frozenset(params.stop_ids)
+        self.requests[row] = Request(ids, params, cached, dropped, stop_ids=stops, order=next(self._clock),
+                                     wait=wait)
+        self.sampler.start(row, params, ids, sample_index, processors)
         return row
 
-    def seq(self, row: int) -> Sequence_:
-        s = self.seqs[row]
-        if s is None:
+    def request(self, row: int) -> Request:
+        q = self.requests[row]
+        if q is None:
             raise LlmkitError(f"engine row {row} holds no request")
-        return s
+        return q
 
     def remove(self, row: int) -> None:
-        """Free the row; its cached token ids stay for prefix reuse."""
-        self.seqs[row] = None
+        """Free the row (finished or not); the keys/values it holds stay for prefix reuse."""
+        self.requests[row] = None
+        self._decoded = None
+        for r, q in enumerate(self.requests):  # rows waiting for this row's prefix take what it holds now
+            if q is not None and q.wait is not None and q.wait[0] == row:
+                n = min(q.wait[1], len(self.ids[row]))
+                if n > len(self.ids[r]):
+                    self.cache.copy_prefix(row, r, n)
+                    self.ids[r] = q.prompt_ids[:n]
+                q.wait, q.cached_tokens = None, len(self.ids[r])
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Sample one token for every running row, then run the model on the tokens of rows still going."""
-        outs: list[StepOutput] = []
-        feed: list[tuple[int, int]] = []
-        for row in self.running:
-            seq = self.seqs[row]
-            token, info = seq.sampler(seq.logits)
-            seq.output_ids.append(token)
-            if token in seq.stop_ids:
-                seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens or len(self.ids[row]) >= self.capacity:
-                seq.finish_reason = "length"
+        """Prefill waiting prompts (up to `prefill_chunk` tokens), sample one token for every row with fresh
+        logits, then decode the rows that go on. One StepOutput per sampled (or prefill-only) row; a row
+        still prefilling a long prompt has none."""
+        outs = self._prefill()
+        rows = [r for r in self.running if self.requests[r].logits is not None]
+        if not rows:
+            return outs
+        batch = self._decoded
+        logits = batch[1] if batch is not None and batch[0] == rows else \
+            torch.stack([self.requests[r].logits for r in rows])  # (B, V)
+        self._decoded = None
+        tokens, infos = self.sampler.sample(rows, logits, [self.requests[r].output_ids for r in rows])
+        feed: list[int] = []
+        for r, token, info in zip(rows, tokens, infos):
+            q = self.requests[r]
+            first = not q.output_ids
+            q.logits = None
+            q.output_ids.append(token)
+            if token in q.stop_ids:
+                q.finish_reason = "stop"
+            elif len(q.output_ids) >= q.params.max_tokens or len(self.ids[r]) >= self.capacity:
+                q.finish_reason = "length"
             else:
-                feed.append((row, token))
-            outs.append(StepOutput(row, token, info, seq.finish_reason))
+                feed.append(r)
+            outs.append(StepOutput(r, token, info, q.finish_reason, q.prompt_logprobs if first else None))
         if feed:
-            rows = [r for r, _ in feed]
-            last, _ = self._forward(rows, [[t] for _, t in feed])
-            for r, lg in zip(rows, last):
-                self.seqs[r].logits = lg
+            logits = self._run(feed, [[self.requests[r].output_ids[-1]] for r in feed])[:, 0]  # (B, V)
+            logits = logits.float()
+            self._decoded = (feed, logits)
+            for r, lg in zip(feed, logits):
+                self.requests[r].logits = lg
         return outs
 
-    # ------------------------------------------------------------------ internals
+    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+                     ) -> Iterator[StepOutput]:
+        """Run one request to its end in a free row, yielding each StepOutput; the row is removed after."""
+        row = self.add(prompt_ids, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.row == row:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.remove(row)
+
+    # ------------------------------------------------------------------ admission
     def _fit_context(self, ids: list[int], params: SamplingParams, truncate: bool) -> tuple[list[int], int]:
         if not ids:
             raise LlmkitError("empty prompt: give at least one token (e.g. the BOS token)")
@@ -200,76 +213,133 @@ class Engine:
             raise LlmkitError(
                 f"prompt is {len(ids)} tokens but the context holds {cap} (prompt + at least 1 new token); "
                 "shorten the prompt or pass truncate=True to keep its last tokens")
-        keep = max(cap - params.max_tokens, cap // 2)
+        keep = max(min(cap - params.max_tokens, cap - 1), cap // 2)
         return ids[-keep:], len(ids) - keep
 
-    def _pick_row(self, ids: list[int], reuse: bool) -> tuple[int, int]:
-        free = [r for r, s in enumerate(self.seqs) if s is None]
+    def _reserve(self, ids: list[int], reuse: bool) -> tuple[int, int, tuple[int, int] | None]:
+        """Pick a free row for prompt `ids` and set up its prefix: (row, cached tokens, pending copy)."""
+        free = [r for r, q in enumerate(self.requests) if q is None]
         if not free:
             raise LlmkitError(f"all {self.max_batch} engine rows are busy; remove a finished request first",
                               status=503)
-        lcp = [_common_prefix(h, ids) if reuse else 0 for h in self.ids]
-        row = max(free, key=lambda r: (lcp[r], -self._last_used[r]))
-        src = max(range(self.max_batch), key=lambda r: lcp[r])
-        n = min(lcp[src], len(ids) - 1)  # at least one token is run to get the next-token logits
-        if lcp[src] > lcp[row] and n > 0:
+        version = self._weights_version()
+        same = [reuse and w == version for w in self._weights]
+        held = [_common_prefix(h, ids) if ok else 0 for h, ok in zip(self.ids, same)]
+        # a row still prefilling will hold its whole prompt: count that prefix too (the copy then waits)
+        will = [max(h, _common_prefix(q.prompt_ids, ids)) if ok and q is not None and q.finish_reason is None
+                else h for q, h, ok in zip(self.requests, held, same)]
+        row = max(free, key=lambda r: (held[r], -self._last_used[r]))
+        src = max(range(self.max_batch), key=lambda r: (will[r], held[r]))
+        n = min(will[src], len(ids) - 1)  # at least one token runs: the next-token logits
+        keep, wait = min(held[row], n), None
+        self.ids[row] = ids[:keep]
+        if n > keep and held[src] >= n:
             self.cache.copy_prefix(src, row, n)
+            self.ids[row] = ids[:n]
+        elif n > keep:
+            wait = (src, n)
+        self._weights[row] = version
         self._last_used[row] = next(self._clock)
-        return row, max(n, 0)
+        return row, n, wait
 
-    @torch.inference_mode()
-    def _forward(self, rows: list[int], chunks: list[list[int]], all_logits: bool = False
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run new tokens `chunks` of cache `rows` (sorted) after what each row holds; return the logits (V,)
-        at each chunk's last token and, with all_logits, (T_i, V) for every token."""
+    def _weights_version(self) -> int:
+        """Changes whenever a parameter or buffer is updated in place or replaced."""
+        ts = [*self.model.parameters(), *self.model.buffers()]
+        return hash((sum(t._version for t in ts if not t.is_inference()),
+                     tuple((id(t), t.data_ptr()) for t in ts)))
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self) -> list[StepOutput]:
+        """Run waiting prompts, oldest first, in one forward of at most `prefill_chunk` padded tokens; a
+        second forward (in what is left of that budget) runs the rows whose shared prefix the first made."""
+        outs: list[StepOutput] = []
+        budget, first = self.prefill_chunk, True
+        while budget > 0:
+            copied = self._copy_waiting()
+            todo = sorted((q.order, r) for r, q in enumerate(self.requests)
+                          if q is not None and q.wait is None and len(self.ids[r]) < len(q.prompt_ids)
+                          and (first or r in copied))
+            plan: list[int] = []
+            T = 0  # chunk length of this forward: len(plan) * T <= budget
+            for _, r in todo:
+                t = max(T, min(len(self.requests[r].prompt_ids) - len(self.ids[r]), budget))
+                if (len(plan) + 1) * t <= budget:
+                    T = t
+                elif (len(plan) + 1) * T > budget:
+                    break
+                plan.append(r)
+            if not plan:
+                break
+            budget, first = budget - len(plan) * T, False
+            outs += self._prefill_chunk(sorted(plan), T)
+        return outs
+
+    def _copy_waiting(self) -> set[int]:
+        """Copy the shared prefix to the rows waiting for it once their source holds it; return those rows."""
+        done = set()
+        for r, q in enumerate(self.requests):
+            if q is not None and q.wait is not None and len(self.ids[q.wait[0]]) >= q.wait[1]:
+                self.cache.copy_prefix(q.wait[0], r, q.wait[1])
+                self.ids[r], q.wait = q.prompt_ids[: q.wait[1]], None
+                done.add(r)
+        return done
+
+    def _prefill_chunk(self, rows: list[int], T: int) -> list[StepOutput]:
+        """Run the next (at most T) prompt tokens of `rows`; set the next-token logits of finished prompts."""
         starts = [len(self.ids[r]) for r in rows]
-        lens = [len(c) for c in chunks]
-        T = max(lens)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            ids[i, : len(c)] = torch.tensor(c)
-        positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]  # (B, T); pads past each end
-        positions = positions.clamp_(max=self.capacity - 1)
-        run = self._decode_model if self._decode_model is not None and T == 1 else self.model
-        filled = max(s + n for s, n in zip(starts, lens))
-        self.cache.select(rows, filled if run is self.model else self.capacity)  # compiled: fixed shapes
-        with _headless(self.model) as head:
-            h = run(ids.to(self.device), positions=positions.to(self.device), cache=self.cache)  # (B, T, d)
-        last_idx = torch.tensor(lens, device=h.device) - 1
-        last = head(h[torch.arange(len(rows), device=h.device), last_idx]).float()  # (B, V)
-        full = [head(h[i, :n]).float() for i, n in enumerate(lens)] if all_logits else []
+        chunks = [self.requests[r].prompt_ids[s : s + T] for r, s in zip(rows, starts)]
+        h = self._run(rows, chunks, hidden=True)  # (B, T, d)
+        outs, last = [], []
+        for i, (r, s, c) in enumerate(zip(rows, starts, chunks)):
+            q = self.requests[r]
+            done = s + len(c) == len(q.prompt_ids)
+            if q.params.echo:  # position p predicts prompt token p + 1
+                m = len(c) - done
+                if m:
+                    want = torch.tensor(q.prompt_ids[s + 1 : s + 1 + m], device=h.device)  # (m,)
+                    q._scored += logprob_infos(self.model.head(h[i, :m]), want, q.params.logprobs or 0)
+                if done:
+                    q.prompt_logprobs = q._scored
+            if done and q.params.max_tokens == 0:  # prefill only: the prompt's logprobs were the point
+                q.finish_reason = "length"
+                outs.append(StepOutput(r, None, None, "length", q.prompt_logprobs))
+            elif done:
+                last.append((i, r, len(c) - 1))
+        if last:
+            at = torch.tensor([(i, p) for i, _, p in last], device=h.device)  # (k, 2): batch row, position
+            logits = self.model.head(h[at[:, 0], at[:, 1]]).float()  # (k, V)
+            self._decoded = None  # these rows' logits no longer come from the last decode
+            for (_, r, _), lg in zip(last, logits):
+                self.requests[r].logits = lg
+        return outs
+
+    def _run(self, rows: list[int], chunks: list[list[int]], hidden: bool = False) -> torch.Tensor:
+        """Run token `chunks` of cache `rows` (ascending) after what each row holds; return the hidden states
+        (B, T, d) or (hidden=False) the logits (B, T, V). Chunks are right-padded to the longest."""
+        starts = [len(self.ids[r]) for r in rows]
+        T = max(map(len, chunks))
+        cap = self.capacity
+        x = torch.tensor([c + [0] * (T - len(c)) for c in chunks]  # (2B, T): ids, then positions (one copy)
+                         + [[min(s + j, cap - 1) for j in range(T)] for s in starts]).to(self.device)
+        ids, positions = x[: len(rows)], x[len(rows) :]
+        compiled = self._compiled is not None and T == 1 and not hidden
+        self.cache.select(rows, cap if compiled else min(cap, max(starts) + T))  # compiled: fixed shapes
+        if compiled:
+            out = self._compiled(ids, positions=positions, cache=self.cache)
+        else:
+            out = self.model(ids, positions=positions, cache=self.cache, return_hidden=hidden)
         for r, c in zip(rows, chunks):
             self.ids[r].extend(c)
-        return list(last), full
-
-    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
-                     ) -> Iterator[StepOutput]:
-        """Run one sequence to its end in a free row, yielding each StepOutput; the row is removed after."""
-        row = self.add(prompt_ids, params)
-        try:
-            while True:
-                (out,) = [o for o in self.step() if o.row == row]
-                yield out
-                if out.finished:
-                    return
-        finally:
-            self.remove(row)
+        return out
 
 
-@contextlib.contextmanager
-def _headless(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` without its vocabulary projection; yield the projection to apply where needed."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two id lists (list slices compare at C speed; binary search)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo

@@ -4,6 +4,8 @@ Notable choices:
 - The whole conversation is re-rendered with the model's chat template each turn; the engine's prefix reuse
   makes that cost only the new tokens (the answer's line shows how many were cached).
 - Input and output are plain text streams (stdin/stdout by default), so the chat is testable by piping lines.
+- The caller resolves the sampling settings (flags > the model's defaults > the loop guard of
+  llmkit.generate.defaults.interactive_defaults); the banner prints them, /temp changes the temperature.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from typing import TextIO
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.defaults import FIELDS, describe
 from llmkit.generate.sampling import SamplingParams
 
 HELP = """commands:
@@ -91,6 +94,7 @@ def run_chat(llm, params: SamplingParams, system: str | None = None, inp: TextIO
     session = ChatSession(llm, params, system)
     tty = inp.isatty()
     print(f"llmkit chat with {llm.name} — /help for commands, /quit to leave", file=out)
+    print(f"(sampling: {describe({k: getattr(session.params, k) for k in FIELDS})})", file=out)
     while True:
         if tty:
             out.write("> ")

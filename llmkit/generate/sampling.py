@@ -1,38 +1,52 @@
-"""Sampling: `SamplingParams` and the logits -> next-token pipeline of one sequence.
+"""Sampling: `SamplingParams` and the batched logits -> next-token step of an engine's rows.
 
-    raw logits -> penalties -> temperature -> top-k -> top-p -> min-p -> softmax -> draw
+    raw logits (B, V) -> processors (per row) -> penalties -> temperature -> top-k -> top-p -> min-p -> draw
 
 Notable choices:
-- `temperature == 0` means greedy: argmax of the penalised logits, no random draw.
+- One (B, V) step for the whole batch (`Sampler.sample`): every knob is a per-row (B, 1) tensor built with
+  one host-to-device copy, filters a batch does not use are skipped, greedy rows take the argmax, and the
+  chosen ids come back in ONE `.tolist()`: no per-row host sync. Per-row logits processors (logit bias,
+  constrained JSON) run on their own row first; they are the only per-row tensor work in the step.
+- `temperature == 0` means greedy: argmax of the processed, penalised logits, no random draw.
 - Penalties follow their references: the repetition penalty is CTRL's / HF's (a logit of a token seen in the
   prompt or the output is divided by the penalty when positive, multiplied when negative); presence and
   frequency penalties are OpenAI's (logit -= presence * [count > 0] + frequency * count, over generated
-  tokens only).
-- top-p keeps the smallest set of most likely tokens whose probability reaches p (at least one token);
-  min-p keeps tokens whose probability is at least min_p times the most likely one's.
-- Logprobs report the model's own distribution (log-softmax of the raw logits, before penalties,
-  temperature and truncation), like OpenAI and vLLM: they do not change with the sampling knobs and serve
-  evaluation as they are.
-- Each sequence owns a `torch.Generator` seeded from `seed` (+ the sample index when n > 1): a seeded
-  request draws the same tokens whatever else shares its batch.
+  tokens only). Token counts live in (rows, V) tensors, allocated on the first penalised request and updated
+  on the device.
+- top-k keeps the k largest logits (ties with the k-th too); top-p keeps the smallest set of most likely
+  tokens whose probability reaches p (at least one token); min-p keeps tokens whose probability is at least
+  min_p times the most likely one's. Each `apply_*` is a pure function taking one value or one per row.
+- Random draws by inverting the CDF: each sampling row owns a `random.Random` (seeded from `seed` + the
+  sample index when n > 1, else from the OS) and draws ONE uniform u per token on the host; the token is the
+  first one, in vocabulary order, whose cumulative probability reaches u * total. A seeded request thus
+  draws the same tokens whatever else shares its batch (its stream never depends on other rows), with no
+  per-row device launch and no sync; the draw is exact for the computed (float32) distribution.
+- Logprobs report the model's own distribution (log-softmax of the raw logits, before processors,
+  penalties, temperature and truncation), like OpenAI and vLLM, through llmkit.score (the one scorer).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.score import token_logprobs, topk_logprobs
+
+# A per-row logits processor: (the row's generated ids, its next-token logits (V,) float32) -> new logits
+Processor = Callable[[list[int], torch.Tensor], torch.Tensor]
+Param = float | torch.Tensor  # one value for every row, or one per row as a (B, 1) tensor
 
 MAX_LOGPROBS = 20
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 256  # new tokens at most
+    max_tokens: int = 256  # new tokens at most (0 with echo: score the prompt only)
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -93,8 +107,8 @@ class SamplingParams:
                 raise bad(name, "must be an integer")
             return v
 
-        if integer("max_tokens") < 1:
-            raise bad("max_tokens", "must be >= 1")
+        if integer("max_tokens") < (0 if self.echo else 1):
+            raise bad("max_tokens", "must be >= 1 (0 only with echo: prompt logprobs, no new token)")
         if number("temperature") < 0:
             raise bad("temperature", "must be >= 0 (0 = greedy)")
         if integer("top_k") < 0:
@@ -129,123 +143,180 @@ class TokenLogprob:
 
 
 # ---------------------------------------------------------------------- logits processors (pure functions)
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL/HF repetition penalty on logits (..., V) for the token ids in `seen` (1-D long)."""
-    if penalty == 1.0 or seen.numel() == 0:
+def _off(x: Param, off: float) -> bool:
+    """True when one shared value turns a filter off (a per-row tensor is applied as it is)."""
+    return not isinstance(x, torch.Tensor) and x == off
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Param) -> torch.Tensor:
+    """CTRL/HF repetition penalty on logits (..., V) for the seen tokens: `seen` is a bool mask shaped like
+    `logits` or 1-D token ids (one row); `penalty` one value or (B, 1) per row (1 = off)."""
+    if _off(penalty, 1.0) or seen.numel() == 0:
         return logits
-    sel = logits[..., seen]
-    return logits.index_put((seen,) if logits.dim() == 1 else (..., seen),
-                            torch.where(sel > 0, sel / penalty, sel * penalty))
+    if seen.dtype != torch.bool:
+        ids = seen
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, ids, True)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
-                             frequency: float) -> torch.Tensor:
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: Param,
+                             frequency: Param) -> torch.Tensor:
     """OpenAI penalties: logits - presence * [count > 0] - frequency * count; counts (..., V) float."""
-    if presence == 0.0 and frequency == 0.0:
+    if _off(presence, 0.0) and _off(frequency, 0.0):
         return logits
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (ties with the k-th are kept), the rest -> -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+def apply_top_k(logits: torch.Tensor, k: int | torch.Tensor, kmax: int | None = None) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept), the rest -> -inf. k: one value
+    or (B, 1) long per row (0 = off); with per-row k pass `kmax` = the largest k (else one host sync)."""
+    V = logits.shape[-1]
+    if not isinstance(k, torch.Tensor):
+        if k <= 0 or k >= V:
+            return logits
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+        return logits.masked_fill(logits < kth, float("-inf"))
+    kmax = min(int(k.max()) if kmax is None else kmax, V)
+    vals = torch.topk(logits, kmax, dim=-1).values  # (B, kmax)
+    kth = vals.gather(-1, (k.clamp(1, kmax) - 1))  # (B, 1)
+    kth = kth.masked_fill((k <= 0) | (k >= V), float("-inf"))  # rows with top-k off keep everything
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest most-likely set whose probability reaches p (always at least one token)."""
-    if p >= 1.0:
+def apply_top_p(logits: torch.Tensor, p: Param) -> torch.Tensor:
+    """Keep the smallest most-likely set whose probability reaches p (always at least one token); p one
+    value or (B, 1) per row (1 = off)."""
+    if not isinstance(p, torch.Tensor) and p >= 1.0:
         return logits
     srt, idx = logits.sort(dim=-1, descending=True)  # (..., V)
     probs = srt.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
     drop = before >= p
+    if isinstance(p, torch.Tensor):
+        drop &= p < 1.0  # rows with top-p off (rounding may bring `before` to 1)
     drop[..., 0] = False
     return logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
 
 
-def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Keep tokens whose probability is >= min_p * the top probability."""
-    if min_p <= 0.0:
+def apply_min_p(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
+    """Keep tokens whose probability is >= min_p * the top probability; min_p one value or (B, 1) per row
+    (0 = off)."""
+    if not isinstance(min_p, torch.Tensor) and min_p <= 0.0:
         return logits
     probs = logits.softmax(dim=-1)
     keep = probs >= min_p * probs.amax(dim=-1, keepdim=True)
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on (already penalised) logits (..., V); not for greedy."""
-    logits = logits / params.temperature
-    logits = apply_top_k(logits, params.top_k)
-    logits = apply_top_p(logits, params.top_p)
-    return apply_min_p(logits, params.min_p)
+def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits (B, V) by inverting the CDF of their softmax at u (B,) in (0, 1]: the
+    first token in vocabulary order whose cumulative probability reaches u * total. Never a token of
+    probability 0 (a -inf logit)."""
+    probs = logits.softmax(dim=-1)  # (B, V)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    at = (u[:, None] * cdf[:, -1:]).contiguous()  # (B, 1), in (0, total]
+    tok = torch.searchsorted(cdf, at).squeeze(1).clamp_(max=logits.shape[-1] - 1)  # (B,)
+    ok = probs.gather(1, tok[:, None]).squeeze(1) > 0  # guards against float ties of the cumulative sum
+    return torch.where(ok, tok, probs.argmax(dim=-1))
 
 
-def top_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """The chosen token's logprob and the k most likely alternatives under raw logits (V,)."""
-    lp = logits.float().log_softmax(dim=-1)
-    top: list[tuple[int, float]] = []
-    if k:
-        vals, ids = lp.topk(k)
-        top = list(zip(ids.tolist(), vals.tolist()))
-    return TokenLogprob(token, float(lp[token]), top)
+# ---------------------------------------------------------------------- logprobs
+def logprob_infos(logits: torch.Tensor, targets: torch.Tensor, k: int | Sequence[int]) -> list[TokenLogprob]:
+    """TokenLogprob of each target under raw logits (N, V), targets (N,), with the k most likely tokens (k
+    one value or one per row), read back in one transfer per tensor."""
+    ks = [k] * len(targets) if isinstance(k, int) else list(k)
+    lps = token_logprobs(logits, targets).tolist()  # (N,)
+    kmax = max(ks, default=0)
+    vals = ids = [[]] * len(ks)
+    if kmax:
+        top = topk_logprobs(logits, kmax)  # (N, kmax) each
+        vals, ids = top.values.tolist(), top.ids.tolist()
+    return [TokenLogprob(t, lp, list(zip(i[:n], v[:n])))
+            for t, lp, i, v, n in zip(targets.tolist(), lps, ids, vals, ks)]
 
 
-# ---------------------------------------------------------------------- one sequence's sampler
-class SequenceSampler:
-    """Sampling state of one sequence: its generator and the token counts the penalties need."""
+# ---------------------------------------------------------------------- the batched sampler
+class Sampler:
+    """Sampling state of `rows` engine rows (parameters, random streams, processors, token counts for the
+    penalties) and the step that picks one token for each of a set of rows at once."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
-                 device: torch.device | str = "cpu", sample_index: int = 0):
-        self.params = params
+    def __init__(self, rows: int, vocab_size: int, device: torch.device | str | None = None):
         self.vocab_size = vocab_size
-        self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator(device=device)
-            if params.seed is not None:
-                self.generator.manual_seed(params.seed + sample_index)
-            else:
-                self.generator.seed()
-        self.counts: torch.Tensor | None = None  # (V,) generated-token counts
-        self.seen: torch.Tensor | None = None  # (V,) bool: in the prompt or generated
+        self.device = torch.device(device or "cpu")
+        self.params: list[SamplingParams | None] = [None] * rows
+        self.rngs: list[random.Random | None] = [None] * rows
+        self.processors: list[tuple[Processor, ...]] = [()] * rows
+        self.counts: torch.Tensor | None = None  # (rows, V) float32: generated-token counts
+        self.seen: torch.Tensor | None = None  # (rows, V) bool: in the prompt or generated
+
+    def start(self, row: int, params: SamplingParams, prompt_ids: Sequence[int] = (), sample_index: int = 0,
+              processors: Sequence[Processor] = ()) -> None:
+        """Give `row` a new request: its parameters, a random stream (seed + sample_index when seeded) and,
+        when it is penalised, token counts that start from its prompt."""
+        self.params[row] = params
+        self.processors[row] = tuple(processors)
+        seed = None if params.seed is None else params.seed + sample_index
+        self.rngs[row] = None if params.greedy else random.Random(seed)  # None: seeded from the OS
         if params.penalised:
-            self.counts = torch.zeros(vocab_size, device=device)
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = [i for i in prompt_ids if 0 <= i < vocab_size]
-            self.seen[torch.tensor(ids, dtype=torch.long, device=device)] = True
+            if self.counts is None:
+                n = len(self.params)
+                self.counts = torch.zeros(n, self.vocab_size, device=self.device)
+                self.seen = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=self.device)
+            self.counts[row] = 0
+            self.seen[row] = False
+            self.seen[row, torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
 
-    def observe(self, token: int) -> None:
-        if self.counts is not None and 0 <= token < self.vocab_size:
-            self.counts[token] += 1
-            self.seen[token] = True
-
-    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        if not p.penalised:
-            return logits
-        logits = apply_repetition_penalty(logits, self.seen.nonzero().squeeze(1), p.repetition_penalty)
-        return apply_presence_frequency(logits, self.counts, p.presence_penalty, p.frequency_penalty)
-
-    def __call__(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """Pick the next token from raw logits (V,) float32; also its logprob info when asked."""
+    def sample(self, rows: Sequence[int], logits: torch.Tensor, generated: Sequence[list[int]] | None = None
+               ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token for each of `rows` from their raw next-token logits (B, V) float32; `generated` (each
+        row's generated ids) feeds the processors. Returns the ids and, where asked, their logprobs."""
+        ps = [self.params[r] for r in rows]
         raw = logits
-        logits = self.penalise(logits[: self.vocab_size].float())
-        if self.params.greedy:
-            token = int(logits.argmax())
+        if any(self.processors[r] for r in rows):
+            logits = logits.clone()
+            for i, r in enumerate(rows):
+                for proc in self.processors[r]:
+                    logits[i] = proc(generated[i] if generated is not None else [], logits[i])
+        penalised = any(p.penalised for p in ps)
+        greedy = all(p.greedy for p in ps)
+        if penalised or not greedy:
+            rng = [self.rngs[r] for r in rows]
+            knobs = torch.tensor([[p.temperature or 1.0, p.top_p, p.min_p, p.top_k, p.repetition_penalty,
+                                   p.presence_penalty, p.frequency_penalty, p.greedy,
+                                   1.0 - g.random() if g is not None else 1.0] for p, g in zip(ps, rng)],
+                                 device=self.device)  # (B, 9): one host-to-device copy for every knob
+        if penalised:
+            idx = torch.tensor(rows, device=self.device)  # (B,)
+            logits = apply_repetition_penalty(logits, self.seen[idx], knobs[:, 4:5])
+            logits = apply_presence_frequency(logits, self.counts[idx], knobs[:, 5:6], knobs[:, 6:7])
+        if greedy:
+            tokens = logits.argmax(dim=-1)  # (B,)
         else:
-            probs = process_logits(logits, self.params).softmax(dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        self.observe(token)
-        info = top_logprobs(raw, token, self.params.logprobs) if self.params.logprobs is not None else None
-        return token, info
+            x = logits / knobs[:, 0:1]
+            if any(p.top_k for p in ps):
+                x = apply_top_k(x, knobs[:, 3:4].long(), kmax=max(p.top_k for p in ps))
+            if any(p.top_p < 1.0 for p in ps):
+                x = apply_top_p(x, knobs[:, 1:2])
+            if any(p.min_p > 0.0 for p in ps):
+                x = apply_min_p(x, knobs[:, 2:3])
+            tokens = draw(x, knobs[:, 8])  # (B,)
+            if any(p.greedy for p in ps):
+                tokens = torch.where(knobs[:, 7] > 0, logits.argmax(dim=-1), tokens)
+        if penalised:
+            self.counts.index_put_((idx, tokens), torch.ones((), device=self.device), accumulate=True)
+            self.seen[idx, tokens] = True
+        ids = tokens.tolist()  # the step's one host transfer for the tokens
+        return ids, self._logprobs(rows, raw, tokens)
 
-
-def prompt_logprobs(logits: torch.Tensor, ids: Iterable[int], k: int) -> list[TokenLogprob | None]:
-    """Logprobs of prompt tokens ids[1:] from logits (T, V) at positions 0..T-2; the first is None."""
-    ids = list(ids)
-    out: list[TokenLogprob | None] = [None]
-    for t in range(1, len(ids)):
-        out.append(top_logprobs(logits[t - 1], ids[t], k))
-    return out
+    def _logprobs(self, rows: Sequence[int], raw: torch.Tensor, tokens: torch.Tensor
+                  ) -> list[TokenLogprob | None]:
+        want = [i for i, r in enumerate(rows) if self.params[r].logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        if not want:
+            return out
+        if len(want) < len(rows):
+            sel = torch.tensor(want, device=raw.device)
+            raw, tokens = raw[sel], tokens[sel]
+        for i, info in zip(want, logprob_infos(raw, tokens, [self.params[rows[i]].logprobs for i in want])):
+            out[i] = info
+        return out

@@ -8,6 +8,12 @@ Qwen2/3, Mixtral, Qwen3-MoE), configured by ModelConfig fields, never by family 
 Notable choices:
 - Parameter names are Hugging Face Llama names (`model.layers.N.self_attn.q_proj` ...), so HF safetensors
   load with no renaming (only GPT-2 files need a transform, done in llmkit/checkpoint/hf.py).
+- Attention and the gated MLP compute their input projections with `project(x, q_proj, k_proj, v_proj)`
+  (llmkit/model/layers.py) and never look at which modules sit there: nn.Linear, quantized, fused or
+  LoRA-wrapped projections all work, and nothing is swapped or cached on a module during a forward.
+- One forward, outputs chosen by argument: logits (default); `return_hidden=True` gives the final normed
+  hidden states and `head(h)` the logits of just the rows a caller wants (the engine's last positions);
+  `output_hidden_states` / `output_attentions` / `output_aux` give a ModelOutput.
 - Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels, grouped-query
   attention without repeating K/V). `output_attentions=True` switches to an eager path that computes
   softmax(QKᵀ/√d + M) explicitly and returns the weights.
@@ -16,17 +22,22 @@ Notable choices:
   default positions the mask is implicit (is_causal) and the fast kernels apply; otherwise one additive
   mask per forward (per kind: full / sliding) spans the cache's `max_seq_len` slots. Additive, not
   boolean: SDPA with a boolean mask and grouped-query attention drops to its math path (2.4x slower
-  per call on an H100, bench notes in /work/notes/model.md).
+  per call on an H100).
 - RoPE cos/sin tables are float32 buffers precomputed on the device; each forward gathers them by position
-  once for all layers. The decode step has no host sync and no data-dependent Python branch, so
-  torch.compile(fullgraph=True) captures it (dense models; MoE routing syncs once per MoE layer).
+  once for all layers. The decode step has no data-dependent Python branch and, under torch.compile, no
+  host sync, so torch.compile(fullgraph=True) captures it (dense models; MoE routing syncs once per MoE
+  layer).
 - RMSNorm computes in float32 and casts back before the weight multiply, exactly as HF does, so fp32 logits
   match transformers to ~1e-6 and bf16 logits round the same way.
 - MoE routes with softmax over all experts, top-k, optional renormalisation (Mixtral: always; Qwen3-MoE:
   norm_topk_prob), and groups tokens by expert with one argsort + bincount (one host sync per MoE layer);
-  an optional shared expert with a sigmoid gate is added (Qwen2-MoE). During training the Switch /
-  Mixtral load-balancing loss (transformers' load_balancing_loss_func) lands in `model.aux_loss`; the
-  trainer adds `config.router_aux_loss_coef * model.aux_loss` to its loss.
+  an optional shared expert with a sigmoid gate is added (Qwen2-MoE). In training mode,
+  `model(ids, output_aux=True).aux_loss` is the Switch / Mixtral load-balancing loss (transformers'
+  load_balancing_loss_func) over router logits collected through the forward call (a list passed down the
+  blocks, never stored on a module); the trainer adds `config.router_aux_loss_coef * aux_loss`.
+- Explicit positions are checked against the RoPE / learned-position table and the cache (one min/max
+  read per forward, skipped under torch.compile): an out-of-range position is a LlmkitError, not a
+  silent wrap-around or a device-side assert.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import torch.nn.functional as F
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.kv_cache import KVCache
+from llmkit.model.layers import project
 from llmkit.model.rope import apply_rope, rope_for_positions, rope_tables
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -55,11 +67,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
-    hidden_states: list[torch.Tensor] = field(
-        default_factory=list
-    )  # n_layers + 1 x (B, T, d); last is normed
+    logits: torch.Tensor | None  # (B, T, V); None with return_hidden=True (then see `hidden`)
+    hidden_states: list[torch.Tensor] = field(default_factory=list)  # n_layers + 1 x (B, T, d); last normed
     attentions: list[torch.Tensor] = field(default_factory=list)  # n_layers x (B, H, T, S)
+    aux_loss: torch.Tensor | None = None  # () MoE load-balancing loss; training mode and output_aux only
+    hidden: torch.Tensor | None = None  # (B, T, d) final normed hidden states, with return_hidden=True
 
 
 class RMSNorm(nn.Module):
@@ -85,17 +97,6 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     raise LlmkitError(f"unknown norm {config.norm!r} (expected 'rmsnorm' or 'layernorm')")
 
 
-def _plain(*mods: nn.Module) -> bool:
-    """True when every module is an exact nn.Linear (not a LoRA wrapper or a quantized swap)."""
-    return all(type(m) is nn.Linear for m in mods)
-
-
-def _cat_params(*lins: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of the linears stacked along the output dimension, for one F.linear call."""
-    bias = None if lins[0].bias is None else torch.cat([m.bias for m in lins])
-    return torch.cat([m.weight for m in lins]), bias
-
-
 class MLP(nn.Module):
     """GELU MLP (up -> act -> down) or gated SwiGLU (down(act(gate(x)) * up(x)))."""
 
@@ -111,20 +112,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, config.d_model, bias=bias)
         self.act = ACTIVATIONS[config.activation]
-        self.fused_gate_up: nn.Module | None = None  # set by llmkit.quant.fuse_projections (see Attention)
-        self.gate_up_sizes = [d_ff, d_ff]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated and self.fused_gate_up is not None:  # quantized: gate|up in one matmul
-            g, h = self.fused_gate_up(x).split_with_sizes(self.gate_up_sizes, dim=-1)  # (..., d_ff) each
-            return self.down_proj(self.act(g) * h)
-        if self.gated and self.training and _plain(self.gate_proj, self.up_proj):  # one GEMM (see Attention)
-            g, h = F.linear(x, *_cat_params(self.gate_proj, self.up_proj)).split_with_sizes(
-                self.gate_up_sizes, dim=-1)
-            return self.down_proj(self.act(g) * h)
-        h = self.up_proj(x)  # (..., d_ff)
-        h = self.act(self.gate_proj(x)) * h if self.gated else self.act(h)
-        return self.down_proj(h)  # (..., d)
+        if self.gated:
+            g, u = project(x, self.gate_proj, self.up_proj)  # (..., d_ff) each
+            return self.down_proj(self.act(g) * u)  # (..., d)
+        return self.down_proj(self.act(self.up_proj(x)))  # (..., d)
 
 
 class MoE(nn.Module):
@@ -144,9 +137,9 @@ class MoE(nn.Module):
         if config.moe_shared_expert_d_ff:
             self.shared_expert = MLP(config, config.moe_shared_expert_d_ff, bias=False)
             self.shared_expert_gate = nn.Linear(config.d_model, 1, bias=False)
-        self.router_logits: torch.Tensor | None = None  # kept for the aux loss during training
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Routed mixture of x (..., d); the router logits (N, E) are appended to `router_logits` if given."""
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # (N, d)
         logits = self.gate(h)  # (N, E)
@@ -168,7 +161,8 @@ class MoE(nn.Module):
                 start += n
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
-        self.router_logits = logits if self.training else None
+        if router_logits is not None:
+            router_logits.append(logits)
         return out.view(shape)
 
 
@@ -201,36 +195,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
         self.dropout = config.dropout
-        # Set by llmkit.quant.fuse_projections to a quantized q|k|v matmul. A plain attribute, not a
-        # submodule (the fused module is registered once on the model), so state dicts keep HF names.
-        self.fused_qkv: nn.Module | None = None
 
     def _qkv(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, T, H, D), k and v (B, T, Hkv, D), q and k normed (qk_norm) and rotated (RoPE).
-        One matmul when fused (quantized) or training, else three."""
+        """q (B, T, H, D), k and v (B, T, Hkv, D), q and k normed (qk_norm) and rotated (RoPE)."""
         B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.fused_qkv is not None:
-            y = self.fused_qkv(x)  # (B, T, (H + 2 Hkv) D)
-        elif self.training and _plain(self.q_proj, self.k_proj, self.v_proj):
-            # Training: one GEMM over the concatenated weights is faster than three small ones, and
-            # autograd splits the gradient back exactly (cat's backward is a slice per weight).
-            y = F.linear(x, *_cat_params(self.q_proj, self.k_proj, self.v_proj))
-        else:  # inference in floating point: three GEMMs read the weights once, no concatenation copy
-            y = None
-        if y is not None and rope is not None and not self.qk_norm:
-            # q and k are adjacent heads of one tensor: rotate them in one go (half the small kernels)
-            # split_with_sizes: the C++ method (Tensor.split is a Python wrapper, ~4 us per call)
-            qk, v = y.view(B, T, H + 2 * Hkv, D).split_with_sizes([H + Hkv, Hkv], dim=2)
-            q, k = apply_rope(qk, *rope).split_with_sizes([H, Hkv], dim=2)
-            return q, k, v
-        if y is not None:
-            q, k, v = y.view(B, T, H + 2 * Hkv, D).split_with_sizes([H, Hkv, Hkv], dim=2)
-        else:
-            q, k, v = (self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D),
-                       self.v_proj(x).view(B, T, Hkv, D))
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, H*D | Hkv*D)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # elementwise, so applied in (B, T, H, D) layout: no transposes before it
@@ -296,15 +270,17 @@ class Block(nn.Module):
             MoE(config) if config.is_moe_layer(layer_idx) else MLP(config, config.d_ff, config.mlp_bias)
         )
         self.sliding = config.is_sliding_layer(layer_idx)
+        self.moe = config.is_moe_layer(layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, masks, cache, positions, output_attentions=False):
+    def forward(self, x, rope, masks, cache, positions, output_attentions=False, router_logits=None):
         a, weights = self.self_attn(
             self.input_layernorm(x), rope, masks[self.sliding], cache, positions, output_attentions
         )
         drop = self.training and self.dropout.p > 0  # an identity dropout call still costs a module call
         x = x + (self.dropout(a) if drop else a)
-        m = self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        m = self.mlp(h, router_logits) if self.moe else self.mlp(h)
         x = x + (self.dropout(m) if drop else m)
         return x, weights
 
@@ -330,7 +306,6 @@ class Transformer(nn.Module):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.aux_loss: torch.Tensor | None = None
         self.tie_weights()
         self.reset_buffers()
         self.init_weights()
@@ -372,17 +347,24 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,  # (B, T) long; default 0..T-1
         cache: KVCache | None = None,
+        return_hidden: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        output_aux: bool = False,
     ) -> torch.Tensor | ModelOutput:
+        """Logits (B, T, V); with return_hidden=True the final normed hidden states (B, T, d) instead (then
+        `head(h)` on the rows you need). With any output_* flag: a ModelOutput (its `hidden` holds the
+        hidden states when return_hidden=True, its `logits` is then None)."""
         B, T = ids.shape
         explicit = positions is not None
-        if T > self.config.max_seq_len and positions is None:
-            raise LlmkitError(
-                f"sequence of {T} tokens is longer than the model's context ({self.config.max_seq_len})"
-            )
         if positions is None:
+            if T > self.config.max_seq_len:
+                raise LlmkitError(
+                    f"sequence of {T} tokens is longer than the model's context ({self.config.max_seq_len})"
+                )
             positions = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
+        elif positions.is_cpu and not torch.compiler.is_compiling():  # on an accelerator a check would
+            self._check_positions(positions, cache)  # cost a host sync per step: callers own their positions
         x = self.model.embed_tokens(ids)  # (B, T, d)
         if hasattr(self.model, "embed_positions"):
             x = x + self.model.embed_positions(positions)
@@ -394,20 +376,46 @@ class Transformer(nn.Module):
         masks = self._masks(positions, cache, explicit, x.dtype)
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
         attentions: list[torch.Tensor] = []
+        collect = output_aux and self.training and self.config.n_experts > 0
+        routed: list[torch.Tensor] | None = [] if collect else None  # router logits (N, E) per MoE layer
         for layer in self.model.layers:
-            x, w = layer(x, rope, masks, cache, positions, output_attentions)
+            x, w = layer(x, rope, masks, cache, positions, output_attentions, routed)
             if output_hidden_states:
                 hidden.append(x)
             if w is not None:
                 attentions.append(w)
-        x = self.model.norm(x)
+        x = self.model.norm(x)  # (B, T, d)
         if output_hidden_states:
             hidden[-1] = x
-        logits = self.lm_head(x)  # (B, T, V)
-        self.aux_loss = self._aux_loss() if self.training and self.config.n_experts else None
-        if output_hidden_states or output_attentions:
-            return ModelOutput(logits, hidden, attentions)
-        return logits
+        if not (output_hidden_states or output_attentions or output_aux):
+            return x if return_hidden else self.head(x)
+        c = self.config
+        aux = load_balancing_loss(routed, c.n_experts, c.n_experts_per_tok) if routed else None  # ()
+        if return_hidden:
+            return ModelOutput(None, hidden, attentions, aux, hidden=x)
+        return ModelOutput(self.head(x), hidden, attentions, aux)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of final normed hidden states h (..., d): the lm_head."""
+        return self.lm_head(h)
+
+    def _check_positions(self, positions: torch.Tensor, cache: KVCache | None) -> None:
+        """LlmkitError for a position outside the position table (RoPE / learned) or the cache."""
+        if positions.numel() == 0:
+            return
+        lo, hi = (int(v) for v in torch.aminmax(positions))  # one small read (a sync on an accelerator)
+        if lo < 0:
+            raise LlmkitError(f"position {lo} is negative; positions count from 0")
+        if hi >= self.config.max_seq_len:
+            raise LlmkitError(
+                f"position {hi} is beyond the model's context ({self.config.max_seq_len} positions, 0.."
+                f"{self.config.max_seq_len - 1}); shorten the input or the generation"
+            )
+        if cache is not None and hi >= cache.max_seq_len:
+            raise LlmkitError(
+                f"position {hi} is beyond the KV cache's capacity ({cache.max_seq_len} slots); "
+                "allocate a larger cache or shorten the input"
+            )
 
     def _masks(
         self, positions: torch.Tensor, cache: KVCache | None, explicit: bool, dtype: torch.dtype
@@ -430,12 +438,6 @@ class Transformer(nn.Module):
         if window is not None:
             masks[True] = torch.where(full & (qpos - kpos < window), zero, hidden)[:, None]
         return masks
-
-    def _aux_loss(self) -> torch.Tensor:
-        logits = [
-            m.router_logits for m in self.modules() if isinstance(m, MoE) and m.router_logits is not None
-        ]
-        return load_balancing_loss(logits, self.config.n_experts, self.config.n_experts_per_tok)
 
 
 def param_counts(model: Transformer) -> dict[str, int]:

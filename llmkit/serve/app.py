@@ -34,8 +34,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.errors import LlmkitError
 from llmkit.serve import protocol as P
+from llmkit.serve import tokens
+from llmkit.serve.chat import chat_completions
+from llmkit.serve.completions import completions as run_completions
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.protocol import error_body
+from llmkit.serve.responses import delete_response as run_delete_response
+from llmkit.serve.responses import get_response as run_get_response
+from llmkit.serve.responses import responses as run_responses
 from llmkit.serve.scheduler import Backend, EngineBackend, Scheduler
 from llmkit.serve.service import Service
 from llmkit.serve.store import ResponseStore
@@ -256,35 +262,35 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request):
-        return await run(request, service.completions(req))
+        return await run(request, run_completions(service, req))
 
     @app.post("/v1/chat/completions")
     async def chat(req: P.ChatCompletionRequest, request: Request):
-        return await run(request, service.chat(req))
+        return await run(request, chat_completions(service, req))
 
     @app.post("/v1/responses")
     async def responses(req: P.ResponsesRequest, request: Request):
-        return await run(request, service.responses(req))
+        return await run(request, run_responses(service, req))
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
-        return service.get_response(response_id)
+        return await run_get_response(service, response_id)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
-        return service.delete_response(response_id)
+        return await run_delete_response(service, response_id)
 
     @app.post("/tokenize")
     async def tokenize(req: P.TokenizeRequest):
-        return service.tokenize(req)
+        return await tokens.tokenize(service, req)
 
     @app.post("/detokenize")
     async def detokenize(req: P.DetokenizeRequest):
-        return service.detokenize(req)
+        return await tokens.detokenize(service, req)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
-        return service.tokenizer_info()
+        return tokens.tokenizer_info(service)
 
     @app.get("/health")
     async def health():

@@ -3,15 +3,23 @@
 Bounds live on the fields (`Field(ge=..., le=...)`), so a bad parameter is a 400 naming the field
 before any work is queued. Unknown fields are accepted (clients send vendor extensions) and logged
 once per request at WARNING. The vLLM-style extras `top_k`, `min_p`, `repetition_penalty` and
-`ignore_eos` sit at the end of each request. `to_sampling_params()` maps a request onto the engine's
-`SamplingParams`; the routes never touch sampling fields themselves. `error_body` gives any exception
-the OpenAI error shape {"error": {"message", "type", "param", "code"}}.
+`ignore_eos` sit at the end of each request. `to_sampling_params(max_tokens, defaults)` maps a request onto
+the engine's `SamplingParams`; the routes never touch sampling fields themselves. `error_body` gives any
+exception the OpenAI error shape {"error": {"message", "type", "param", "code"}}.
+
+Unset is visible: temperature, top_p, top_k, min_p and repetition_penalty default to None, and
+`to_sampling_params` fills them from the model's generation defaults (`defaults`, llmkit.generate.defaults)
+as vLLM does with a model's generation_config.json, then from OpenAI's defaults (temperature 1, top_p 1,
+no penalty). So a model without defaults keeps OpenAI's semantics, and the interactive loop guard
+(frequency_penalty, answer length) is never applied here: the web page asks for it explicitly
+(`model_card` hands it the values). A model's
+max_new_tokens caps chat and Responses answers whose request sets no limit. Seeds are 64-bit signed ints.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +31,8 @@ log = logging.getLogger("llmkit.serve")
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # None -> the model's default
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # what torch.Generator.manual_seed takes (seed + i too)
 
 
 class _Lenient(BaseModel):
@@ -48,17 +58,17 @@ class _Sampling(_Lenient):
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the model's default, else 1
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the model's default, else 1
     user: str | None = None
-    # extensions (vLLM names)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    # extensions (vLLM names); None: the model's default, else off
+    top_k: int | None = Field(None, ge=-1)  # -1 = off, as 0
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     @model_validator(mode="after")
@@ -72,21 +82,41 @@ class _Sampling(_Lenient):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling_kwargs(self) -> dict[str, Any]:
+        """The request's sampling fields; None = unset (see `make_sampling_params`)."""
+        top_k = None if self.top_k is None else max(self.top_k, 0)
         return dict(
-            temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p, min_p=self.min_p,
+            temperature=self.temperature, top_k=top_k, top_p=self.top_p, min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, stop=self.stop_list(), seed=self.seed,
             ignore_eos=self.ignore_eos,
         )
 
 
-def make_sampling_params(**kw: Any):
-    """The engine's SamplingParams from keyword fields, validated (bad values raise LlmkitError)."""
-    from llmkit.generate import SamplingParams
+def make_sampling_params(defaults: dict[str, Any] | None = None, **kw: Any):
+    """The engine's SamplingParams from keyword fields, validated (bad values raise LlmkitError); the
+    DEFAULTED fields left None come from the model's `defaults`, then from SamplingParams' own."""
+    from llmkit.generate.defaults import with_defaults
+    from llmkit.generate.sampling import SamplingParams
 
-    sp = SamplingParams(**kw)
-    sp.validate()
-    return sp
+    model = {k: v for k, v in (defaults or {}).items() if k in DEFAULTED}
+    return SamplingParams(**with_defaults(model, kw)).validate()
+
+
+def answer_limit(max_tokens: int, asked: int | None, defaults: dict[str, Any] | None) -> int:
+    """`max_tokens` (the service's budget), capped by the model's default answer length when the request
+    set no limit (`asked` None)."""
+    default = (defaults or {}).get("max_tokens")
+    return min(max_tokens, default) if asked is None and default else max_tokens
+
+
+def model_card(model_id: str, created: int, max_model_len: int, defaults: dict[str, Any] | None) -> dict:
+    """A /v1/models entry; llmkit adds `generation_defaults` (the model's, used for unset request fields)
+    and `chat_defaults` (those plus the interactive loop guard: what the web page sends)."""
+    from llmkit.generate.defaults import interactive_defaults
+
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "llmkit",
+            "max_model_len": max_model_len, "generation_defaults": dict(defaults or {}),
+            "chat_defaults": interactive_defaults(defaults or {})}
 
 
 # --------------------------------------------------------------------------- /v1/completions
@@ -118,8 +148,8 @@ class CompletionRequest(_Sampling):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, max_tokens: int):
-        return make_sampling_params(**self.sampling_kwargs(), max_tokens=max_tokens,
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any] | None = None):
+        return make_sampling_params(defaults, **self.sampling_kwargs(), max_tokens=max_tokens,
                                     logprobs=self.logprobs, echo=self.echo)
 
 
@@ -220,9 +250,10 @@ class ChatCompletionRequest(_Sampling):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int):
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any] | None = None):
         lp = (self.top_logprobs or 0) if self.logprobs else None
-        return make_sampling_params(**self.sampling_kwargs(), max_tokens=max_tokens, logprobs=lp)
+        return make_sampling_params(defaults, **self.sampling_kwargs(), logprobs=lp,
+                                    max_tokens=answer_limit(max_tokens, self.limit(), defaults))
 
 
 # --------------------------------------------------------------------------- /v1/responses
@@ -258,13 +289,13 @@ class ResponsesRequest(_Lenient):
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the model's default, else 1
     text: ResponseText | None = None
     tool_choice: Any = None
     tools: list[dict[str, Any]] | None = None
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the model's default, else 1
     user: str | None = None
-    seed: int | None = None  # extension
+    seed: Seed | None = None  # extension
 
     def messages(self) -> list[dict[str, Any]]:
         """The new input as chat messages (instructions not included)."""
@@ -287,9 +318,9 @@ class ResponsesRequest(_Lenient):
                 raise ValueError(f"input: item type {it.type!r} is not supported")
         return out
 
-    def to_sampling_params(self, max_tokens: int):
-        return make_sampling_params(temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                                    max_tokens=max_tokens)
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any] | None = None):
+        return make_sampling_params(defaults, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                                    max_tokens=answer_limit(max_tokens, self.max_output_tokens, defaults))
 
 
 # --------------------------------------------------------------------------- tokenizer routes
@@ -313,12 +344,7 @@ class DetokenizeRequest(_Lenient):
 
 
 # --------------------------------------------------------------------------- errors
-class ApiError(LlmkitError):
-    """A LlmkitError that also names the request field at fault (OpenAI `param`)."""
-
-    def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None):
-        super().__init__(message, status=status, code=code)
-        self.param = param
+ApiError = LlmkitError  # errors name the request field at fault with `param=` (OpenAI `param`)
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

@@ -7,8 +7,9 @@ row's new token to its job's asyncio queue with `loop.call_soon_threadsafe`. A j
 consumer (client gone, stop string seen, timeout); the row is freed before the next step.
 
 The engine is reached through `Backend`, the three calls the loop needs (`add`, `step`, `remove`);
-`EngineBackend` adapts llmkit.generate.Engine to it. Anything else that must use the model runs on the
-same thread through `call`, so the model is only ever touched by one thread.
+`EngineBackend` adapts llmkit.generate.Engine to it. A row's prompt is prefilled inside the next step,
+batched with the other rows that joined (the engine's chunked prefill), so a new request never stalls the
+running ones for a whole prompt, and many new requests are prefilled together.
 """
 
 from __future__ import annotations
@@ -20,56 +21,48 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.sampling import TokenLogprob
 
 log = logging.getLogger("llmkit.serve")
 
-TopLogprobs = list[tuple[int, float]]
-
-
 @dataclass
 class TokenOut:
-    """One new token of one row, as produced by a decode step."""
+    """One new token of one row, as produced by a step (token_id None: a prefill-only row ended)."""
 
     key: int
-    token_id: int
-    logprob: float | None = None
-    top: TopLogprobs | None = None
+    token_id: int | None
+    logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # "stop" | "length" once the row is finished
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo: on the row's first output
 
 
 @dataclass
 class Prefilled:
-    """A job's row is prefilled: prefix-cache reuse, prompt logprobs (echo), and whether that was all."""
+    """A job's row is taken: how many prompt tokens the prefix cache already held."""
 
     cached_tokens: int = 0
-    prompt_logprobs: list[tuple[float, TopLogprobs] | None] | None = None
-    done: bool = False  # prefill-only job (max_tokens 0 with echo): no token follows
 
 
 class Backend(Protocol):
     max_rows: int
     max_seq_len: int
 
-    def add(self, key: int, prompt_ids: list[int], params: Any, processor: Callable | None) -> Prefilled:
-        """Start (prefill) a row."""
+    def add(self, key: int, prompt_ids: list[int], params: Any, processors: Sequence[Callable]) -> Prefilled:
+        """Start a row (its prompt is prefilled by the next step)."""
 
     def step(self) -> list[TokenOut]:
-        """One new token for every running row."""
+        """Prefill the rows that joined, then one new token for every running row."""
 
     def remove(self, key: int) -> None:
         """Drop a row (finished or cancelled) and free its slot."""
 
 
 class EngineBackend:
-    """`Backend` over llmkit.generate.Engine: maps job keys to engine rows.
-
-    A constrained job's `processor(generated_ids, logits) -> logits` wraps the row's sampler, so the mask
-    applies before penalties, temperature and truncation."""
+    """`Backend` over llmkit.generate.Engine: maps job keys to engine rows."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -78,20 +71,13 @@ class EngineBackend:
         self._row: dict[int, int] = {}
         self._key: dict[int, int] = {}
 
-    def add(self, key: int, prompt_ids: list[int], params: Any, processor: Callable | None) -> Prefilled:
-        row = self.engine.add(prompt_ids, params)
-        seq = self.engine.seq(row)
-        if processor is not None:
-            seq.sampler = _Constrained(seq.sampler, processor, seq.output_ids)
+    def add(self, key: int, prompt_ids: list[int], params: Any, processors: Sequence[Callable]) -> Prefilled:
+        row = self.engine.add(prompt_ids, params, processors=processors or ())
         self._row[key], self._key[row] = row, key
-        pl = None
-        if seq.prompt_logprobs is not None:
-            pl = [None if x is None else (x.logprob, x.top) for x in seq.prompt_logprobs]
-        return Prefilled(seq.cached_tokens, pl)
+        return Prefilled(self.engine.request(row).cached_tokens)
 
     def step(self) -> list[TokenOut]:
-        return [TokenOut(self._key[o.row], o.token_id, o.logprob.logprob if o.logprob else None,
-                         o.logprob.top if o.logprob else None, o.finish_reason)
+        return [TokenOut(self._key[o.row], o.token_id, o.logprob, o.finish_reason, o.prompt_logprobs)
                 for o in self.engine.step() if o.row in self._key]
 
     def remove(self, key: int) -> None:
@@ -101,32 +87,19 @@ class EngineBackend:
             self.engine.remove(row)
 
 
-class _Constrained:
-    """A sampler whose logits first go through a per-row processor (constrained decoding)."""
-
-    def __init__(self, sampler: Callable, processor: Callable, generated: list[int]):
-        self.sampler, self.processor, self.generated = sampler, processor, generated
-
-    def __call__(self, logits):
-        return self.sampler(self.processor(self.generated, logits))
-
-
 @dataclass
 class Job:
-    """One sequence to generate; its events arrive on `queue` as (index, TokenOut | Exception)."""
+    """One sequence to generate; its events arrive on `queue` as (index, Prefilled | TokenOut | Exception)."""
 
     prompt_ids: list[int]
     params: Any
-    processor: Callable | None
+    processors: Sequence[Callable]
     index: int
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     key: int = 0
-    prefill_only: bool = False
     submitted: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
     cancelled: bool = False
-    finished: bool = False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -142,7 +115,6 @@ class Scheduler:
         self.metrics = metrics
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
-        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cv = threading.Condition()
         self._keys = itertools.count(1)
         self._stop = False
@@ -165,7 +137,7 @@ class Scheduler:
             self._thread = None
 
     def submit(self, prompt_ids: list[int], params_list: Sequence[Any],
-               processors: Sequence[Callable | None] | None = None, *, prefill_only: bool = False,
+               processors: Sequence[Sequence[Callable]] | None = None, *,
                queue: asyncio.Queue | None = None, first_index: int = 0) -> tuple[list[Job], asyncio.Queue]:
         """Queue one job per params (n > 1 gives n jobs sharing one queue); 429 when the queue is full.
 
@@ -173,8 +145,8 @@ class Scheduler:
         `first_index` so several prompts can share one queue."""
         loop = asyncio.get_running_loop()
         queue = queue if queue is not None else asyncio.Queue()
-        procs = processors or [None] * len(params_list)
-        jobs = [Job(list(prompt_ids), p, pr, first_index + i, queue, loop, prefill_only=prefill_only)
+        procs = processors or [()] * len(params_list)
+        jobs = [Job(list(prompt_ids), p, pr, first_index + i, queue, loop)
                 for i, (p, pr) in enumerate(zip(params_list, procs))]
         with self._cv:
             if len(self._waiting) + len(jobs) > self.max_queue:
@@ -186,14 +158,6 @@ class Scheduler:
             self._publish_load()
             self._cv.notify_all()
         return jobs, queue
-
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between steps (for anything else that uses the model)."""
-        fut: Future = Future()
-        with self._cv:
-            self._calls.append((fn, fut))
-            self._cv.notify_all()
-        return await asyncio.wrap_future(fut)
 
     def wake(self) -> None:
         with self._cv:
@@ -218,28 +182,20 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stop or self._waiting or self._calls or self._running):
+                while not (self._stop or self._waiting or self._running):
                     self._cv.wait()
                 if self._stop:
                     break
-                calls = list(self._calls)
-                self._calls.clear()
                 new: list[Job] = []
                 while self._waiting and len(self._running) + len(new) < self.backend.max_rows:
                     job = self._waiting.popleft()
                     if not job.cancelled:
                         new.append(job)
-            for fn, fut in calls:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as e:  # handed to the awaiting route
-                        fut.set_exception(e)
             for job in [j for j in self._running.values() if j.cancelled]:
                 self._drop(job)
             for job in new:
                 try:
-                    info = self.backend.add(job.key, job.prompt_ids, job.params, job.processor)
+                    info = self.backend.add(job.key, job.prompt_ids, job.params, job.processors)
                 except Exception as e:
                     if not isinstance(e, LlmkitError):
                         log.exception("engine add failed")
@@ -247,10 +203,6 @@ class Scheduler:
                     job._emit(e)
                     continue
                 self._running[job.key] = job
-                if job.prefill_only:
-                    info.done = True
-                    job.finished = True
-                    self._drop(job)
                 job._emit(info)
             with self._cv:
                 self._publish_load()
@@ -265,21 +217,15 @@ class Scheduler:
                     job._emit(LlmkitError(f"engine error: {e}", status=500))
                     self._drop(job)
                 continue
-            now = time.monotonic()
             for out in outs:
                 job = self._running.get(out.key)
                 if job is None:
                     continue
-                if job.first_token is None:
-                    job.first_token = now
                 job._emit(out)
                 if out.finish_reason is not None:
-                    job.finished = True
                     self._drop(job)
         for job in list(self._running.values()) + list(self._waiting):
             job._emit(LlmkitError("server shutting down", status=503))
-        for fn, fut in self._calls:
-            fut.cancel()
 
     def _drop(self, job: Job) -> None:
         self._running.pop(job.key, None)

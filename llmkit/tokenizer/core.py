@@ -24,18 +24,18 @@ Notable choices
 from __future__ import annotations
 
 import heapq
-import json
+import operator
 import os
-import tempfile
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import regex
 
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_json
 from llmkit.tokenizer.pretokenize import PreTokenizer
 
 # token texts that end a turn or a document: generation stops on them (with eos)
@@ -112,23 +112,25 @@ def bytelevel(b: bytes) -> str:
     return "".join(BYTE_TO_UNICODE[x] for x in b)
 
 
-def bpe_merge(word: bytes, ranks: dict[tuple[bytes, bytes], int]) -> list[bytes]:
-    """Reference BPE on one pre-token: merge the lowest-ranked adjacent pair (leftmost first) while any.
+S = TypeVar("S", bytes, str)
 
-    >>> bpe_merge(b"aaab", {(b"a", b"a"): 0, (b"aa", b"b"): 1, (b"a", b"b"): 2})
-    [b'aa', b'ab']
+
+def merge_pairs(symbols: list[S], rank: Callable[[S, S], float | None]) -> list[S]:
+    """Greedy pair merging, the loop of both BPE flavours: while some adjacent pair has a rank, merge the
+    pair with the lowest rank (leftmost on ties). BPE ranks a pair by its merge index, SentencePiece by
+    minus the score of the merged piece (spm.py).
 
     A heap of candidate pairs over a linked list of symbols keeps it O(n log n) for long pieces (runs of
     spaces); stale heap entries are skipped when their symbols have changed since.
     """
-    sym = [word[i : i + 1] for i in range(len(word))]
+    sym = list(symbols)
     nxt = [*range(1, len(sym)), -1]
     prv = list(range(-1, len(sym) - 1))
-    heap: list[tuple[int, int, int, bytes]] = []
+    heap: list[tuple[float, int, int, S]] = []
 
     def push(i: int, j: int) -> None:
         if i >= 0 and j >= 0:
-            r = ranks.get((sym[i], sym[j]))
+            r = rank(sym[i], sym[j])
             if r is not None:
                 heapq.heappush(heap, (r, i, j, sym[i] + sym[j]))
 
@@ -138,7 +140,7 @@ def bpe_merge(word: bytes, ranks: dict[tuple[bytes, bytes], int]) -> list[bytes]
         _, i, j, merged = heapq.heappop(heap)
         if not sym[i] or not sym[j] or sym[i] + sym[j] != merged:
             continue  # stale: one side was merged into something else meanwhile
-        sym[i], sym[j] = merged, b""
+        sym[i], sym[j] = merged, merged[:0]
         nxt[i] = nxt[j]
         if nxt[j] >= 0:
             prv[nxt[j]] = i
@@ -147,12 +149,13 @@ def bpe_merge(word: bytes, ranks: dict[tuple[bytes, bytes], int]) -> list[bytes]
     return [s for s in sym if s]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; tokenizer files are meant to be shared
-    os.replace(tmp, path)
+def bpe_merge(word: bytes, ranks: dict[tuple[bytes, bytes], int]) -> list[bytes]:
+    """Reference BPE on one pre-token: merge the lowest-ranked adjacent pair (leftmost first) while any.
+
+    >>> bpe_merge(b"aaab", {(b"a", b"a"): 0, (b"aa", b"b"): 1, (b"a", b"b"): 2})
+    [b'aa', b'ab']
+    """
+    return merge_pairs([word[i : i + 1] for i in range(len(word))], lambda a, b: ranks.get((a, b)))
 
 
 class Tokenizer:
@@ -248,16 +251,20 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------------- builders
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """tokenizer.json | GPT-2 directory (encoder.json + vocab.bpe) | .gguf file | model directory."""
+        """tokenizer.json | GPT-2 directory (encoder.json + vocab.bpe) | .gguf file | model directory.
+
+        Paths only: a model name is resolved by the layer above (`llmkit.load(name).tokenizer`, or
+        `Tokenizer.load(llmkit.hub.resolve(name))`)."""
         from llmkit.tokenizer.loaders import load_tokenizer
 
         return load_tokenizer(path)
 
     @classmethod
-    def from_gguf(cls, reader_or_path: Any) -> Tokenizer:
+    def from_gguf(cls, source: Any) -> Tokenizer:
+        """From GGUF metadata: a path, an open llmkit.checkpoint.gguf.GGUFFile, or the metadata dict."""
         from llmkit.tokenizer.loaders import from_gguf
 
-        return from_gguf(reader_or_path)
+        return from_gguf(source)
 
     @classmethod
     def from_bpe(
@@ -360,11 +367,18 @@ class Tokenizer:
 
     def id_to_bytes(self, i: int) -> bytes:
         """Raw bytes of one token (SPM: '▁' -> b' ', <0xAB> -> b'\\xab'); special tokens give their text."""
+        if not 0 <= i < len(self.vocab):
+            raise LlmkitError(f"token id {i!r} is outside the vocabulary (0..{len(self.vocab) - 1})")
         return self.vocab[i]
+
+    def id_to_text(self, i: int) -> str:
+        """One token as text: its bytes as UTF-8, U+FFFD for bytes that are only part of a character (what
+        OpenAI-style `token` fields and config files show); special tokens give their text."""
+        return self.id_to_bytes(i).decode("utf-8", errors="replace")
 
     def id_to_piece(self, i: int) -> str:
         """A printable form of one token, for display (bytes that are not UTF-8 shown as <0xNN>)."""
-        text = self.vocab[i].decode("utf-8", "surrogateescape")  # invalid bytes -> U+DC80..U+DCFF
+        text = self.id_to_bytes(i).decode("utf-8", "surrogateescape")  # invalid bytes -> U+DC80..U+DCFF
         return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if "\udc80" <= c <= "\udcff" else c for c in text)
 
     def token_to_id(self, text: str) -> int | None:
@@ -407,9 +421,6 @@ class Tokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         """Text -> ids with no special *or added* token recognised (as tiktoken's encode_ordinary)."""
         return self._encode_text(text, True) if text else []
-
-    def encode_batch(self, texts: Sequence[str], **kw: Any) -> list[list[int]]:
-        return [self.encode(t, **kw) for t in texts]
 
     def _partition(self, text: str, allow_special: bool) -> Iterable[tuple[str, int | None]]:
         """Cut out added/special tokens: yields (text fragment, None) or (token text, id)."""
@@ -496,13 +507,17 @@ class Tokenizer:
 
     # ----------------------------------------------------------------------------------------------- decoding
     def decode_bytes(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> bytes:
+        """Ids -> the raw bytes of their tokens, joined; an id outside 0..vocab_size-1 is an LlmkitError."""
+        ids = ids if isinstance(ids, (list, tuple)) else list(ids)
         skip = self._control_ids if skip_special_tokens else ()
-        n = len(self.vocab)
+        vocab = self.vocab
         try:
-            return b"".join(self.vocab[i] for i in ids if i not in skip)
+            if ids and min(ids) < 0:  # a negative index would silently pick a token from the end
+                raise IndexError
+            return b"".join(vocab[i] for i in ids if i not in skip)
         except (IndexError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, int) or not 0 <= i < n)
-            raise LlmkitError(f"token id {bad!r} is outside the vocabulary (0..{n - 1})") from None
+            bad = next(i for i in ids if not _is_token_id(i, len(vocab)))
+            raise LlmkitError(f"token id {bad!r} is outside the vocabulary (0..{len(vocab) - 1})") from None
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Ids -> text; bytes that are not valid UTF-8 become U+FFFD; SPM drops the added leading space."""
@@ -524,5 +539,13 @@ class Tokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tok_json, config = to_hf_json(self)
-        _atomic_write(d / "tokenizer.json", json.dumps(tok_json, ensure_ascii=False, indent=1))
-        _atomic_write(d / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
+        atomic_write_json(d / "tokenizer.json", tok_json, indent=1)
+        atomic_write_json(d / "tokenizer_config.json", config, indent=2)
+
+
+def _is_token_id(i: Any, n: int) -> bool:
+    """An int-like (int, numpy or torch integer) in [0, n)."""
+    try:
+        return 0 <= operator.index(i) < n
+    except TypeError:
+        return False

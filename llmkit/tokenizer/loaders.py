@@ -1,8 +1,9 @@
 """Read and write vocabularies: GPT-2 files, HF tokenizer.json, GGUF `tokenizer.ggml.*` metadata.
 
 `load_tokenizer(path)` picks the format: a tokenizer.json file, a GPT-2 directory (encoder.json + vocab.bpe),
-a .gguf file (recognised by its magic bytes), a model directory holding one of those, or a model name known
-to llmkit.hub. Every failure is an LlmkitError that names the file and what to do.
+a .gguf file (recognised by its magic bytes), or a model directory holding one of those. Paths only: model
+names are resolved by the layers above (llmkit.load, the CLI) through llmkit.hub, which the tokenizer never
+imports. Every failure is an LlmkitError that names the file and what to do.
 Byte-level vocabularies are stored as raw bytes (GPT-2's printable spelling undone); `to_hf_json` spells
 them again for tokenizer.json, which is what HF `tokenizers` and transformers read.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
+from llmkit.io import read_gguf, read_json, read_text
 from llmkit.tokenizer.core import Tokenizer, bytelevel, unbytelevel, unbytelevel_many
 from llmkit.tokenizer.pretokenize import GPT2_PATTERN, IGNORE_MERGES, PreTokenizer
 
@@ -25,13 +28,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     p = Path(path).expanduser()
     if not p.exists():
-        from llmkit import hub
-
-        if str(path) in hub.NAMED_MODELS:
-            return from_gguf(hub.pull_named(str(path)))
         raise LlmkitError(
             f"tokenizer not found: {p} (give a tokenizer.json, a GPT-2 vocab directory, a .gguf "
-            "file or a model directory)"
+            "file or a model directory; for a model name use llmkit.load(name).tokenizer)"
         )
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
@@ -48,27 +47,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         )
     with open(p, "rb") as f:
         magic = f.read(4)
-    if magic == b"GGUF":
-        return from_gguf(p)
-    if p.suffix == ".gguf":
-        raise LlmkitError(f"{p} is not a GGUF file (bad magic {magic!r}); the file is corrupt or truncated")
+    if magic == b"GGUF" or p.suffix == ".gguf":
+        return from_gguf(p)  # read_gguf reports a bad magic or a cut header
     if p.suffix == ".json" or magic[:1] == b"{":
         return from_hf_json(p)
     raise LlmkitError(
         f"unknown tokenizer format: {p} (expected tokenizer.json, a .gguf file or a GPT-2 vocab directory)"
     )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise LlmkitError(
-            f"corrupt JSON in {path}: {e.msg} at line {e.lineno}; re-download the file"
-        ) from None
-    except UnicodeDecodeError:
-        raise LlmkitError(f"{path} is not UTF-8 JSON; re-download the file") from None
 
 
 def _bytes_of(token: str) -> bytes:
@@ -93,10 +78,10 @@ def from_gpt2_files(directory: str | os.PathLike, vocab_file: str = "encoder.jso
     """OpenAI's encoder.json (token -> id) + vocab.bpe (merges, one 'a b' per line after a #version line);
     HF's vocab.json + merges.txt are the same files under other names."""
     d = Path(directory)
-    enc = _read_json(d / vocab_file)
+    enc = read_json(d / vocab_file)
     if not isinstance(enc, dict):
         raise LlmkitError(f"{d / vocab_file} is not a token -> id mapping")
-    lines = (d / merges_file).read_text(encoding="utf-8").split("\n")
+    lines = read_text(d / merges_file).split("\n")
     merges = _parse_merges([ln for ln in lines if ln and not ln.startswith("#version")], d / merges_file)
     vocab = _dense(dict(zip(enc.values(), _bytes_of_many(list(enc)))), d / vocab_file)
     specials = {t: i for t, i in enc.items() if t == "<|endoftext|>"}
@@ -187,7 +172,7 @@ def from_hf_json(path: str | os.PathLike) -> Tokenizer:
     Mistral): the latter becomes our SPM model with score = -(index of the first merge producing the piece).
     """
     path = Path(path)
-    j = _read_json(path)
+    j = read_json(path)
     model = j.get("model") if isinstance(j, dict) else None
     if not isinstance(model, dict) or "vocab" not in model:
         raise LlmkitError(f"{path} is not a HF tokenizer.json (no model.vocab)")
@@ -203,7 +188,7 @@ def from_hf_json(path: str | os.PathLike) -> Tokenizer:
     for a in j.get("added_tokens", []):
         (specials if a.get("special") else added)[a["content"]] = a["id"]
     cfg_path = path.with_name("tokenizer_config.json")
-    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
     ids = {**model["vocab"], **specials, **added}
     bos, eos, pad, unk = (
         ids.get(_token_text(cfg.get(k))) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -273,108 +258,21 @@ def from_hf_json(path: str | os.PathLike) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------- GGUF
-_GGUF_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The key/value section of a GGUF file, without touching tensors (gguf.GGUFReader indexes every array
-    element and takes seconds on a 150k-token vocabulary; this reads it in a fraction of that)."""
-    import mmap
-    import struct
-
-    import numpy as np
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise LlmkitError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
-        pos = 4
-
-        def take(fmt: str) -> Any:
-            nonlocal pos
-            v = struct.unpack_from(fmt, buf, pos)[0]
-            pos += struct.calcsize(fmt)
-            return v
-
-        def string() -> str:
-            nonlocal pos
-            n = take("<Q")
-            s = bytes(buf[pos : pos + n]).decode("utf-8", errors="replace")
-            pos += n
-            return s
-
-        def value(vtype: int) -> Any:
-            nonlocal pos
-            if vtype in _GGUF_SCALARS:
-                return take(_GGUF_SCALARS[vtype])
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                etype, count = take("<I"), take("<Q")
-                if etype in _GGUF_SCALARS and etype != 7:
-                    dt = np.dtype(_GGUF_SCALARS[etype])
-                    arr = np.frombuffer(buf, dtype=dt, count=count, offset=pos).tolist()
-                    pos += dt.itemsize * count
-                    return arr
-                if etype == 8:  # string arrays (vocabularies, merges): the hot loop, kept tight
-                    out, mv = [], memoryview(buf)
-                    for _ in range(count):
-                        n = int.from_bytes(mv[pos : pos + 8], "little")
-                        out.append(str(mv[pos + 8 : pos + 8 + n], "utf-8", "replace"))
-                        pos += 8 + n
-                    return out
-                return [value(etype) for _ in range(count)]
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-        try:
-            version = take("<I")
-            if version < 2:
-                raise LlmkitError(f"{path}: GGUF version {version} is too old; re-convert the model")
-            take("<Q")  # tensor count
-            n_kv = take("<Q")
-            meta = {}
-            for _ in range(n_kv):
-                key = string()
-                meta[key] = value(take("<I"))
-            return meta
-        except LlmkitError:
-            raise
-        except Exception as e:
-            raise LlmkitError(
-                f"cannot read GGUF metadata from {path}: {e} (file corrupt or truncated?)"
-            ) from None
-
-
-def _reader_metadata(reader: Any) -> dict[str, Any]:
-    try:
-        return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    except Exception:
-        raise LlmkitError("GGUF tokenizer metadata is unreadable; the file is corrupt") from None
-
-
-def from_gguf(reader_or_path: Any) -> Tokenizer:
+def from_gguf(source: str | os.PathLike | Mapping[str, Any] | Any) -> Tokenizer:
     """A tokenizer from GGUF metadata: tokenizer.ggml.model 'gpt2' (byte-level BPE) or 'llama' (SPM).
 
-    Accepts a path (read with `read_gguf_metadata`) or an open gguf.GGUFReader.
+    `source`: a path (its header read with llmkit.io.read_gguf), an object with `.metadata` and `.path`
+    (llmkit.checkpoint.gguf.GGUFFile, already open), or the metadata dict itself.
     """
-    if isinstance(reader_or_path, (str, os.PathLike)):
-        path = Path(reader_or_path)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
         if not path.is_file():
             raise LlmkitError(f"GGUF file not found: {path}")
-        meta = read_gguf_metadata(path)
+        meta = read_gguf(path).metadata
+    elif isinstance(source, Mapping):
+        path, meta = Path("<GGUF metadata>"), source
     else:
-        path, meta = Path("<gguf reader>"), _reader_metadata(reader_or_path)
+        path, meta = Path(getattr(source, "path", "<GGUF file>")), source.metadata
 
     def _gguf_value(key: str, default: Any = None) -> Any:
         return meta.get(key, default)
@@ -519,7 +417,7 @@ def to_hf_json(tok: Tokenizer) -> tuple[dict, dict]:
     }
 
     def text(i: int | None) -> str | None:
-        return None if i is None else tok.vocab[i].decode("utf-8", errors="replace")
+        return None if i is None else tok.id_to_text(i)
 
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -11,7 +11,7 @@ are small; speed matters less than exactness here).
 
 from __future__ import annotations
 
-import heapq
+from llmkit.tokenizer.core import merge_pairs
 
 
 class SpmModel:
@@ -25,35 +25,15 @@ class SpmModel:
         self.byte_tokens = byte_tokens  # byte value -> id of its <0xNN> token
         self.unk_id = unk_id
 
+    def _rank(self, left: str, right: str) -> float | None:
+        """Merge priority of a pair (lower first): minus the score of the piece it makes, None if none."""
+        t = self.piece_to_id.get(left + right)
+        return None if t is None or self.scores[t] is None else -self.scores[t]
+
     def encode(self, text: str) -> list[int]:
-        sym = list(text.replace(" ", "▁"))
-        nxt = [*range(1, len(sym)), -1]
-        prv = list(range(-1, len(sym) - 1))
-        heap: list[tuple[float, int, int, str]] = []
-
-        def push(i: int, j: int) -> None:
-            if i >= 0 and j >= 0:
-                t = self.piece_to_id.get(sym[i] + sym[j])
-                if t is not None and self.scores[t] is not None:
-                    heapq.heappush(heap, (-self.scores[t], i, j, sym[i] + sym[j]))
-
-        for i in range(len(sym) - 1):
-            push(i, i + 1)
-        while heap:
-            _, i, j, merged = heapq.heappop(heap)
-            if not sym[i] or not sym[j] or sym[i] + sym[j] != merged:
-                continue
-            sym[i], sym[j] = merged, ""
-            nxt[i] = nxt[j]
-            if nxt[j] >= 0:
-                prv[nxt[j]] = i
-            push(prv[i], i)
-            push(i, nxt[i])
-
+        sym = merge_pairs(list(text.replace(" ", "▁")), self._rank)
         out: list[int] = []
         for s in sym:
-            if not s:
-                continue
             t = self.piece_to_id.get(s)
             if t is not None:
                 out.append(t)

@@ -44,9 +44,6 @@ class StreamDecoder:
                 data = data[1:]
         return self._utf8.decode(data, final=False)
 
-    def push_many(self, token_ids: list[int]) -> str:
-        return "".join(self.push(i) for i in token_ids)
-
     def flush(self) -> str:
         """The held-back bytes of an unfinished character, as U+FFFD; the decoder is then ready for more."""
         return self._utf8.decode(b"", final=True)

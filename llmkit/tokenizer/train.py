@@ -29,11 +29,11 @@ import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import regex
 
 from llmkit.errors import LlmkitError
+from llmkit.io import corpus_files, read_text
 from llmkit.tokenizer.core import BYTE_TO_UNICODE, Tokenizer, unbytelevel
 from llmkit.tokenizer.pretokenize import NAMED_PATTERNS
 
@@ -69,34 +69,6 @@ def resolve_pattern(pattern: str) -> str:
     return pattern
 
 
-def corpus_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and directories (every *.txt below them, sorted) into a list of files."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
-            if not found:
-                raise LlmkitError(f"corpus directory {p} holds no *.txt files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise LlmkitError(f"corpus path not found: {p}")
-    return files
-
-
-def read_text_file(path: Path) -> str:
-    """A UTF-8 text file, or a one-line error for binary / non-UTF-8 content."""
-    data = path.read_bytes()
-    if b"\x00" in data[:1 << 20]:
-        raise LlmkitError(f"corpus file {path} looks binary (NUL bytes); give UTF-8 text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LlmkitError(f"corpus file {path} is not UTF-8 text (bad byte at offset {e.start}); "
-                          "convert it to UTF-8") from None
-
-
 def load_corpus(texts_or_paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Texts from `str` items (taken as text) and path items (`pathlib.Path`: files or directories)."""
     if isinstance(texts_or_paths, (str, os.PathLike)):
@@ -106,7 +78,7 @@ def load_corpus(texts_or_paths: str | os.PathLike | Iterable[str | os.PathLike])
         if isinstance(item, str):
             texts.append(item)
         else:
-            texts += [read_text_file(f) for f in corpus_files([item])]
+            texts += [read_text(f) for f in corpus_files([item])]
     if not any(texts):
         raise LlmkitError("the training corpus is empty; give non-empty text files or strings")
     return texts

@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.io import corpus_files, read_json, read_text
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -49,39 +50,9 @@ class Document:
     text: str
 
 
-def corpus_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and directories (their *.txt, recursively, sorted) into a list of files."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
-            if not found:
-                raise LlmkitError(
-                    f"{p}: no .txt files in this directory; pass .txt files or a folder of them"
-                )
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise LlmkitError(f"{p}: no such file or directory")
-    if not files:
-        raise LlmkitError("no corpus given; pass .txt files or a directory of them")
-    return files
-
-
 def read_document(path: Path) -> Document:
-    """Read one UTF-8 text file; binary or empty files are errors (one line, naming the file)."""
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise LlmkitError(f"{path}: looks like a binary file (NUL bytes); the corpus must be UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LlmkitError(
-            f"{path}: not valid UTF-8 text (byte {e.start}); convert it to UTF-8 first"
-        ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    """One UTF-8 text file as a document; binary, non-UTF-8 or empty files are errors naming the file."""
+    text = read_text(path)
     if not text.strip():
         raise LlmkitError(f"{path}: empty file; remove it from the corpus")
     return Document(path.name, text)
@@ -296,10 +267,7 @@ class TokenData:
             raise LlmkitError(
                 f"--data {self.path}: no {MANIFEST}; create it with `llmkit prepare CORPUS --out DIR`"
             )
-        try:
-            self.manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise LlmkitError(f"{mf}: corrupt manifest ({e}); run `llmkit prepare` again") from None
+        self.manifest = read_json(mf)
         self.dtype = np.dtype(self.manifest["dtype"])
 
     @property
@@ -445,5 +413,3 @@ def batched(items: list[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Te
         yield w[:, :-1], w[:, 1:]
         i = j
 
-
-ProgressFn = Callable[[int], None]

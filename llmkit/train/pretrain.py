@@ -9,15 +9,15 @@ Notable choices
   from the manifest, so any two tokenizers compare (nanoGPT char-level on ASCII: bpb = loss / ln 2).
 - The final eval covers every val token once (windows overlapping by one token); periodic evals cap
   the tokens at `eval_tokens`. With DDP each rank scores every W-th window and the sums are all-reduced.
+  The log-likelihoods come from the one scorer (`llmkit.score.sequence_logprobs`).
 - The sample prompt defaults to the first 8 tokens of the val split: fixed for the run, in the corpus'
-  own language. Sampling (temperature 0.8, KV cache) uses its own seeded generator.
+  own language. Sampling (temperature 0.8) runs through the engine with its own seeded random stream.
 - Distributed: under torchrun (WORLD_SIZE > 1) the process group is gloo on CPU, NCCL on GPU;
   `--batch-size` is global, so the same command trains the same trajectory on 1 or N processes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -27,16 +27,15 @@ import torch
 import torch.distributed as dist
 
 from llmkit.config import ModelConfig
+from llmkit.device import resolve_device
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_json
+from llmkit.score import sequence_logprobs
+from llmkit.tokenizer.chat import CHATML_TEMPLATE
 from llmkit.train.data import TokenBatches, TokenData, batched, eval_windows, separator_id
-from llmkit.train.losses import cross_entropy, lm_loss
+from llmkit.train.losses import lm_loss
 from llmkit.train.presets import preset as get_preset
-from llmkit.train.trainer import TrainConfig, Trainer, distributed, resolve_device, seed_everything
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from llmkit.train.trainer import TrainConfig, Trainer, distributed, seed_everything
 
 
 def build_config(
@@ -78,8 +77,8 @@ def evaluate_lm(
     nats = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in batched(windows[rank::world], batch_size):
-        logits = model(x.to(device))  # (B, T, V)
-        nats += cross_entropy(logits, y.to(device), reduction="sum").double()
+        w = torch.cat([x, y[:, -1:]], dim=1).to(device)  # (B, T+1) windows: all tokens but the first scored
+        nats -= sequence_logprobs(model, w, torch.ones_like(w, dtype=torch.bool)).double().sum()
         count += y.numel()
     if world > 1:
         dist.all_reduce(nats)
@@ -94,7 +93,6 @@ def evaluate_lm(
     }
 
 
-@torch.no_grad()
 def sample(
     model: torch.nn.Module,
     prompt_ids: list[int],
@@ -103,32 +101,24 @@ def sample(
     seed: int = 0,
     device: torch.device | None = None,
 ) -> list[int]:
-    """Temperature sampling with a KV cache and a private generator (the global RNG is untouched)."""
-    from llmkit.model import KVCache
+    """Temperature sampling through the engine, in fp32 and eval mode, with its own seeded random stream
+    (the global RNG is untouched)."""
+    from llmkit.generate.engine import Engine
+    from llmkit.generate.sampling import SamplingParams
 
-    cfg = model.config
+    n = min(max_new_tokens, model.config.max_seq_len - len(prompt_ids))
+    if n <= 0:
+        return []
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total = min(cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
-    cache = KVCache(cfg, 1, total, device=device, dtype=next(model.parameters()).dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = list(prompt_ids)
-    x = torch.tensor([ids], device=device)  # (1, P)
-    pos = torch.arange(len(ids), device=device)[None]  # (1, P)
-    while len(ids) < total:
+    try:
         with torch.autocast(device.type, enabled=False):
-            logits = model(x, positions=pos, cache=cache)[:, -1].float()  # (1, V)
-        if temperature <= 0:
-            nxt = int(logits.argmax(-1))
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        ids.append(nxt)
-        x = torch.tensor([[nxt]], device=device)
-        pos = torch.tensor([[len(ids) - 1]], device=device)
-    model.train(was_training)
-    return ids[len(prompt_ids) :]
+            eng = Engine(model, max_batch=1, max_seq_len=len(prompt_ids) + n)
+            params = SamplingParams(temperature=temperature, max_tokens=n, seed=seed, ignore_eos=True)
+            return [out.token_id for out in eng.generate_ids(prompt_ids, params)]
+    finally:
+        model.train(was_training)
 
 
 def pretrain(
@@ -198,9 +188,7 @@ def pretrain(
             "parameters": n_params,
             "world_size": world,
         }
-        tmp = out / ".run.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        os.replace(tmp, out / "run.json")
+        atomic_write_json(out / "run.json", info, default=str)
         if cfg.progress:
             print(
                 f"model: {n_params / 1e6:.2f}M parameters, {mc.n_layers} layers x d_model {mc.d_model}; "
@@ -217,7 +205,7 @@ def pretrain(
             mc,
             tok,
             out / "hf",
-            chat_template=getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE,
+            chat_template=getattr(tok, "chat_template", None) or CHATML_TEMPLATE,
         )
     if world > 1:
         dist.barrier()

@@ -1,18 +1,30 @@
 """One training loop for every stage (pretraining now; SFT, LoRA, DPO, GRPO reuse it with their own loss).
 
-`Trainer(model, loss_fn, batches, cfg, run_dir)` runs AdamW (weight decay on Linear matrices only, not
-on biases, norms or embeddings), linear warmup + cosine decay to `min_lr`, gradient
-accumulation, clipping, bf16 autocast (CUDA default, CPU optional), optional torch.compile and
-DistributedDataParallel. `loss_fn(model, batch) -> scalar` is all a stage supplies; `batches` is any object
-with `next(device)`, `state_dict()` and `load_state_dict()`; `evaluate(model) -> dict` is an optional hook
-called every `eval_every` steps and at the end.
+`Trainer(model, loss_fn, batches, cfg, run_dir)` runs AdamW over the parameters that require grad
+(weight decay on Linear matrices only, not on biases, norms or embeddings), linear warmup + cosine decay
+to `min_lr`, gradient accumulation, clipping, bf16 autocast (CUDA default, CPU optional), optional
+torch.compile and DistributedDataParallel. `loss_fn(model, batch) -> (sum of losses, items)` is all a
+stage supplies (llmkit.train.losses); `batches` is any object with `next(device)`, `state_dict()` and
+`load_state_dict()`; `evaluate(model, final) -> dict` is an optional hook called every `eval_every` steps
+and at the end. An optional frozen `ref_model` (eval mode, no grad, never optimized or saved) is passed
+to the loss as `loss_fn(model, batch, ref_model=ref)` for DPO and KL penalties.
 
 Notable choices
+- The loss of a step is (sum of every micro-batch's loss sum, on every rank) / (their item count, all-
+  reduced): masked micro-batches weigh by their trained tokens, not 1/grad_accum each. The count is known
+  only after the forwards, so each micro-batch backpropagates total / S with S the nominal tokens per step
+  (batch_size * grad_accum * block_size, the same on every rank), and the gradients are rescaled by S / N
+  once the step's count N is all-reduced. Pretraining trains every token, so N == S and the rescale is an
+  exact x1; no host sync is added (the rescale is a device-side multiply).
 - Exact resume: a checkpoint holds model, optimizer, scheduler, the torch/numpy/python (and CUDA) RNG
   states, the data position and both configs; resuming reproduces the uninterrupted run bit for bit on
   CPU with the same seed and thread count (tested). Metrics past the checkpoint step are dropped.
-- Checkpoints are written to a temporary file and renamed (`os.replace`), so a crash or a full disk
-  leaves the previous checkpoint intact; only rank 0 writes anything.
+- When some parameters are frozen (requires_grad False: LoRA, a frozen base), the checkpoint holds only
+  the trainable ones (buffers belong to the base); resume loads them onto a freshly built base and
+  insists that the same names train. When everything trains, the checkpoint holds the full state_dict.
+- Checkpoints, the trimmed metrics and the loss curve are written atomically (`llmkit.io`: a temporary
+  file renamed over the old one), so a crash or a full disk leaves the previous file intact; only rank 0
+  writes anything.
 - MFU = achieved model FLOP/s / the machine's matmul peak, measured once at start with a short matmul
   benchmark in the training dtype (not a datasheet number). Model FLOPs per token = 6 * (weights of
   every Linear, lm_head included) + 12 * layers * attention width * block (PaLM appendix B).
@@ -38,8 +50,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmkit.device import resolve_device, resolve_dtype
 from llmkit.errors import LlmkitError
-from llmkit.train.losses import unwrap
+from llmkit.io import atomic_path, atomic_torch_save, atomic_write_text
+from llmkit.train.losses import LossSum, unwrap
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -82,23 +96,10 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if cfg.dtype in ("float32", "fp32"):
-        return None
-    if cfg.dtype in ("bfloat16", "bf16"):
-        return torch.bfloat16
-    if cfg.dtype in ("float16", "fp16"):
-        return torch.float16
-    raise LlmkitError(f"--dtype {cfg.dtype}: choose auto, float32 or bfloat16")
+    """The autocast dtype, or None for plain fp32 ("auto": bf16 on CUDA, fp32 elsewhere)."""
+    dt = resolve_dtype(cfg.dtype, device)
+    return None if dt == torch.float32 else dt
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -111,6 +112,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             seen.add(id(p))
             (decay if isinstance(mod, nn.Linear) and name == "weight" else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def frozen_reference(ref: nn.Module | None, model: nn.Module, device: torch.device) -> nn.Module | None:
+    """The reference model on `device`, in eval mode with every parameter frozen (or None)."""
+    if ref is None:
+        return None
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) in own for p in ref.parameters()):
+        raise LlmkitError("ref_model shares parameters with the trained model; pass a copy (copy.deepcopy)")
+    return ref.to(device).eval().requires_grad_(False)
+
+
+def name_list(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "none"
 
 
 def model_flops_per_token(model: nn.Module, block_size: int) -> float:
@@ -187,13 +203,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """`torch.save` atomically; a failed write is a one-line LlmkitError and keeps the old file."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(obj, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LlmkitError(
             f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoint is kept"
         ) from None
@@ -230,6 +244,7 @@ class Trainer:
         *,
         evaluate: Callable[[nn.Module, bool], dict[str, Any]] | None = None,
         model_config: Any = None,
+        ref_model: nn.Module | None = None,
     ):
         self.cfg, self.loss_fn, self.batches, self.evaluate = cfg, loss_fn, batches, evaluate
         self.run_dir = Path(run_dir)
@@ -241,8 +256,17 @@ class Trainer:
         if self.is_main:
             check_writable(self.run_dir)
         self.raw_model = model.to(self.device)
+        self.ref_model = frozen_reference(ref_model, self.raw_model, self.device)
+        named = list(self.raw_model.named_parameters())  # a tied tensor once, under its first name
+        self.trainable = [n for n, p in named if p.requires_grad]
+        self.frozen = len(self.trainable) < len(named)  # checkpoints then hold only the trainable ones
+        groups = param_groups(self.raw_model, cfg.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            raise LlmkitError("nothing to train: every parameter has requires_grad=False")
+        self.step_tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size  # nominal, all ranks
         self.opt = torch.optim.AdamW(
-            param_groups(self.raw_model, cfg.weight_decay),
+            groups,
             lr=cfg.lr,
             betas=cfg.betas,
             fused=self.device.type == "cuda",
@@ -273,7 +297,8 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "model": self.raw_model.state_dict(),
+            "model": self.model_state(),
+            "trainable_only": self.frozen,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(),
@@ -282,9 +307,39 @@ class Trainer:
             "model_config": self.model_config.to_dict() if hasattr(self.model_config, "to_dict") else None,
         }
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full state_dict, or only the trainable parameters when some are frozen."""
+        if not self.frozen:
+            return self.raw_model.state_dict()
+        params = dict(self.raw_model.named_parameters())
+        return {n: params[n].detach() for n in self.trainable}
+
+    def load_model_state(self, ck: dict[str, Any]) -> None:
+        """Load a checkpoint's weights; a trainable-only one must name exactly this model's trainable set."""
+        if not ck.get("trainable_only"):
+            if self.frozen:
+                raise LlmkitError(
+                    "--resume: the checkpoint trained every parameter but this model freezes some; "
+                    "freeze the same parameters as the saved run"
+                )
+            self.raw_model.load_state_dict(ck["model"])
+            return
+        missing = [n for n in self.trainable if n not in ck["model"]]
+        extra = [n for n in ck["model"] if n not in set(self.trainable)]
+        if missing or extra:
+            raise LlmkitError(
+                f"--resume: the checkpoint's trainable parameters differ from this model's (missing: "
+                f"{name_list(missing)}; unexpected: {name_list(extra)}); freeze the same parameters"
+            )
+        try:
+            self.raw_model.load_state_dict(ck["model"], strict=False)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise LlmkitError(f"--resume: the checkpoint does not fit this model ({first})") from None
+
     def save(self) -> None:
         if self.is_main:
-            atomic_torch_save(self.state_dict(), self.run_dir / CHECKPOINT)
+            save_checkpoint(self.state_dict(), self.run_dir / CHECKPOINT)
 
     def resume(self) -> None:
         """Load run_dir/checkpoint.pt and continue exactly where it stopped."""
@@ -303,7 +358,7 @@ class Trainer:
             raise LlmkitError(
                 f"--resume: the checkpoint's model differs in {', '.join(diff)}; use the same settings"
             )
-        self.raw_model.load_state_dict(ck["model"])
+        self.load_model_state(ck)
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.batches.load_state_dict(ck["data"])
@@ -318,9 +373,7 @@ class Trainer:
             return
         keep = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= self.step]
         self.history = keep
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
@@ -350,10 +403,11 @@ class Trainer:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.run_dir / f".{CURVE}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.run_dir / CURVE)
+        try:
+            with atomic_path(self.run_dir / CURVE) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
 
     # ------------------------------------------------------------------ loop
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -361,32 +415,40 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm)."""
+    def accumulate(self) -> torch.Tensor:
+        """Forwards and backwards over grad_accum micro-batches, leaving in `.grad` the gradient of the
+        step's loss (summed over micro-batches and ranks) / its item count (summed likewise).
+        Returns the float64 tensor (loss sum, count) of the step, over every rank."""
         cfg, model = self.cfg, self.model
         model.train()
-        total = torch.zeros((), device=self.device)
+        extra = {} if self.ref_model is None else {"ref_model": self.ref_model}
+        scale = self.world / self.step_tokens  # DDP averages over ranks: the gradient of sum / S
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         for micro in range(cfg.grad_accum):
             batch = self.batches.next(self.device)
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with ctx:
                 with self.autocast():
-                    loss = self.loss_fn(model, batch)
-                (loss / cfg.grad_accum).backward()
-            total += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(
-            self.raw_model.parameters(), cfg.clip if cfg.clip > 0 else math.inf
-        )
+                    total, count = LossSum(*self.loss_fn(model, batch, **extra))
+                (total * scale).backward()
+            count = torch.as_tensor(count, device=self.device)
+            stats += torch.stack([total.detach().double(), count.double()])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # sum / S -> sum / N (x1 exactly when every nominal token trained)
+            torch._foreach_mul_(grads, (self.step_tokens / stats[1].clamp(min=1)).float())
+        return stats
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss per item, grad norm)."""
+        stats = self.accumulate()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else math.inf)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        total /= cfg.grad_accum
-        if self.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
-            if self.device.type != "cuda":
-                total /= self.world
-        return float(total), float(gnorm)
+        return float(stats[0] / stats[1].clamp(min=1)), float(gnorm)
 
     def run_eval(self, final: bool) -> dict[str, Any]:
         if self.evaluate is None:
@@ -407,7 +469,7 @@ class Trainer:
         cfg = self.cfg
         if self.peak_flops is None:
             self.peak_flops = measure_peak_flops(self.device, self.amp)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+        tokens_per_step = self.step_tokens
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,

@@ -1,0 +1,221 @@
+"""Speed of llmkit's engine on this machine: decode and prefill tokens per second, and the memory roofline.
+
+    llmkit bench decode [MODEL] [--modes fp32,bf16,int8,int4] [--text FILE]      (this module's `run`)
+    python bench/decode.py      the same run with peers (llama.cpp, HF transformers) added: bench/ holds those
+
+Notable choices:
+- The machine's memory bandwidth is measured first (a large tensor copy, bytes read + written) and every
+  decode figure is also shown as a % of its roofline: bandwidth / bytes of weights read per token.
+- Systems (llmkit's variants, and any peers a caller adds) alternate round by round (A B C A B C) so a noisy,
+  shared machine hits them alike; each figure is the best round, and ratios compare figures of one run.
+- Only the engine's public API is timed: a request is added, steps run until its first token (the
+  prefill, chunked or not) and then on to `max_tokens` (the decode). A prefill round rotates its prompt until
+  the engine reports no cached tokens, so the prefix cache never shortens a measured prefill.
+- Perplexity (only when a text is given: no path is assumed) comes from the one scorer,
+  `llmkit.score.perplexity`, over disjoint windows of the text's first tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmkit.errors import LlmkitError
+
+PROMPT = "Il était une fois, dans un petit village de Bretagne,"
+
+
+def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth in GB/s, counting bytes read and written (best of `repeats`)."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matmul's weights (quantized: what the kernel reads),
+    norms, and one row of the embedding table; a tensor shared by two modules counts once."""
+    from llmkit.quant import QuantLinear
+
+    total, seen = 0, set()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            total += mod.kernel_bytes()
+            continue
+        for p in mod.parameters(recurse=False):
+            if isinstance(mod, nn.Embedding):
+                total += p[0].numel() * p.element_size()  # a lookup reads one row
+            elif p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+    return total
+
+
+@dataclass
+class System:
+    name: str
+    decode: Callable[[], float]  # -> tok/s
+    prefill: Callable[[], float] | None = None  # -> tok/s
+    bytes_per_token: int = 0
+    perplexity: Callable[[list[int]], float] | None = None  # token ids -> perplexity
+    ref: str | None = None  # a peer: the label of its "x <ref>" ratio column
+    results: dict[str, list[float]] = field(default_factory=lambda: {"decode": [], "prefill": []})
+
+
+def _first_token(eng, row: int) -> None:
+    """Step until `row` has produced its first token (its prefill may take several chunked steps)."""
+    while not any(o.row == row for o in eng.step()):
+        pass
+
+
+def time_decode(eng, prompt_ids: Sequence[int], params, warmup_tokens: int = 2) -> float:
+    """tok/s of the tokens after the first of one decode of `params.max_tokens` tokens (alone in the engine),
+    after a short warm-up run (which also compiles a compiled engine)."""
+    for p in (params.replace(max_tokens=warmup_tokens), params):
+        row = eng.add(prompt_ids, p)
+        _first_token(eng, row)
+        t, n = time.perf_counter(), 0
+        while eng.running:
+            n += len(eng.step())
+        dt = time.perf_counter() - t
+        eng.remove(row)
+    return n / dt
+
+
+def time_prefill(eng, ids: Sequence[int], params) -> float:
+    """Prompt tok/s of a prefill of `ids` (rotated until nothing of it is cached) up to its first token."""
+    ids = list(ids)
+    for shift in range(len(ids)):
+        row = eng.add(ids[shift:] + ids[:shift], params.replace(max_tokens=1))
+        if eng.request(row).cached_tokens == 0:
+            break
+        eng.remove(row)
+    else:
+        raise LlmkitError("every rotation of the prefill prompt is cached; use a prompt with varied tokens")
+    t = time.perf_counter()
+    _first_token(eng, row)
+    dt = time.perf_counter() - t
+    eng.remove(row)
+    return len(ids) / dt
+
+
+def engine_system(
+    name: str, model: nn.Module, prompt_ids: list[int], long_ids: list[int], n_new: int
+) -> System:
+    """llmkit's engine on `model`: greedy decode of n_new tokens after prompt_ids, prefill of long_ids."""
+    from llmkit.generate.engine import Engine
+    from llmkit.generate.sampling import SamplingParams
+    from llmkit.score import perplexity
+
+    params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+    eng = Engine(model, max_batch=1, max_seq_len=max(1024, len(long_ids), len(prompt_ids) + n_new) + 8)
+    return System(name, decode=lambda: time_decode(eng, prompt_ids, params),
+                  prefill=lambda: time_prefill(eng, long_ids, params),
+                  bytes_per_token=weight_bytes_per_token(model),
+                  perplexity=lambda ids: perplexity(model, ids, window=512).ppl)
+
+
+def variants(model: nn.Module, modes: Sequence[str]) -> dict[str, nn.Module]:
+    """{mode: model} for fp32 (the model itself), bf16, int8, int4 (copies)."""
+    from llmkit.quant import quantize_model
+
+    out: dict[str, nn.Module] = {}
+    for mode in modes:
+        if mode == "fp32":
+            out[mode] = model
+        elif mode == "bf16":
+            out[mode] = copy.deepcopy(model).to(torch.bfloat16)
+        elif mode in ("int8", "int4"):
+            out[mode] = quantize_model(copy.deepcopy(model), mode)
+        else:
+            raise LlmkitError(f"unknown mode {mode!r}; choose among fp32, bf16, int8, int4")
+    return out
+
+
+def measure(systems: list[System], rounds: int) -> None:
+    """Run every system's decode (and prefill) once per round, A B C ... A B C, printing each round."""
+    for r in range(rounds):
+        for s in systems:
+            s.results["decode"].append(s.decode())
+            if s.prefill:
+                s.results["prefill"].append(s.prefill())
+        line = ", ".join(f"{s.name} {s.results['decode'][-1]:.1f}" for s in systems)
+        print(f"round {r + 1}/{rounds}: {line}", flush=True)
+
+
+Peers = Callable[..., list["System | str"]]  # (llm, prompt_ids, long_ids, n_new, threads) -> systems or notes
+
+
+def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 128, prefill_tokens: int = 512,
+        rounds: int = 3, modes: Sequence[str] = ("fp32", "bf16", "int8", "int4"),
+        text: str | Path | None = None, ppl_windows: int = 8, peers: Peers | None = None,
+        out: str | Path | None = None) -> dict:
+    """Decode/prefill tok/s of llmkit's variants (and `peers`), % of roofline, ratios to the peers, and the
+    perplexity of `text` (its first ppl_windows x 512 tokens) when one is given. Returns the report."""
+    import llmkit
+    from llmkit.hub import DEFAULT_MODEL
+
+    torch.set_num_threads(threads)
+    bw = memory_bandwidth_gbs()
+    print(f"threads {threads} | memory bandwidth (copy, read+write) {bw:.1f} GB/s", flush=True)
+    llm = llmkit.load(model_path or DEFAULT_MODEL, device="cpu", dtype="float32")
+    prompt_ids = llm.tokenizer.encode(PROMPT, add_special_tokens=True)
+    ppl_ids: list[int] = []
+    if text is not None and ppl_windows > 0:
+        ppl_ids = llm.tokenizer.encode(Path(text).read_text(encoding="utf-8"))
+        if len(ppl_ids) < ppl_windows * 512:
+            raise LlmkitError(f"{text}: {len(ppl_ids)} tokens, fewer than {ppl_windows} x 512 for perplexity")
+        ppl_ids = ppl_ids[: ppl_windows * 512]
+    g = torch.Generator().manual_seed(0)
+    long_ids = ppl_ids[:prefill_tokens] or torch.randint(0, llm.config.vocab_size, (prefill_tokens,),
+                                                         generator=g).tolist()
+
+    models = variants(llm.model, modes)
+    systems = [engine_system(f"llmkit {m}", v, prompt_ids, long_ids, new_tokens) for m, v in models.items()]
+    for peer in peers(llm, prompt_ids, long_ids, new_tokens, threads) if peers else []:
+        if isinstance(peer, System):
+            systems.append(peer)
+        else:
+            print(peer, flush=True)
+    measure(systems, rounds)
+
+    report: dict = {"threads": threads, "bandwidth_gbs": bw, "new_tokens": new_tokens,
+                    "prefill_tokens": len(long_ids), "systems": {}}
+    refs = {s.ref: max(s.results["decode"]) for s in systems if s.ref}
+    cols = "".join(f" {'x ' + k:>11}" for k in refs)
+    print(f"\n{'system':24} {'decode tok/s':>12} {'% roofline':>10}{cols} {'prefill tok/s':>13}")
+    for s in systems:
+        d = max(s.results["decode"])
+        p = max(s.results["prefill"]) if s.results["prefill"] else float("nan")
+        roof = bw * 1e9 / s.bytes_per_token if s.bytes_per_token else float("nan")
+        x = {k: d / v for k, v in refs.items()}
+        report["systems"][s.name] = {
+            "decode_tok_s": d, "decode_median": statistics.median(s.results["decode"]),
+            "decode_rounds": s.results["decode"], "prefill_tok_s": p, "bytes_per_token": s.bytes_per_token,
+            "roofline_tok_s": roof, "pct_roofline": 100 * d / roof, "x": x}
+        print(f"{s.name:24} {d:12.1f} {100 * d / roof:9.0f}%{''.join(f' {v:11.2f}' for v in x.values())} "
+              f"{p:13.1f}")
+
+    if ppl_ids:
+        ppl = {s.name: s.perplexity(ppl_ids) for s in systems
+               if s.perplexity and not s.name.endswith("bf16")}  # bf16 only rounds fp32's figure
+        report["perplexity"] = ppl
+        print(f"\nperplexity of {Path(text).name}, {ppl_windows} windows x 512 tokens:")
+        for k, v in ppl.items():
+            print(f"  {k:24} {v:.2f}")
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
