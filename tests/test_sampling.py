@@ -52,6 +52,35 @@ def test_top_p_smallest_set_reaching_p(p, expect):
     assert kept(apply_top_p(LOGITS, p)) == expect
 
 
+def _top_p_reference(row: list[float], p: float) -> set[int]:
+    """The nucleus by the definition, in plain Python: sort by probability, keep tokens until the kept
+    mass reaches p (the first token always)."""
+    z = max(row)
+    probs = [math.exp(x - z) for x in row]
+    total = sum(probs)
+    order = sorted(range(len(row)), key=lambda t: -row[t])
+    kept, mass = set(), 0.0
+    for t in order:
+        if mass >= p * total and kept:
+            break
+        kept.add(t)
+        mass += probs[t]
+    return kept
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # sharp (cut among the candidates) and flat (full sort)
+def test_top_p_on_a_large_vocabulary_matches_the_definition(scale):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6000, generator=g, dtype=torch.float64) * scale
+    p = torch.tensor([[0.5], [0.9], [0.99], [1.0]], dtype=torch.float64)
+    out = apply_top_p(logits, p)
+    for r in range(4):
+        kept = set(torch.isfinite(out[r]).nonzero().squeeze(1).tolist())
+        want = set(range(6000)) if p[r].item() >= 1 else _top_p_reference(logits[r].tolist(), p[r].item())
+        assert kept == want
+        assert torch.equal(out[r][list(kept)], logits[r][list(kept)])
+
+
 @pytest.mark.parametrize("m, expect", [(0.5, {1, 3}), (0.25, {1, 3, 2}), (0.61, {1}), (0.0, {0, 1, 2, 3})])
 def test_min_p_relative_to_top(m, expect):
     assert kept(apply_min_p(LOGITS, m)) == expect

@@ -233,7 +233,7 @@ def format_info(info: dict[str, Any], template_lines: int = 8) -> str:
 
         row(f"generation       {describe(gen)} (from {info['generation_defaults_from']})")
     else:
-        row("generation       no defaults (llmkit's own: temperature 1.0, or each surface's)")
+        row("generation       none from the model (each request's values, else llmkit's defaults)")
     return "\n".join(lines)
 
 

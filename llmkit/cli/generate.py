@@ -33,7 +33,7 @@ def _sampling_args(p: argparse.ArgumentParser, interactive: bool) -> None:
     p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass ({unset('1 = off')})")
     p.add_argument("--min-p", type=float, default=None, help=f"min-p sampling ({unset('0 = off')})")
     p.add_argument("--repetition-penalty", type=float, default=None,
-                   help=f"divide the logits of tokens seen in the prompt or the answer ({unset('1 = off')})")
+                   help=f"penalise tokens seen in the prompt or the answer, CTRL's ({unset('1 = off')})")
     p.add_argument("--frequency-penalty", type=float, default=None,
                    help="subtract this times a token's count in the answer (default: "
                         + ("0.3 against loops)" if interactive else "0 = off)"))

@@ -83,7 +83,7 @@ class Request:
 
 class Engine:
     def __init__(self, model: nn.Module, max_batch: int = 8, max_seq_len: int | None = None,
-                 stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 512):
+                 stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 256):
         if max_batch < 1 or prefill_chunk < 1:
             raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         cfg = model.config

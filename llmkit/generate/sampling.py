@@ -183,19 +183,48 @@ def apply_top_k(logits: torch.Tensor, k: int | torch.Tensor, kmax: int | None = 
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+TOP_P_CANDIDATES = 1024  # top-p looks for its cut among this many most likely tokens first
+
+
 def apply_top_p(logits: torch.Tensor, p: Param) -> torch.Tensor:
     """Keep the smallest most-likely set whose probability reaches p (always at least one token); p one
-    value or (B, 1) per row (1 = off)."""
+    value or (B, 1) per row (1 = off).
+
+    The cut is searched among the TOP_P_CANDIDATES most likely tokens (a top-k, not a sort of the whole
+    vocabulary: 10x less work on a 49k vocabulary); rows whose nucleus is wider fall back to the full sort."""
     if not isinstance(p, torch.Tensor) and p >= 1.0:
         return logits
-    srt, idx = logits.sort(dim=-1, descending=True)  # (..., V)
-    probs = srt.softmax(dim=-1)
+    V = logits.shape[-1]
+    if V <= TOP_P_CANDIDATES:
+        return _top_p_sorted(logits, *logits.sort(dim=-1, descending=True), p, logits.logsumexp(-1, True))
+    vals, idx = logits.topk(TOP_P_CANDIDATES, dim=-1)  # (..., C) most likely first
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # (..., 1) the full softmax's normaliser
+    out = _top_p_sorted(logits, vals, idx, p, lse, full=False)
+    mass = (vals - lse).exp().sum(dim=-1)  # (...,) probability the candidates hold
+    wide = mass < (p.squeeze(-1) if isinstance(p, torch.Tensor) else p)  # the cut lies beyond them
+    if bool(wide.any()):  # one check per step, for the whole batch
+        srt, order = logits.sort(dim=-1, descending=True)
+        out = torch.where(wide[..., None], _top_p_sorted(logits, srt, order, p, lse), out)
+    return out
+
+
+def _top_p_sorted(logits: torch.Tensor, srt: torch.Tensor, idx: torch.Tensor, p: Param, lse: torch.Tensor,
+                  full: bool = True) -> torch.Tensor:
+    """Top-p over logits whose most likely tokens are `srt` at `idx` (descending); tokens not listed (when
+    not `full`) are dropped."""
+    probs = (srt - lse).exp()
     before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
     drop = before >= p
     if isinstance(p, torch.Tensor):
         drop &= p < 1.0  # rows with top-p off (rounding may bring `before` to 1)
     drop[..., 0] = False
-    return logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    kept = srt.masked_fill(drop, float("-inf"))
+    if full:
+        return logits.scatter(-1, idx, kept)
+    out = torch.full_like(logits, float("-inf")).scatter(-1, idx, kept)
+    if isinstance(p, torch.Tensor):  # rows with top-p off keep everything
+        out = torch.where(p < 1.0, out, logits)
+    return out
 
 
 def apply_min_p(logits: torch.Tensor, min_p: Param) -> torch.Tensor:

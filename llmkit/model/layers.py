@@ -109,18 +109,26 @@ def _one_group(mods: tuple[nn.Module, ...]) -> bool:
     return True
 
 
-def project(x: torch.Tensor, *mods: nn.Module) -> Sequence[torch.Tensor]:
-    """[m(x) for m in mods], computed with as few matmuls as the modules allow (see the module doc)."""
+def joint_output(x: torch.Tensor, *mods: nn.Module) -> torch.Tensor | None:
+    """The outputs of mods concatenated along the last dimension when ONE matmul computes them all (plain
+    Linears while training, or the parts of one fused group), else None. Attention uses it to rotate q and k
+    in one RoPE call when they come out of one tensor."""
     kind = type(mods[0])
     if kind is nn.Linear:
         if mods[0].training and torch.is_grad_enabled() and all(type(m) is nn.Linear for m in mods):
             bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
-            y = F.linear(x, torch.cat([m.weight for m in mods]), bias)  # (..., sum of out_features)
-            return y.split_with_sizes([m.out_features for m in mods], dim=-1)
-        return [m(x) for m in mods]
+            return F.linear(x, torch.cat([m.weight for m in mods]), bias)  # (..., sum of out_features)
+        return None
     if kind is FusedPart and _one_group(mods):
-        # split_with_sizes: the C++ method (Tensor.split is a Python wrapper, ~4 us per call)
-        return mods[0].fused(x).split_with_sizes(mods[0].sizes, dim=-1)
+        return mods[0].fused(x)
+    return None
+
+
+def project(x: torch.Tensor, *mods: nn.Module) -> Sequence[torch.Tensor]:
+    """[m(x) for m in mods], computed with as few matmuls as the modules allow (see the module doc)."""
+    y = joint_output(x, *mods)
+    if y is not None:  # split_with_sizes: the C++ method (Tensor.split is a Python wrapper, ~4 us per call)
+        return y.split_with_sizes([m.out_features for m in mods], dim=-1)
     bases = [getattr(m, "base_layer", m) for m in mods]
     if any(b is not m for b, m in zip(bases, mods)):  # wrappers: bases together, then each delta
         ys = project(x, *bases)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.kv_cache import KVCache
-from llmkit.model.layers import project
+from llmkit.model.layers import joint_output, project
 from llmkit.model.rope import apply_rope, rope_for_positions, rope_tables
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -201,6 +201,13 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, T, H, D), k and v (B, T, Hkv, D), q and k normed (qk_norm) and rotated (RoPE)."""
         B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        y = joint_output(x, self.q_proj, self.k_proj, self.v_proj) if rope is not None and not self.qk_norm \
+            else None
+        if y is not None:  # q|k|v from one matmul: rotate q and k in one go (half the small kernels)
+            qk, v = y.view(B, T, H + 2 * Hkv, D).split_with_sizes([H + Hkv, Hkv], dim=2)
+            q, k = apply_rope(qk, *rope).split_with_sizes([H, Hkv], dim=2)
+            return q, k, v
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, H*D | Hkv*D)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)

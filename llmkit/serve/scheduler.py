@@ -108,6 +108,11 @@ class Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
 
 
+def _deliver(items: list[tuple[Job, Any]]) -> None:
+    for job, item in items:
+        job.queue.put_nowait((job.index, item))
+
+
 class Scheduler:
     def __init__(self, backend: Backend, *, max_queue: int = 64, metrics=None):
         self.backend = backend
@@ -217,13 +222,16 @@ class Scheduler:
                     job._emit(LlmkitError(f"engine error: {e}", status=500))
                     self._drop(job)
                 continue
+            batch: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
             for out in outs:
                 job = self._running.get(out.key)
                 if job is None:
                     continue
-                job._emit(out)
+                batch.setdefault(job.loop, []).append((job, out))
                 if out.finish_reason is not None:
                     self._drop(job)
+            for loop, items in batch.items():  # one event-loop wake-up per step, not one per token
+                loop.call_soon_threadsafe(_deliver, items)
         for job in list(self._running.values()) + list(self._waiting):
             job._emit(LlmkitError("server shutting down", status=503))
 
