@@ -1,8 +1,10 @@
 """Generation defaults (llmkit.generate.defaults): where a model's defaults come from and who wins.
 
 References: transformers writes (GenerationConfig.save_pretrained) and reads back (from_pretrained) the
-generation_config.json files; llama.cpp's gguf-py names the GGUF `general.sampling.*` keys; the known-name
-values are SmolLM2-135M-Instruct's model card (temperature 0.2, top-p 0.9); the rest are hand-written values.
+generation_config.json files; llama.cpp's gguf-py names the GGUF `general.sampling.*` keys (penalty_last_n:
+-1 = the whole context, 0 = penalties off, per llama.cpp's --repeat-last-n); the known-name values are
+SmolLM2-135M-Instruct's model card (temperature 0.2, top-p 0.9); the interactive guard is llama.cpp's and
+Ollama's default (repeat_penalty 1.1, repeat_last_n 64); the rest are hand-written values.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from pydantic import ValidationError
 
 import llmkit
 from llmkit.cli import build_parser, main
-from llmkit.generate.defaults import interactive_defaults, resolve_params, with_defaults
+from llmkit.errors import LlmkitError
+from llmkit.generate.defaults import (
+    from_gguf_metadata,
+    interactive_defaults,
+    resolve_params,
+    to_generation_config,
+    with_defaults,
+)
 from llmkit.hub import DEFAULT_MODEL, named_model_at, named_model_path
 from llmkit.serve import protocol as P
 from llmkit.tokenizer import Tokenizer
@@ -114,10 +123,27 @@ def test_gguf_sampling_metadata_is_picked_up(tiny, tmp_path, stub_tokenizer):
     _, cfg, tensors = tiny
     K = gguf.Keys.General  # llama.cpp's key names
     write_gguf(tmp_path / "m.gguf", "llama", cfg, tensors, "F32", extra_kv={
-        K.SAMPLING_TEMP: 0.6, K.SAMPLING_TOP_P: 0.95, K.SAMPLING_TOP_K: 40, K.SAMPLING_PENALTY_REPEAT: 1.05})
+        K.SAMPLING_TEMP: 0.6, K.SAMPLING_TOP_P: 0.95, K.SAMPLING_TOP_K: 40, K.SAMPLING_PENALTY_REPEAT: 1.05,
+        K.SAMPLING_PENALTY_LAST_N: 32})
     llm = llmkit.load(tmp_path / "m.gguf", device="cpu")
     assert llm.generation_defaults == {"temperature": 0.6, "top_p": 0.95, "top_k": 40,
-                                       "repetition_penalty": 1.05}
+                                       "repetition_penalty": 1.05, "repetition_window": 32}
+
+
+def test_gguf_penalty_last_n_special_values():
+    K = gguf.Keys.General
+    # llama.cpp: -1 = the whole context (ours: 0 = every token), 0 = the penalties are off
+    assert from_gguf_metadata({K.SAMPLING_PENALTY_REPEAT: 1.1, K.SAMPLING_PENALTY_LAST_N: -1}) == {
+        "repetition_penalty": 1.1, "repetition_window": 0}
+    assert from_gguf_metadata({K.SAMPLING_PENALTY_REPEAT: 1.1, K.SAMPLING_PENALTY_LAST_N: 0}) == {
+        "repetition_penalty": 1.0}
+    assert from_gguf_metadata({K.SAMPLING_PENALTY_LAST_N: -7}) == {}  # dropped with a warning
+
+
+def test_generation_config_has_no_window():
+    hf = to_generation_config({"repetition_penalty": 1.1, "repetition_window": 64})
+    assert hf == {"repetition_penalty": 1.1}
+    assert transformers.GenerationConfig(**hf).repetition_penalty == 1.1
 
 
 def test_known_name_gets_its_authors_defaults(tiny, tmp_path, stub_tokenizer, monkeypatch, capsys):
@@ -163,18 +189,27 @@ def test_explicit_values_win():
 
 
 def test_interactive_guard_fills_only_gaps():
-    assert interactive_defaults({}) == {"frequency_penalty": 0.3, "max_tokens": 512}
+    assert interactive_defaults({}) == {"repetition_penalty": 1.1, "repetition_window": 64, "max_tokens": 512}
     model = {"temperature": 0.7, "repetition_penalty": 1.05, "max_tokens": 1024}
-    assert interactive_defaults(model) == {**model, "frequency_penalty": 0.3}
+    assert interactive_defaults(model) == {**model, "repetition_window": 64}
+    assert interactive_defaults({"repetition_window": 0}) == {"repetition_penalty": 1.1,
+                                                               "repetition_window": 0, "max_tokens": 512}
+
+
+OFF = dict(repetition_penalty=1.0, repetition_window=0, frequency_penalty=0.0)  # no penalty at all
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["generate", "x"], dict(temperature=0.2, top_p=0.9, frequency_penalty=0.0, max_tokens=256)),
-    (["generate", "x", "--temperature", "0", "--top-p", "1"],
-     dict(temperature=0.0, top_p=1.0, frequency_penalty=0.0, max_tokens=256)),
-    (["chat"], dict(temperature=0.2, top_p=0.9, frequency_penalty=0.3, max_tokens=512)),
-    (["chat", "--frequency-penalty", "0", "--max-tokens", "20", "--temperature", "0.5"],
-     dict(temperature=0.5, top_p=0.9, frequency_penalty=0.0, max_tokens=20)),
+    (["generate", "x"], dict(temperature=0.2, top_p=0.9, **OFF, max_tokens=256)),
+    (["generate", "x", "--temperature", "0", "--top-p", "1", "--repetition-penalty", "1.2",
+      "--repetition-window", "8"],
+     dict(temperature=0.0, top_p=1.0, repetition_penalty=1.2, repetition_window=8, max_tokens=256)),
+    (["chat"], dict(temperature=0.2, top_p=0.9, repetition_penalty=1.1, repetition_window=64,
+                    frequency_penalty=0.0, presence_penalty=0.0, max_tokens=512)),
+    (["chat", "--repetition-penalty", "1", "--repetition-window", "0", "--max-tokens", "20",
+      "--temperature", "0.5"], dict(temperature=0.5, top_p=0.9, **OFF, max_tokens=20)),
+    (["chat", "--frequency-penalty", "0.3", "--repetition-window", "16"],
+     dict(repetition_penalty=1.1, repetition_window=16, frequency_penalty=0.3, max_tokens=512)),
 ])
 def test_cli_flags_over_model_over_guard(argv, expect):
     from types import SimpleNamespace
@@ -188,6 +223,8 @@ def test_cli_flags_over_model_over_guard(argv, expect):
     plain = _explicit(build_parser().parse_args(["generate", "x"]))
     none = _params(SimpleNamespace(generation_defaults={}), plain, interactive=False)
     assert (none.temperature, none.top_p) == (0.7, 1.0)  # the CLI's own fallback when the model says nothing
+    with pytest.raises(LlmkitError, match="repetition_window"):  # checked before any model is loaded
+        _explicit(build_parser().parse_args(["chat", "--repetition-window", "-1"]))
 
 
 # ------------------------------------------------------------------------------- the OpenAI-style API
@@ -210,11 +247,25 @@ def test_protocol_leaves_unset_fields_to_the_model():
     assert (p.temperature, p.top_p, p.max_tokens) == (0.0, 0.9, 70)
 
 
+def test_protocol_repetition_window_extension():
+    model = {"repetition_penalty": 1.1, "repetition_window": 64}  # e.g. a GGUF's penalty_last_n
+    assert P.ChatCompletionRequest(messages=MSG).to_sampling_params(10).repetition_window == 0  # every token
+    p = P.ChatCompletionRequest(messages=MSG).to_sampling_params(10, defaults=model)
+    assert (p.repetition_penalty, p.repetition_window) == (1.1, 64)
+    p = P.CompletionRequest(prompt="x", repetition_window=8).to_sampling_params(10, defaults=model)
+    assert (p.repetition_penalty, p.repetition_window) == (1.1, 8)
+    p = P.ChatCompletionRequest(messages=MSG, repetition_window=0).to_sampling_params(10, defaults=model)
+    assert p.repetition_window == 0  # 0 is a value, not "unset"
+    with pytest.raises(ValidationError) as e:
+        P.ChatCompletionRequest(messages=MSG, repetition_window=-1)
+    assert e.value.errors()[0]["loc"] == ("repetition_window",)
+
+
 def test_model_card_carries_the_defaults_and_the_guard():
     card = P.model_card("m", 0, 2048, {"temperature": 0.2, "top_p": 0.9})
     assert card["generation_defaults"] == {"temperature": 0.2, "top_p": 0.9}
-    assert card["chat_defaults"] == {"temperature": 0.2, "top_p": 0.9, "frequency_penalty": 0.3,
-                                     "max_tokens": 512}
+    assert card["chat_defaults"] == {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1,
+                                     "repetition_window": 64, "max_tokens": 512}
 
 
 @pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**64])
@@ -257,11 +308,13 @@ def test_server_fills_unset_fields_from_the_model(tmp_path):
         assert hot["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"]
         status, err = post(server, "/v1/responses", {"input": "Hi", "seed": 2**64})
         assert status == 400 and err["error"]["param"] == "seed"
+        status, err = post(server, "/v1/chat/completions", {"messages": MSG, "repetition_window": -1})
+        assert status == 400 and err["error"]["param"] == "repetition_window"
 
 
 def test_chat_page_sends_the_guard_and_only_the_knobs_moved(browser, tmp_path):
     """The web page leaves temperature / top_p to the server until the user moves them, and always sends
-    the interactive guard (frequency penalty, answer length)."""
+    the interactive guard (repetition penalty over the last N tokens, answer length)."""
     from serve_utils import serve, tiny_llm
 
     llm = tiny_llm()
@@ -283,10 +336,15 @@ def test_chat_page_sends_the_guard_and_only_the_knobs_moved(browser, tmp_path):
 
         first = send("Hello", 1)
         assert "temperature" not in first and "top_p" not in first
-        assert (first["frequency_penalty"], first["max_tokens"]) == (0.3, 512)
+        guard = (first["repetition_penalty"], first["repetition_window"], first["max_tokens"])
+        assert guard == (1.1, 64, 512)
+        assert "frequency_penalty" not in first
         page.eval_on_selector("#temperature", "e => { e.value = '0.7'; e.dispatchEvent(new Event('input')) }")
         page.fill("#max_tokens", "5")
+        page.fill("#repetition_penalty", "1")
+        page.fill("#repetition_window", "16")
         second = send("Again", 2)
-        assert (second["temperature"], second["max_tokens"], second["frequency_penalty"]) == (0.7, 5, 0.3)
+        assert (second["temperature"], second["max_tokens"]) == (0.7, 5)
+        assert (second["repetition_penalty"], second["repetition_window"]) == (1, 16)
         assert "top_p" not in second
         page.close()

@@ -149,7 +149,7 @@ def test_inspect_json(inspect_json, hf_model):
 
 
 def test_inspect_text(inspect_json):
-    from llmkit.checkpoint.info import format_info
+    from llmkit.info import format_info
 
     out = format_info(inspect_json)
     for needle in ("architecture     llama", "layers           30", "d_model          576",

@@ -134,6 +134,35 @@ def test_sampler_penalises_prompt_and_generated_tokens():
     assert [f(logits)[0] for _ in range(3)] == [0, 1, 0]  # frequency counts generated tokens only
 
 
+def test_repetition_window_counts_only_the_last_n_tokens(monkeypatch):
+    """repetition_penalty 2.0 over the last 3 tokens of prompt + answer (llama.cpp's repeat_last_n), greedy.
+    Expected penalised logits by hand: a positive logit / 2, a negative one * 2, for the tokens in the
+    window only. Row 1 (window 0) penalises every token seen, as transformers."""
+    from llmkit.generate import sampling
+
+    L = [3.0, -1.0, 2.0, -2.0, 1.0, 0.5]  # the same raw logits at every step
+    seen_by_next_stage = []  # the logits the repetition penalty hands on (presence / frequency are off)
+    real = sampling.apply_presence_frequency
+    monkeypatch.setattr(sampling, "apply_presence_frequency",
+                        lambda x, *a: seen_by_next_stage.append(x.clone()) or real(x, *a))
+    s = Sampler(2, len(L))
+    s.start(0, SamplingParams(temperature=0, repetition_penalty=2.0, repetition_window=3), [0, 1, 2, 3])
+    s.start(1, SamplingParams(temperature=0, repetition_penalty=2.0), [0, 1, 2, 3])
+    # (window before the step, penalised logits, greedy pick); token 0 was seen 4 tokens ago: not penalised
+    steps = [([1, 2, 3], [3.0, -2.0, 1.0, -4.0, 1.0, 0.5], 0),
+             ([2, 3, 0], [1.5, -1.0, 1.0, -4.0, 1.0, 0.5], 0),  # 1 left the window
+             ([3, 0, 0], [1.5, -1.0, 2.0, -4.0, 1.0, 0.5], 2),  # 2 left: it wins
+             ([0, 0, 2], [1.5, -1.0, 1.0, -2.0, 1.0, 0.5], 0),  # 3 left; 2 seen 1 token ago
+             ([0, 2, 0], [1.5, -1.0, 1.0, -2.0, 1.0, 0.5], 0),  # one 0 left, another is still there
+             ([2, 0, 0], [1.5, -1.0, 1.0, -2.0, 1.0, 0.5], 0),
+             ([0, 0, 0], [1.5, -1.0, 2.0, -2.0, 1.0, 0.5], 2)]  # 2 left again
+    everything = [1.5, -2.0, 1.0, -4.0, 1.0, 0.5]  # row 1: tokens 0-3 stay penalised
+    for window, expect, pick in steps:
+        ids, _ = s.sample([0, 1], torch.tensor([L, L]))
+        assert seen_by_next_stage[-1].tolist() == [expect, everything], window
+        assert ids == [pick, 0], window
+
+
 def test_logprobs_are_raw_model_logprobs():
     logits = torch.tensor([0.0, 1.0, 2.0])
     s = one_row(SamplingParams(temperature=0, logprobs=2, repetition_penalty=1.5), [2], 3)

@@ -5,7 +5,8 @@ the default model is used; PROMPT "-" reads the prompt from stdin.
 
 Sampling flags default to None ("unset"): an explicit flag wins, then the model's generation defaults
 (`llm.generation_defaults`), then, for `chat` only, the loop guard of llmkit.generate.defaults
-(`interactive_defaults`), then this module's fallbacks (temperature 0.7; 256 tokens for generate).
+(`interactive_defaults`: repetition penalty 1.1 over the last 64 tokens, 512 tokens at most, as llama.cpp
+and Ollama), then this module's fallbacks (temperature 0.7; 256 tokens for generate).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ def _sampling_args(p: argparse.ArgumentParser, interactive: bool) -> None:
                    help=f"keep the k most likely tokens ({unset('0 = off')})")
     p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass ({unset('1 = off')})")
     p.add_argument("--min-p", type=float, default=None, help=f"min-p sampling ({unset('0 = off')})")
+    guard = "1.1 over the last 64 tokens, against loops as in llama.cpp" if interactive else "1 = off"
     p.add_argument("--repetition-penalty", type=float, default=None,
-                   help=f"penalise tokens seen in the prompt or the answer, CTRL's ({unset('1 = off')})")
+                   help=f"penalise tokens seen in the prompt or the answer, CTRL's ({unset(guard)})")
+    p.add_argument("--repetition-window", type=int, default=None, metavar="N",
+                   help="the repetition penalty counts only the last N tokens of prompt + answer "
+                        f"(llama.cpp's repeat_last_n; {unset('64' if interactive else '0 = every token')})")
     p.add_argument("--frequency-penalty", type=float, default=None,
-                   help="subtract this times a token's count in the answer (default: "
-                        + ("0.3 against loops)" if interactive else "0 = off)"))
+                   help="subtract this times a token's count in the answer (default: 0 = off)")
     p.add_argument("--presence-penalty", type=float, default=None,
                    help="subtract this from tokens already in the answer (default: 0 = off)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); never printed")
@@ -53,8 +57,8 @@ def _explicit(args) -> dict[str, Any]:
 
     kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-              frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-              stop=args.stop, seed=args.seed)
+              repetition_window=args.repetition_window, frequency_penalty=args.frequency_penalty,
+              presence_penalty=args.presence_penalty, stop=args.stop, seed=args.seed)
     SamplingParams.from_kwargs(**kw)
     return kw
 

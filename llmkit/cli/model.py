@@ -52,8 +52,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from llmkit.checkpoint.info import format_info, model_info
     from llmkit.hub import named_model_at, resolve
+    from llmkit.info import format_info, model_info
 
     path = resolve(args.model)
     info = model_info(path, known=named_model_at(path))

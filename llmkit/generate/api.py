@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.defaults import resolve_params
 from llmkit.generate.engine import Engine
 from llmkit.generate.request import (
     NOT_CONSTRAINED,
@@ -65,17 +66,6 @@ def get_engine(llm, max_batch: int = 1) -> Engine:
         eng = Engine(llm.model, max_batch=max_batch, stop_ids=sorted(llm.tokenizer.stop_ids))
         llm._engine = eng
     return eng
-
-
-def sampling_params(params: SamplingParams | None = None, defaults: dict | None = None, **kw
-                    ) -> SamplingParams:
-    """SamplingParams from an explicit object (taken as it is, keywords replace fields) or from keywords,
-    where the model's generation `defaults` fill what the caller left unset (None)."""
-    if params is not None:
-        return params.replace(**kw).validate() if kw else params.validate()
-    if defaults:
-        kw = {**defaults, **{k: v for k, v in kw.items() if v is not None}}
-    return SamplingParams.from_kwargs(**kw)
 
 
 @dataclass
@@ -172,7 +162,7 @@ def _prompts(llm, prompt, chat_kw: dict) -> tuple[list[list[int]], bool, ChatPro
 
 
 def _start(llm, prompt, params, kw, *, tools=None, tool_choice=None, response_format=None, logit_bias=None):
-    params = sampling_params(params, getattr(llm, "generation_defaults", None), **kw)
+    params = resolve_params(getattr(llm, "generation_defaults", None) or {}, params, **kw)
     chat_kw = {"tools": tools, "tool_choice": tool_choice, "response_format": response_format}
     is_chat = isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict)
     if not is_chat and any(chat_kw.values()):

@@ -8,9 +8,11 @@
 Where a model's defaults come from (`model_defaults`), the file's own values first:
 - an HF folder: `generation_config.json`, transformers' names mapped onto SamplingParams' (`HF_NAMES`:
   temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens -> max_tokens). An explicit
-  `"do_sample": false` means greedy in transformers, so it becomes temperature 0;
+  `"do_sample": false` means greedy in transformers, so it becomes temperature 0. transformers has no
+  repetition window (its penalty covers every token): none is read, and `to_generation_config` drops one;
 - a GGUF file: llama.cpp's `general.sampling.*` metadata (`GGUF_KEYS`: temp, top_k, top_p, min_p,
-  penalty_repeat);
+  penalty_repeat, penalty_last_n -> repetition_window; llama.cpp's penalty_last_n -1 (the whole context)
+  becomes 0 (every token), its 0 turns the penalties off, so it becomes repetition_penalty 1);
 - then, for what the file leaves out, the known-name registry entry the caller passes (`llmkit.hub`'s
   `NamedModel.generation_defaults`): SmolLM2-135M-Instruct's authors recommend temperature 0.2 and top-p 0.9
   on its model card, but neither its generation_config.json nor its GGUF file says so.
@@ -19,18 +21,17 @@ A value a file gets wrong (a string, top_p 0, ...) is dropped with a warning: th
 Notable choices:
 - One precedence everywhere: an explicit value (CLI flag, keyword, request field) > the model's default >
   the surface's own fallback (SamplingParams' defaults, e.g. temperature 1.0 as in OpenAI). None = unset.
-- `interactive_defaults` is for the interactive surfaces only (`llmkit chat`, the web page): like llama.cpp
-  and Ollama (repeat_penalty 1.1 over the last 64 tokens) it guards a small model against loops, with a
-  penalty on the answer's own tokens and a bounded answer: frequency_penalty 0.3 (OpenAI's: logit -= 0.3 x
-  the token's count in the answer so far) and 512 tokens, unless the model's defaults say otherwise.
-  Why not repetition_penalty 1.1: SamplingParams' repetition penalty (CTRL's / transformers') covers every
-  token seen, prompt included (no "last N" window), so it penalises the question's own words. Measured on
-  SmolLM2-135M-Instruct (system "Réponds en français.", temperature 0.2, top-p 0.9, 512 tokens at most):
-  "What is a KV cache?" (4 samples): no penalty 4/4 ran to 512 tokens looping; repetition_penalty 1.1
-  0/4, but 4/4 answered about "KVM"; frequency_penalty 0.3 0/4, on topic. "Qu'est-ce qu'un cache KV ?"
-  (8 samples): no penalty 7/8 looped to 512; repetition_penalty 1.1 5/8 rambled to 512; frequency_penalty
-  0.3 1/8 (a sentence may still come back two or three times before the answer ends). The OpenAI-style
-  API keeps OpenAI's semantics: no penalty unless asked.
+- `interactive_defaults` is for the interactive surfaces only (`llmkit chat`, the web page): what llama.cpp
+  and Ollama do by default, repetition_penalty 1.1 (CTRL's / transformers') over the last 64 tokens of prompt
+  + answer (`repetition_window`, llama.cpp's repeat_last_n), and 512 tokens at most, wherever the model's
+  defaults say nothing (a model's own repetition_penalty thus gets the 64-token window, as in llama.cpp).
+  With the window, the question's own words leave the penalty once the answer is 64 tokens long.
+  Measured on SmolLM2-135M-Instruct (system "Réponds en français.", "Qu'est-ce qu'un cache KV ?",
+  temperature 0.2, top-p 0.9, 4 samples, seed 7): no guard: 3/4 ran to 512 tokens looping ("La carte de la
+  carte..."); frequency_penalty 0.3 (the previous guard): 0/4 reached 512 (14-267 tokens) but phrases came
+  back ("une création de l'Aurora de la Ville" x3); repetition_penalty 1.1 over the last 64 tokens: 0/4
+  reached 512 (79-236 tokens), no phrase repeated. The OpenAI-style API keeps OpenAI's semantics: no
+  penalty unless asked (or the model's defaults say so).
 - A `SamplingParams` object passed by a caller counts as explicit in full: its fields cannot say which were
   left unset, so defaults only fill keyword arguments (`resolve_params`).
 """
@@ -54,11 +55,14 @@ HF_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "m
 # GGUF metadata key (llama.cpp's gguf-py Keys.General.SAMPLING_*) -> SamplingParams field
 GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
              "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
-             "general.sampling.penalty_repeat": "repetition_penalty"}
+             "general.sampling.penalty_repeat": "repetition_penalty",
+             "general.sampling.penalty_last_n": "repetition_window"}
 # the knobs a default can set, in the order `describe` prints them
-FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "max_tokens")
-# the interactive guard (llmkit chat, the web page): a growing penalty on repeats, a bounded answer
-INTERACTIVE = {"frequency_penalty": 0.3, "max_tokens": 512}
+FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_window",
+          "frequency_penalty", "max_tokens")
+# the interactive guard (llmkit chat, the web page), llama.cpp's and Ollama's defaults: a penalty on the
+# tokens of the last 64 (repeat_penalty 1.1, repeat_last_n 64) and a bounded answer
+INTERACTIVE = {"repetition_penalty": 1.1, "repetition_window": 64, "max_tokens": 512}
 
 
 def with_defaults(defaults: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,6 +131,11 @@ def from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGUF") -> dic
             v = float(f"{v:.6g}")
         if v is not None:
             out[ours] = v
+    if out.get("repetition_window") == -1:  # llama.cpp: the whole context
+        out["repetition_window"] = 0
+    elif out.get("repetition_window") == 0:  # llama.cpp: penalties off
+        del out["repetition_window"]
+        out["repetition_penalty"] = 1.0
     return _checked(out, source)
 
 

@@ -5,7 +5,8 @@ Notable choices:
   makes that cost only the new tokens (the answer's line shows how many were cached).
 - Input and output are plain text streams (stdin/stdout by default), so the chat is testable by piping lines.
 - The caller resolves the sampling settings (flags > the model's defaults > the loop guard of
-  llmkit.generate.defaults.interactive_defaults); the banner prints them, /temp changes the temperature.
+  llmkit.generate.defaults.interactive_defaults: repetition penalty 1.1 over the last 64 tokens, 512 tokens
+  at most); the banner prints them (the window as repetition_window), /temp changes the temperature.
 """
 
 from __future__ import annotations

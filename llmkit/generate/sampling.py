@@ -9,7 +9,8 @@ Notable choices:
   constrained JSON) run on their own row first; they are the only per-row tensor work in the step.
 - `temperature == 0` means greedy: argmax of the processed, penalised logits, no random draw.
 - Penalties follow their references: the repetition penalty is CTRL's / HF's (a logit of a token seen in the
-  prompt or the output is divided by the penalty when positive, multiplied when negative); presence and
+  prompt or the output -- or, with `repetition_window` N, in their last N tokens, llama.cpp's repeat_last_n --
+  is divided by the penalty when positive, multiplied when negative); presence and
   frequency penalties are OpenAI's (logit -= presence * [count > 0] + frequency * count, over generated
   tokens only). Token counts live in (rows, V) tensors, allocated on the first penalised request and updated
   on the device.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -52,6 +54,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
+    repetition_window: int = 0  # penalise only the last N tokens (llama.cpp's repeat_last_n); 0 = all
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)  # stop strings: generation ends before them, never emitted
@@ -119,6 +122,8 @@ class SamplingParams:
             raise bad("min_p", "must be in [0, 1] (0 = off)")
         if number("repetition_penalty") <= 0:
             raise bad("repetition_penalty", "must be > 0 (1 = off)")
+        if integer("repetition_window") < 0:
+            raise bad("repetition_window", "must be >= 0 (0 = every token of the prompt and the answer)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= number(name) <= 2:
                 raise bad(name, "must be in [-2, 2] (0 = off)")
@@ -276,7 +281,8 @@ class Sampler:
         self.rngs: list[random.Random | None] = [None] * rows
         self.processors: list[tuple[Processor, ...]] = [()] * rows
         self.counts: torch.Tensor | None = None  # (rows, V) float32: generated-token counts
-        self.seen: torch.Tensor | None = None  # (rows, V) bool: in the prompt or generated
+        self.seen: torch.Tensor | None = None  # (rows, V) float32: counts in the prompt + output (or window)
+        self.window: list[deque[int] | None] = [None] * rows  # the ids in a row's repetition window
 
     def start(self, row: int, params: SamplingParams, prompt_ids: Sequence[int] = (), sample_index: int = 0,
               processors: Sequence[Processor] = ()) -> None:
@@ -284,16 +290,22 @@ class Sampler:
         when it is penalised, token counts that start from its prompt."""
         self.params[row] = params
         self.processors[row] = tuple(processors)
+        self.window[row] = None
         seed = None if params.seed is None else params.seed + sample_index
         self.rngs[row] = None if params.greedy else random.Random(seed)  # None: seeded from the OS
         if params.penalised:
             if self.counts is None:
                 n = len(self.params)
                 self.counts = torch.zeros(n, self.vocab_size, device=self.device)
-                self.seen = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=self.device)
+                self.seen = torch.zeros(n, self.vocab_size, device=self.device)
+            ids = [i for i in prompt_ids if 0 <= i < self.vocab_size]
+            n_win = params.repetition_window
+            self.window[row] = deque(ids[-n_win:]) if n_win else None
             self.counts[row] = 0
-            self.seen[row] = False
-            self.seen[row, torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)] = True
+            self.seen[row] = 0
+            seen = list(self.window[row]) if n_win else ids
+            self.seen[row].index_add_(0, torch.tensor(seen, dtype=torch.long, device=self.device),
+                                      torch.ones(len(seen), device=self.device))
 
     def sample(self, rows: Sequence[int], logits: torch.Tensor, generated: Sequence[list[int]] | None = None
                ) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -316,7 +328,7 @@ class Sampler:
                                  device=self.device)  # (B, 9): one host-to-device copy for every knob
         if penalised:
             idx = torch.tensor(rows, device=self.device)  # (B,)
-            logits = apply_repetition_penalty(logits, self.seen[idx], knobs[:, 4:5])
+            logits = apply_repetition_penalty(logits, self.seen[idx] > 0, knobs[:, 4:5])
             logits = apply_presence_frequency(logits, self.counts[idx], knobs[:, 5:6], knobs[:, 6:7])
         if greedy:
             tokens = logits.argmax(dim=-1)  # (B,)
@@ -331,11 +343,28 @@ class Sampler:
             tokens = draw(x, knobs[:, 8])  # (B,)
             if any(p.greedy for p in ps):
                 tokens = torch.where(knobs[:, 7] > 0, logits.argmax(dim=-1), tokens)
-        if penalised:
-            self.counts.index_put_((idx, tokens), torch.ones((), device=self.device), accumulate=True)
-            self.seen[idx, tokens] = True
         ids = tokens.tolist()  # the step's one host transfer for the tokens
+        if penalised:
+            self._observe(rows, ps, idx, tokens, ids)
         return ids, self._logprobs(rows, raw, tokens)
+
+    def _observe(self, rows: Sequence[int], ps: Sequence[SamplingParams], idx: torch.Tensor,
+                 tokens: torch.Tensor, ids: list[int]) -> None:
+        """Count the new tokens for the penalties; a token leaving a row's repetition window is uncounted."""
+        one = torch.ones((), device=self.device)
+        self.counts.index_put_((idx, tokens), one, accumulate=True)
+        self.seen.index_put_((idx, tokens), one, accumulate=True)
+        out_rows, out_ids = [], []
+        for r, p, t in zip(rows, ps, ids):
+            win = self.window[r]
+            if win is not None:
+                win.append(t)
+                if len(win) > p.repetition_window:
+                    out_rows.append(r)
+                    out_ids.append(win.popleft())
+        if out_rows:
+            self.seen.index_put_((torch.tensor(out_rows, device=self.device),
+                                  torch.tensor(out_ids, device=self.device)), -one, accumulate=True)
 
     def _logprobs(self, rows: Sequence[int], raw: torch.Tensor, tokens: torch.Tensor
                   ) -> list[TokenLogprob | None]:

@@ -3,17 +3,19 @@
 Bounds live on the fields (`Field(ge=..., le=...)`), so a bad parameter is a 400 naming the field
 before any work is queued. Unknown fields are accepted (clients send vendor extensions) and logged
 once per request at WARNING. The vLLM-style extras `top_k`, `min_p`, `repetition_penalty` and
-`ignore_eos` sit at the end of each request. `to_sampling_params(max_tokens, defaults)` maps a request onto
-the engine's `SamplingParams`; the routes never touch sampling fields themselves. `error_body` gives any
-exception the OpenAI error shape {"error": {"message", "type", "param", "code"}}.
+`ignore_eos`, and llmkit's own `repetition_window` (the repetition penalty counts only the last N tokens of
+prompt + answer, llama.cpp's repeat_last_n; 0 = every token, as in vLLM and transformers), sit at the end of
+each chat / completions request. `to_sampling_params(max_tokens, defaults)` maps a request onto the engine's
+`SamplingParams`; the routes never touch sampling fields themselves. `error_body` gives any exception the
+OpenAI error shape {"error": {"message", "type", "param", "code"}}.
 
-Unset is visible: temperature, top_p, top_k, min_p and repetition_penalty default to None, and
-`to_sampling_params` fills them from the model's generation defaults (`defaults`, llmkit.generate.defaults)
-as vLLM does with a model's generation_config.json, then from OpenAI's defaults (temperature 1, top_p 1,
-no penalty). So a model without defaults keeps OpenAI's semantics, and the interactive loop guard
-(frequency_penalty, answer length) is never applied here: the web page asks for it explicitly
-(`model_card` hands it the values). A model's
-max_new_tokens caps chat and Responses answers whose request sets no limit. Seeds are 64-bit signed ints.
+Unset is visible: temperature, top_p, top_k, min_p, repetition_penalty and repetition_window default to
+None, and `to_sampling_params` fills them from the model's generation defaults (`defaults`,
+llmkit.generate.defaults) as vLLM does with a model's generation_config.json, then from OpenAI's defaults
+(temperature 1, top_p 1, no penalty). So a model without defaults keeps OpenAI's semantics, and the
+interactive loop guard (repetition penalty over the last 64 tokens, answer length) is never applied here:
+the web page asks for it explicitly (`model_card` hands it the values). A model's max_new_tokens caps chat
+and Responses answers whose request sets no limit. Seeds are 64-bit signed ints.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ log = logging.getLogger("llmkit.serve")
 
 MAX_N = 16
 MAX_LOGPROBS = 20
-DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # None -> the model's default
+# None -> the model's default
+DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_window")
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # what torch.Generator.manual_seed takes (seed + i too)
 
 
@@ -69,6 +72,7 @@ class _Sampling(_Lenient):
     top_k: int | None = Field(None, ge=-1)  # -1 = off, as 0
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_window: int | None = Field(None, ge=0)  # llmkit: penalise the last N tokens only; 0 = all
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     @model_validator(mode="after")
@@ -86,7 +90,8 @@ class _Sampling(_Lenient):
         top_k = None if self.top_k is None else max(self.top_k, 0)
         return dict(
             temperature=self.temperature, top_k=top_k, top_p=self.top_p, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty, repetition_window=self.repetition_window,
+            presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, stop=self.stop_list(), seed=self.seed,
             ignore_eos=self.ignore_eos,
         )

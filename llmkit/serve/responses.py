@@ -73,10 +73,10 @@ async def responses(svc: Service, req: P.ResponsesRequest):
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "model": svc.model_name, "output": output, "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id, "store": req.store,
-            "temperature": req.temperature,
+            "temperature": params[0].temperature,
             "text": {"format": fmt_dict if fmt else {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
-            "tools": req.tools or [], "top_p": req.top_p, "usage": usage,
+            "tools": req.tools or [], "top_p": params[0].top_p, "usage": usage,
             "metadata": req.metadata or {}, "user": req.user,
         }
 

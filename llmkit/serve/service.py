@@ -68,8 +68,8 @@ class Service:
                               status=404, code="model_not_found", param="model")
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "llmkit", "max_model_len": self.context}]}
+        return {"object": "list", "data": [P.model_card(self.model_name, self.created, self.context,
+                                                        self.defaults)]}
 
     def budget(self, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:
         """max_tokens checked against the context (None = the rest of the context)."""
