@@ -5,7 +5,8 @@ runs c client threads, each streaming `--requests` chat completions one after th
 prompts, `ignore_eos` so every request generates exactly `--max-tokens` tokens). Levels alternate over
 `--rounds` rounds (1, 4, 16, 1, 4, 16, ...) so that machine noise hits all of them alike; the table
 reports medians over rounds, and the ratio to the single-client throughput measured in the same run.
-Continuous batching should make 16 clients >= 6x one client's aggregate tok/s.
+Continuous batching should make 16 clients >= 8x one client's aggregate tok/s (32-token answers). The
+server runs at its best settings (no OMP_WAIT_POLICY=PASSIVE, which suits tests, not benchmarks).
 
     .venv/bin/python bench/serve_load.py [--levels 1 4 16] [--max-tokens 128] [--rounds 2] [--device cuda]
 """
@@ -179,7 +180,7 @@ def main() -> int:
             print(f"{c:8d} {tok_s:9.1f} {tok_s / single:9.2f} {p50:9.3f} {p95:9.3f}")
         top = max(a.levels)
         ratio = statistics.median(r["tok_s"] for r in results[top]) / single
-        print(f"\n{top} clients / 1 client aggregate throughput: {ratio:.2f}x (goal >= 6x)")
+        print(f"\n{top} clients / 1 client aggregate throughput: {ratio:.2f}x (goal >= 8x)")
     finally:
         server.terminate()
         try:
