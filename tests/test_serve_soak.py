@@ -13,16 +13,18 @@ import time
 import pytest
 from serve_utils import serve, tiny_llm
 
-CLIENTS = 64  # every 8th is hostile (8 of them: each kind below at least once)
+CLIENTS = 64  # every 8th is hostile: each kind below once
+HI = [{"role": "user", "content": "hi"}]
+MISSING_REF = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}
 HOSTILE = [  # (body, why) -- each must get a 4xx, never a 5xx, and never disturb the others
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": -1}, "bad temperature"),
+    ({"messages": HI, "max_tokens": 4, "temperature": -1}, "bad temperature"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}], "max_tokens": 4}, "content part"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, "beyond the context"),
-    ({"messages": [], "max_tokens": 4}, "no messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 10**6}, "n out of range"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema":
-      {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}, "max_tokens": 8}, "unresolvable $ref"),
+    ({"messages": HI, "max_tokens": 10**9}, "beyond the context"),
+    ({"messages": HI, "max_tokens": 4, "repetition_penalty": 1e-40}, "penalty that would divide by ~0"),
+    ({"messages": HI, "n": 10**6}, "n out of range"),
+    ({"messages": HI, "response_format": MISSING_REF, "max_tokens": 8}, "unresolvable $ref"),
     ({"messages": [{"role": "user", "content": "a\ud800b"}], "max_tokens": 4}, "lone surrogate"),
+    ({"messages": [], "max_tokens": 4}, "no messages"),
 ]
 
 

@@ -12,8 +12,10 @@ Notable choices:
 - One Engine per LLM (made on first use, rebuilt only to grow its batch), so a chat that continues a
   conversation reuses the cached keys/values of everything said so far (`usage["cached_tokens"]`).
 - Prompts longer than the engine's batch are queued: rows are refilled as sequences finish.
-- Raw prompts are encoded with the tokenizer's special tokens (BOS where the model wants one); chats are
-  rendered with the model's own template (`render_chat`, add_generation_prompt=True).
+- Raw prompts are encoded as /v1/completions encodes them (`encode_prompt`): BOS where the model wants one,
+  and special-token text parsed ("<|im_end|>" -> its id, as vLLM and HF tokenizers do); chats are rendered
+  with the model's own template (`render_chat`, add_generation_prompt=True), whose message content never
+  parses special tokens.
 - Text never shows stop strings, stop ids or other control tokens; token_ids keep every sampled id.
 - The per-request state, tools and JSON constraints come from llmkit.generate.request, which the server uses
   too: `llm.chat(msgs, response_format={"type": "json_object"})` and tools behave as over HTTP.
@@ -37,6 +39,7 @@ from llmkit.generate.request import (
     Completion,
     Processor,
     chat_prompt,
+    check_text,
     make_processors,
     usage,
 )
@@ -99,6 +102,8 @@ def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: Sam
                                  forced_tool=prompt.forced_tool if prompt else None)
                 live[row] = _Live(i, out, req.prompt_ids, req.cached_tokens, t0)
             for step in engine.step():
+                if step.error is not None:  # this row's request failed (its processor, say): the rows are
+                    raise step.error  # freed below
                 st = live[step.row]
                 if st.t1 is None:
                     st.t1 = time.perf_counter()
@@ -132,11 +137,15 @@ def _result(st: _Live, params: SamplingParams) -> GenerationResult:
                             timings, calls)
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of a raw prompt: text encoded with the tokenizer's special tokens (BOS where the model wants
-    one), or token ids checked against the vocabulary."""
+def encode_prompt(tokenizer, prompt: str | Sequence[int], *, add_special_tokens: bool = True,
+                  parse_special: bool = True) -> list[int]:
+    """Token ids of a raw prompt, or token ids checked against the vocabulary. Text gets BOS/EOS where the
+    model wants them (`add_special_tokens`) and, with `parse_special` (the default, as vLLM), special-token
+    text such as "<|im_end|>" becomes that token's id; off, it is encoded as plain text. A raw prompt belongs
+    to the caller: chat content, which may come from anyone, never parses special tokens (render_chat)."""
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        check_text(prompt, "prompt")
+        ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens, allow_special=parse_special)
     else:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
             raise LlmkitError("a prompt is a string or a list of token ids", param="prompt")

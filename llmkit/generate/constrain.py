@@ -15,7 +15,12 @@ Notable choices (all keep the output valid for the schema while keeping generati
 - a token whose bytes are not complete UTF-8 on their own, or a special token, is never allowed
   inside constrained output; the end-of-sequence ids are allowed exactly when the value is complete;
 - the logits processor checks the 64 most likely tokens first and scans the rest of the vocabulary
-  (in order of likelihood) only when none of them fits: the tail beyond them is cut, like top-k 64.
+  (in order of likelihood) only when none of them fits: the tail beyond them is cut, like top-k 64;
+- a schema is checked whole before any token is sampled (`check_schema`, a 400 naming the request field):
+  every `$ref` the automaton may follow must resolve locally ("#", "#/$defs/NAME", "#/definitions/NAME",
+  JSON-pointer escapes ~0 ~1) without a cycle of bare references, and the keywords it reads must have their
+  JSON-Schema shapes (`type` names, `properties` an object of schemas, `required` a list of strings, ...).
+  Keywords it does not read (allOf, pattern, format, ...) are neither checked nor enforced.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 
 import torch
 
+from llmkit.errors import LlmkitError
+
 _WS = " \t\n\r"
 _MAX_WS = 8
 _MAX_NUM = 24
@@ -33,13 +40,101 @@ _HEX = set("0123456789abcdefABCDEF")
 
 State = tuple  # (stack: tuple[frame, ...], ws_run: int)
 
+_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+_REF_SECTIONS = ("$defs", "definitions")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
+
+
+def _ref_target(root: dict[str, Any], ref: Any) -> Any:
+    """The schema a local `$ref` names ("#", "#/$defs/NAME", "#/definitions/NAME"), or None. NAME is looked up
+    in the section the ref names, then in the other one (a forced tool call's schema gathers both under
+    $defs, llmkit.generate.tools.forced_call_schema)."""
+    if ref == "#":
+        return root
+    if not isinstance(ref, str):
+        return None
+    for section in _REF_SECTIONS:
+        prefix = f"#/{section}/"
+        name = ref[len(prefix):]
+        if ref.startswith(prefix) and "/" not in name:
+            name = name.replace("~1", "/").replace("~0", "~")
+            for defs in (root.get(section), *(root.get(o) for o in _REF_SECTIONS if o != section)):
+                if isinstance(defs, dict) and name in defs:
+                    return defs[name]
+    return None
+
+
+def schema_problem(schema: Any) -> str | None:
+    """What makes `schema` one JsonPrefix cannot follow (an unresolvable or circular $ref, a malformed keyword
+    it reads), or None when it is fine. None and {} mean "any JSON object". Iterative: any depth is safe."""
+    if schema is None:
+        return None
+    if not isinstance(schema, dict):
+        return "the schema must be a JSON object"
+    stack: list[tuple[str, Any]] = [("", schema)]
+    while stack:
+        path, s = stack.pop()
+        where = path or "the root"
+        if isinstance(s, bool):
+            continue
+        if not isinstance(s, dict):
+            return f"{where}: a schema must be an object or a boolean"
+        if "$ref" in s:
+            seen, t = {id(s)}, s
+            while isinstance(t, dict) and "$ref" in t:
+                ref = t["$ref"]
+                t = _ref_target(schema, ref)
+                if t is None:
+                    return (f"$ref {ref!r} at {where} does not resolve (only local '#', '#/$defs/NAME' and "
+                            "'#/definitions/NAME' references are followed)")
+                if id(t) in seen:
+                    return f"$ref {s['$ref']!r} at {where} is circular"
+                seen.add(id(t))
+        t = s.get("type")
+        if t is not None and not (t in _TYPES if isinstance(t, str) else
+                                  isinstance(t, list) and all(isinstance(x, str) and x in _TYPES for x in t)):
+            return f"{where}: type {t!r} is not one of {sorted(_TYPES)} (or a list of them)"
+        for k in _COUNTS:
+            v = s.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                return f"{where}: {k} must be a non-negative integer"
+        for k in ("enum", "required"):
+            if k in s and not isinstance(s[k], list):
+                return f"{where}: {k} must be a list"
+        if not all(isinstance(x, str) for x in s.get("required", [])):
+            return f"{where}: required must be a list of strings"
+        kids: list[tuple[str, Any]] = []
+        for k in ("properties", *_REF_SECTIONS):
+            if k in s:
+                if not isinstance(s[k], dict):
+                    return f"{where}: {k} must be an object of schemas"
+                kids += [(f"{path}.{k}.{name}".lstrip("."), v) for name, v in s[k].items()]
+        for k in ("anyOf", "oneOf"):
+            if k in s:
+                if not isinstance(s[k], list) or not s[k]:
+                    return f"{where}: {k} must be a non-empty list of schemas"
+                kids += [(f"{path}.{k}.{i}".lstrip("."), v) for i, v in enumerate(s[k])]
+        for k in ("items", "additionalProperties"):
+            if k in s:
+                kids.append((f"{path}.{k}".lstrip("."), s[k]))
+        stack.extend(reversed(kids))
+    return None
+
+
+def check_schema(schema: Any, param: str | None = None, label: str | None = None) -> None:
+    """LlmkitError (400, code "invalid_schema", `param` the request field) when JsonPrefix cannot follow
+    `schema` (see `schema_problem`); `label` starts the message (default: `param`)."""
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise LlmkitError(f"{label or param or 'schema'}: {problem}", code="invalid_schema", param=param)
+
 
 class JsonPrefix:
     """Prefix validator for one JSON value under one schema."""
 
     def __init__(self, schema: dict[str, Any] | None = None):
+        check_schema(schema)
         self.root = schema if schema else {"type": "object"}
-        self._defs = {**self.root.get("definitions", {}), **self.root.get("$defs", {})}
 
     # ------------------------------------------------------------------ states
     def initial(self) -> State:
@@ -68,21 +163,12 @@ class JsonPrefix:
 
     # ------------------------------------------------------------------ schema helpers
     def _resolve(self, s: dict[str, Any] | bool | None) -> dict[str, Any]:
+        while isinstance(s, dict) and "$ref" in s:  # check_schema ruled out dangling and circular refs
+            s = _ref_target(self.root, s["$ref"])
         if s is True or s is None:
             return {}
         if s is False:
             return {"not": {}}
-        seen = 0
-        while "$ref" in s and seen < 32:
-            ref = s["$ref"]
-            name = ref.rsplit("/", 1)[-1]
-            if ref == "#":
-                s = self.root
-            elif name in self._defs:
-                s = self._defs[name]
-            else:
-                raise ValueError(f"unsupported $ref {ref!r} (only local #/$defs/... references)")
-            seen += 1
         return s
 
     @staticmethod

@@ -34,6 +34,11 @@ Notable choices:
   `truncate=True` keeps its last tokens (leaving room for max_tokens, up to half the context). A row that
   fills the context finishes with reason "length". Sliding windows are handled by the model's mask.
 - The engine never sees text: stop strings are the caller's (llmkit.generate.stop); stop ids are checked here.
+- Per-row isolation: one request never fails the others. A row whose logits processor raises (a broken
+  constraint), or whose sampling fails, finishes with finish_reason "error" and the exception in
+  `StepOutput.error`; a forward (prefill chunk or decode) or sampler step that fails for the whole batch is
+  undone and retried row by row, and only the rows that fail alone finish with the error. `step(rows)` runs
+  a step for some rows only (a caller's own row-by-row retry). Callers raise `out.error` for their request.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ class StepOutput:
     token_id: int | None  # None only for a prefill-only request (max_tokens=0 with echo)
     logprob: TokenLogprob | None  # with params.logprobs
     finish_reason: str | None  # None while running; "stop" (stop id) | "length" (max_tokens or context)
+    #                            | "error" (this row failed: see `error`)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # a row's first output, with params.echo
+    error: Exception | None = None  # why the row failed (finish_reason "error"); the other rows go on
 
     @property
     def finished(self) -> bool:
@@ -74,6 +81,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # params.echo, once the prompt is prefilled
+    error: Exception | None = None  # finish_reason "error": what failed
     logits: torch.Tensor | None = None  # (V,) float32 next-token logits, until sampled
     stop_ids: frozenset[int] = frozenset()
     order: int = 0  # arrival (prefill goes oldest first)
@@ -145,7 +153,11 @@ class Engine:
         """Free the row (finished or not); the keys/values it holds stay for prefix reuse."""
         self.requests[row] = None
         self._decoded = None
-        for r, q in enumerate(self.requests):  # rows waiting for this row's prefix take what it holds now
+        self._release_waiters(row)
+
+    def _release_waiters(self, row: int) -> None:
+        """Rows waiting for `row`'s prefix (which it will not finish) take what it holds now."""
+        for r, q in enumerate(self.requests):
             if q is not None and q.wait is not None and q.wait[0] == row:
                 n = min(q.wait[1], len(self.ids[row]))
                 if n > len(self.ids[r]):
@@ -154,24 +166,34 @@ class Engine:
                 q.wait, q.cached_tokens = None, len(self.ids[r])
 
     @torch.inference_mode()
-    def step(self) -> list[StepOutput]:
+    def step(self, rows: Sequence[int] | None = None) -> list[StepOutput]:
         """Prefill waiting prompts (up to `prefill_chunk` tokens), sample one token for every row with fresh
         logits, then decode the rows that go on. One StepOutput per sampled (or prefill-only) row; a row
-        still prefilling a long prompt has none."""
-        outs = self._prefill()
-        rows = [r for r in self.running if self.requests[r].logits is not None]
+        still prefilling a long prompt has none. `rows`: step only these rows (default: all).
+
+        A row that fails (its processor, its sampling, or its forward when retried alone) gets a StepOutput
+        with finish_reason "error" and `error` set; the other rows are unaffected."""
+        only = None if rows is None else set(rows)
+        outs = self._prefill(only)
+        rows = [r for r in self.running
+                if self.requests[r].logits is not None and (only is None or r in only)]
         if not rows:
             return outs
         batch = self._decoded
         logits = batch[1] if batch is not None and batch[0] == rows else \
             torch.stack([self.requests[r].logits for r in rows])  # (B, V)
         self._decoded = None
-        tokens, infos = self.sampler.sample(rows, logits, [self.requests[r].output_ids for r in rows])
+        errors: dict[int, Exception] = {}
+        tokens, infos = self.sampler.sample(rows, logits, [self.requests[r].output_ids for r in rows], errors)
         feed: list[int] = []
+        sampled: dict[int, StepOutput] = {}
         for r, token, info in zip(rows, tokens, infos):
             q = self.requests[r]
             first = not q.output_ids
             q.logits = None
+            if r in errors:
+                outs.append(self._fail(r, errors[r], first))
+                continue
             q.output_ids.append(token)
             if token in q.stop_ids:
                 q.finish_reason = "stop"
@@ -179,14 +201,36 @@ class Engine:
                 q.finish_reason = "length"
             else:
                 feed.append(r)
-            outs.append(StepOutput(r, token, info, q.finish_reason, q.prompt_logprobs if first else None))
-        if feed:
-            logits = self._run(feed, [[self.requests[r].output_ids[-1]] for r in feed])[:, 0]  # (B, V)
-            logits = logits.float()
-            self._decoded = (feed, logits)
-            for r, lg in zip(feed, logits):
-                self.requests[r].logits = lg
+            sampled[r] = StepOutput(r, token, info, q.finish_reason, q.prompt_logprobs if first else None)
+            outs.append(sampled[r])
+        for r, e in self._decode(feed).items():  # the token was sampled, but the row cannot go on
+            self._fail(r, e)
+            sampled[r].finish_reason, sampled[r].error = "error", e
         return outs
+
+    def _decode(self, feed: list[int]) -> dict[int, Exception]:
+        """One forward of the last sampled token of `feed` rows, leaving their next-token logits; if it fails,
+        each row runs alone. Returns the rows that failed alone and why."""
+        if not feed:
+            return {}
+        try:
+            logits = self._run(feed, [[self.requests[r].output_ids[-1]] for r in feed])[:, 0]  # (B, V)
+        except Exception as e:  # nothing was recorded: the rows still hold what they held
+            if len(feed) == 1:
+                return {feed[0]: e}
+            return {r: err for one in feed for r, err in self._decode([one]).items()}
+        logits = logits.float()
+        self._decoded = (feed, logits)
+        for r, lg in zip(feed, logits):
+            self.requests[r].logits = lg
+        return {}
+
+    def _fail(self, row: int, error: Exception, first: bool = False) -> StepOutput:
+        """Finish `row` with finish_reason "error"; its StepOutput."""
+        q = self.requests[row]
+        q.finish_reason, q.error, q.logits = "error", error, None
+        self._release_waiters(row)
+        return StepOutput(row, None, None, "error", q.prompt_logprobs if first else None, error=error)
 
     def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
                      ) -> Iterator[StepOutput]:
@@ -196,6 +240,8 @@ class Engine:
             while True:
                 for out in self.step():
                     if out.row == row:
+                        if out.error is not None:
+                            raise out.error
                         yield out
                         if out.finished:
                             return
@@ -249,7 +295,7 @@ class Engine:
                      tuple((id(t), t.data_ptr()) for t in ts)))
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self) -> list[StepOutput]:
+    def _prefill(self, only: set[int] | None = None) -> list[StepOutput]:
         """Run waiting prompts, oldest first, in one forward of at most `prefill_chunk` padded tokens; a
         second forward (in what is left of that budget) runs the rows whose shared prefix the first made."""
         outs: list[StepOutput] = []
@@ -257,8 +303,9 @@ class Engine:
         while budget > 0:
             copied = self._copy_waiting()
             todo = sorted((q.order, r) for r, q in enumerate(self.requests)
-                          if q is not None and q.wait is None and len(self.ids[r]) < len(q.prompt_ids)
-                          and (first or r in copied))
+                          if q is not None and q.finish_reason is None and q.wait is None
+                          and len(self.ids[r]) < len(q.prompt_ids)
+                          and (first or r in copied) and (only is None or r in only))
             plan: list[int] = []
             T = 0  # chunk length of this forward: len(plan) * T <= budget
             for _, r in todo:
@@ -285,7 +332,23 @@ class Engine:
         return done
 
     def _prefill_chunk(self, rows: list[int], T: int) -> list[StepOutput]:
-        """Run the next (at most T) prompt tokens of `rows`; set the next-token logits of finished prompts."""
+        """Run the next (at most T) prompt tokens of `rows`; set the next-token logits of finished prompts.
+        If that fails, what it did is undone and each row runs alone; a row that fails alone finishes with
+        the error."""
+        saved = [(len(self.ids[r]), len(self.requests[r]._scored)) for r in rows]
+        try:
+            return self._prefill_rows(rows, T)
+        except Exception as e:
+            for r, (n_ids, n_scored) in zip(rows, saved):
+                q = self.requests[r]
+                del self.ids[r][n_ids:]
+                del q._scored[n_scored:]
+                q.prompt_logprobs = q.logits = q.finish_reason = None
+            if len(rows) == 1:
+                return [self._fail(rows[0], e)]
+            return [o for r in rows for o in self._prefill_chunk([r], T)]
+
+    def _prefill_rows(self, rows: list[int], T: int) -> list[StepOutput]:
         starts = [len(self.ids[r]) for r in rows]
         chunks = [self.requests[r].prompt_ids[s : s + T] for r, s in zip(rows, starts)]
         h = self._run(rows, chunks, hidden=True)  # (B, T, d)

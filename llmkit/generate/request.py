@@ -20,11 +20,16 @@ Notable choices:
 - `response_format` follows OpenAI: {"type": "json_object"} or {"type": "json_schema", "json_schema":
   {"schema": {...}}} -> a JSON constraint (llmkit.generate.constrain) as a per-row logits processor.
 - The caller's messages are never modified (tool-call arguments are parsed into copies).
+- Unservable input is an LlmkitError naming the field (`param`), never a crash mid-generation: a string with a
+  lone UTF-16 surrogate (`lone_surrogate`: UTF-8 cannot encode it), and a JSON schema the constraint cannot
+  follow (an unresolvable `$ref`, a malformed keyword; llmkit.generate.constrain.check_schema), which is
+  checked here, when the prompt is built, not when the first constrained token is sampled.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +53,40 @@ class ChatPrompt:
 
 
 # ---------------------------------------------------------------------- prompts
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NESTED = (str, dict, list, tuple)  # what may hold text
+
+
+def lone_surrogate(obj: Any) -> tuple[str, str] | None:
+    """(dotted path, "\\uXXXX") of the first string in `obj` (nested dicts, lists and tuples; keys included)
+    holding a lone UTF-16 surrogate, which cannot be encoded as UTF-8; None when there is none. The path is ""
+    for `obj` itself; iterative, so any nesting depth is safe."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), obj)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii() and (m := _SURROGATE.search(x)):
+                return ".".join(map(str, path)), f"\\u{ord(m.group()):04x}"
+        elif isinstance(x, dict):
+            items = list(x.items())
+            for k, _ in items:
+                if isinstance(k, str) and not k.isascii() and (m := _SURROGATE.search(k)):
+                    return ".".join(map(str, path)), f"\\u{ord(m.group()):04x}"
+            stack.extend(((*path, k), v) for k, v in reversed(items) if isinstance(v, _NESTED))
+        elif isinstance(x, (list, tuple)):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(x))) if isinstance(v, _NESTED))
+    return None
+
+
+def check_text(obj: Any, param: str) -> None:
+    """LlmkitError naming `param` (and the path inside it) when `obj` holds a lone surrogate."""
+    found = lone_surrogate(obj)
+    if found is not None:
+        where = ".".join(p for p in (param, found[0]) if p)
+        raise LlmkitError(f"{where}: contains a lone surrogate ({found[1]}): not valid Unicode text; send "
+                          "UTF-8", code="invalid_text", param=param)
+
+
 _TEMPLATE_TOOLS: dict[int, tuple[Any, bool]] = {}  # id(tokenizer) -> (tokenizer, renders tools)
 
 
@@ -68,8 +107,12 @@ def template_knows_tools(tokenizer) -> bool:
 def render_messages(tokenizer, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation through the model's template, tools included (as text when the template
-    ignores them). `developer` turns render as `system`. The messages are not modified."""
+    ignores them). `developer` turns render as `system`. The messages are not modified; a lone surrogate in
+    them is an LlmkitError (param "messages" or "tools")."""
     from llmkit.tokenizer import render_chat
+
+    check_text(list(messages), "messages")
+    check_text(tools, "tools")
 
     msgs = [{**m, "role": "system" if m.get("role") == "developer" else m.get("role")} for m in messages]
     uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs)
@@ -96,7 +139,8 @@ def tool_mode(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[str
     return choice, "*" if choice == "required" else None
 
 
-def format_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None | bool:
+def format_schema(response_format: dict[str, Any] | None, param: str = "response_format"
+                  ) -> dict[str, Any] | None | bool:
     """The JSON constraint of an OpenAI response_format (dict): False none, None any object, or a schema."""
     if not response_format or response_format.get("type", "text") == "text":
         return NOT_CONSTRAINED
@@ -107,13 +151,17 @@ def format_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | No
         js = response_format.get("json_schema") or {}
         schema = js.get("schema", response_format.get("schema"))
         return schema or {}
-    raise LlmkitError(f"response_format: unknown type {kind!r}; use text, json_object or json_schema",
-                      param="response_format")
+    raise LlmkitError(f"{param}: unknown type {kind!r}; use text, json_object or json_schema", param=param)
 
 
 def chat_prompt(tokenizer, messages: Sequence[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
-                tool_choice: Any = None, response_format: dict[str, Any] | None = None) -> ChatPrompt:
-    """Render a conversation for generation and work out its constraint and tool handling."""
+                tool_choice: Any = None, response_format: dict[str, Any] | None = None,
+                format_param: str = "response_format") -> ChatPrompt:
+    """Render a conversation for generation and work out its constraint and tool handling. A schema the
+    constraint cannot follow is an LlmkitError naming "tools" (a forced call) or `format_param` (the
+    request field that held `response_format`: Responses call it "text.format")."""
+    from llmkit.generate.constrain import check_schema
+
     if tools:
         for t in tools:
             if t.get("type", "function") != "function" or not (t.get("function") or {}).get("name"):
@@ -121,8 +169,16 @@ def chat_prompt(tokenizer, messages: Sequence[dict[str, Any]], *, tools: list[di
                                   "'parameters': {...}}}", param="tools")
     mode, forced = tool_mode(tools, tool_choice)
     ids = render_messages(tokenizer, messages, tools if mode != "none" else None)
-    schema = T.forced_call_schema(tools or [], None if forced == "*" else forced) if forced else \
-        format_schema(response_format)
+    if forced:
+        for t in tools or []:
+            fn = t["function"]
+            if forced in ("*", fn["name"]) and fn.get("parameters") is not None:
+                check_schema(fn["parameters"], "tools", f"tools: function {fn['name']!r} parameters")
+        schema = T.forced_call_schema(tools or [], None if forced == "*" else forced)
+    else:
+        schema = format_schema(response_format, format_param)
+        if schema is not NOT_CONSTRAINED:
+            check_schema(schema, format_param)
     return ChatPrompt(ids, schema, forced, bool(tools) and mode == "auto")
 
 

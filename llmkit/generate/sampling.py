@@ -7,7 +7,21 @@ Notable choices:
   one host-to-device copy, filters a batch does not use are skipped, greedy rows take the argmax, and the
   chosen ids come back in ONE `.tolist()`: no per-row host sync. Per-row logits processors (logit bias,
   constrained JSON) run on their own row first; they are the only per-row tensor work in the step.
-- `temperature == 0` means greedy: argmax of the processed, penalised logits, no random draw.
+- `temperature == 0` means greedy: argmax of the processed, penalised logits, no random draw; so does any
+  temperature below MIN_TEMPERATURE = 1e-5 (vLLM's _SAMPLING_EPS: dividing float32 logits by 1e-45 gives
+  inf/NaN, and below 1e-5 the draw is the argmax anyway). Temperatures in [1e-5, 1e-2) are used as given
+  (vLLM raises them to 1e-2): float32 logits / 1e-5 stay finite and the draw below is guarded.
+- Numerical safety, by a documented rule checked in `SamplingParams.validate` (a 400 naming the field):
+  temperature must be a finite number in [0, MAX_TEMPERATURE = 100]; repetition_penalty must be in
+  [1e-2, 1e2] (beyond, multiplying or dividing a logit by it overflows float32 or erases the logit); every
+  number must be finite. The draw itself is guarded too: a row whose filtered distribution is not one (a
+  NaN or +inf logit, or no token left: e.g. a processor that masks everything) takes its argmax (NaN
+  ignored; the raw logits' argmax when nothing is left) instead of a random token, without a host sync and
+  without touching the other rows.
+- Per-row isolation (`Sampler.sample(..., errors={})`): an exception in one row's processors, or in the
+  batched step, never fails the other rows: a failing processor marks its row in `errors` (row ->
+  exception); a failure of the batched math is retried row by row (with the same random draws) and only the
+  rows that fail alone are marked. The engine finishes marked rows with an error.
 - Penalties follow their references: the repetition penalty is CTRL's / HF's (a logit of a token seen in the
   prompt or the output -- or, with `repetition_window` N, in their last N tokens, llama.cpp's repeat_last_n --
   is divided by the penalty when positive, multiplied when negative); presence and
@@ -44,16 +58,19 @@ Processor = Callable[[list[int], torch.Tensor], torch.Tensor]
 Param = float | torch.Tensor  # one value for every row, or one per row as a (B, 1) tensor
 
 MAX_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-5  # below it (0 included) sampling is greedy
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 256  # new tokens at most (0 with echo: score the prompt only)
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or anything below MIN_TEMPERATURE = 1e-5) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; in [1e-2, 1e2]
     repetition_window: int = 0  # penalise only the last N tokens (llama.cpp's repeat_last_n); 0 = all
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -73,7 +90,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def penalised(self) -> bool:
@@ -93,15 +110,19 @@ class SamplingParams:
         return cls(**{k: v for k, v in kw.items() if v is not None or k in ("seed", "logprobs")}).validate()
 
     def validate(self) -> SamplingParams:
-        """Raise LlmkitError naming the first invalid field; return self."""
+        """Raise LlmkitError (status 400, `param` = the field) naming the first invalid field; return self.
+
+        Numerical rule: every number is finite; temperature in [0, 100], greedy below 1e-5 (not an error);
+        repetition_penalty in [1e-2, 1e2]; presence/frequency penalties in [-2, 2]."""
 
         def bad(name: str, why: str) -> LlmkitError:
-            return LlmkitError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+            return LlmkitError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}",
+                               param=name)
 
         def number(name: str) -> float:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-                raise bad(name, "must be a number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "must be a finite number")
             return float(v)
 
         def integer(name: str) -> int:
@@ -112,16 +133,19 @@ class SamplingParams:
 
         if integer("max_tokens") < (0 if self.echo else 1):
             raise bad("max_tokens", "must be >= 1 (0 only with echo: prompt logprobs, no new token)")
-        if number("temperature") < 0:
-            raise bad("temperature", "must be >= 0 (0 = greedy)")
+        if not 0 <= number("temperature") <= MAX_TEMPERATURE:
+            raise bad("temperature",
+                      f"must be in [0, {MAX_TEMPERATURE:g}] (below {MIN_TEMPERATURE:g} = greedy)")
         if integer("top_k") < 0:
             raise bad("top_k", "must be >= 0 (0 = off)")
         if not 0 < number("top_p") <= 1:
             raise bad("top_p", "must be in (0, 1] (1 = off)")
         if not 0 <= number("min_p") <= 1:
             raise bad("min_p", "must be in [0, 1] (0 = off)")
-        if number("repetition_penalty") <= 0:
-            raise bad("repetition_penalty", "must be > 0 (1 = off)")
+        if not MIN_REPETITION_PENALTY <= number("repetition_penalty") <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty",
+                      f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off; "
+                      "further out it overflows the logits)")
         if integer("repetition_window") < 0:
             raise bad("repetition_window", "must be >= 0 (0 = every token of the prompt and the answer)")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -242,16 +266,38 @@ def apply_min_p(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def draw(logits: torch.Tensor, u: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of logits (B, V) by inverting the CDF of their softmax at u (B,) in (0, 1]: the
     first token in vocabulary order whose cumulative probability reaches u * total. Never a token of
-    probability 0 (a -inf logit)."""
-    probs = logits.softmax(dim=-1)  # (B, V)
+    probability 0 (a -inf logit). A row that is no distribution (a NaN or +inf logit, or every logit -inf:
+    its softmax is NaN) takes `fallback` (B,) long, by default its argmax with NaN ignored; the other rows
+    are unaffected and nothing is read back to the host."""
+    probs = logits.softmax(dim=-1)  # (B, V); a whole row of NaN when the row is degenerate
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    at = (u[:, None] * cdf[:, -1:]).contiguous()  # (B, 1), in (0, total]
+    total = cdf[:, -1:]  # (B, 1): ~1, or NaN
+    at = (u[:, None] * total).contiguous()  # (B, 1), in (0, total]
     tok = torch.searchsorted(cdf, at).squeeze(1).clamp_(max=logits.shape[-1] - 1)  # (B,)
-    ok = probs.gather(1, tok[:, None]).squeeze(1) > 0  # guards against float ties of the cumulative sum
-    return torch.where(ok, tok, probs.argmax(dim=-1))
+    # a positive probability (also guards against float ties of the cumulative sum) of a real distribution
+    ok = (probs.gather(1, tok[:, None]).squeeze(1) > 0) & torch.isfinite(total.squeeze(1))
+    if fallback is None:
+        fallback = safe_argmax(logits)
+    return torch.where(ok, tok, fallback)
+
+
+def safe_argmax(logits: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+    """Argmax of each row of logits (B, V) ignoring NaN; a row with nothing left (all -inf or NaN) takes the
+    argmax of `raw` (B, V) instead when given (the model's own logits, before processors)."""
+    x = _nan_to_neginf(logits)  # (B, V)
+    best = x.argmax(dim=-1)  # (B,)
+    if raw is None:
+        return best
+    empty = x.gather(1, best[:, None]).squeeze(1) == float("-inf")  # (B,)
+    return torch.where(empty, _nan_to_neginf(raw).argmax(dim=-1), best)
+
+
+def _nan_to_neginf(x: torch.Tensor) -> torch.Tensor:
+    inf = float("inf")
+    return x.nan_to_num(nan=-inf, posinf=inf, neginf=-inf)
 
 
 # ---------------------------------------------------------------------- logprobs
@@ -307,25 +353,58 @@ class Sampler:
             self.seen[row].index_add_(0, torch.tensor(seen, dtype=torch.long, device=self.device),
                                       torch.ones(len(seen), device=self.device))
 
-    def sample(self, rows: Sequence[int], logits: torch.Tensor, generated: Sequence[list[int]] | None = None
-               ) -> tuple[list[int], list[TokenLogprob | None]]:
+    def sample(self, rows: Sequence[int], logits: torch.Tensor, generated: Sequence[list[int]] | None = None,
+               errors: dict[int, Exception] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token for each of `rows` from their raw next-token logits (B, V) float32; `generated` (each
-        row's generated ids) feeds the processors. Returns the ids and, where asked, their logprobs."""
+        row's generated ids) feeds the processors. Returns the ids and, where asked, their logprobs.
+
+        With `errors` (a dict), failures are isolated: a row whose processor raises, or that fails when the
+        batched step is retried row by row after a failure, is recorded there (row -> exception) and its id
+        is meaningless; the other rows' tokens are what they would have been. Without it, errors raise."""
         ps = [self.params[r] for r in rows]
-        raw = logits
+        # one uniform per sampling row, drawn once: a retried step draws what the failed one would have
+        us = [1.0 - g.random() if (g := self.rngs[r]) is not None else 1.0 for r in rows]
+        x = logits
         if any(self.processors[r] for r in rows):
-            logits = logits.clone()
+            x = logits.clone()
             for i, r in enumerate(rows):
-                for proc in self.processors[r]:
-                    logits[i] = proc(generated[i] if generated is not None else [], logits[i])
+                try:
+                    for proc in self.processors[r]:
+                        x[i] = proc(generated[i] if generated is not None else [], x[i])
+                except Exception as e:
+                    if errors is None:
+                        raise
+                    errors[r] = e
+        try:
+            return self._step(rows, ps, logits, x, us)
+        except Exception as e:
+            if errors is None:
+                raise
+            if len(rows) == 1:
+                errors[rows[0]] = e
+                return [0], [None]
+        ids: list[int] = []
+        infos: list[TokenLogprob | None] = []
+        for i, (r, p) in enumerate(zip(rows, ps)):  # the batch failed: each row alone
+            try:
+                (t,), (info,) = self._step([r], [p], logits[i : i + 1], x[i : i + 1], us[i : i + 1])
+            except Exception as e:
+                errors[r] = e
+                t, info = 0, None
+            ids.append(t)
+            infos.append(info)
+        return ids, infos
+
+    def _step(self, rows: Sequence[int], ps: Sequence[SamplingParams], raw: torch.Tensor,
+              logits: torch.Tensor, us: Sequence[float]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Pick the tokens of `rows` from their processed logits (B, V), their logprobs under the raw
+        logits, then (last, so a failure leaves no trace) count them for the penalties."""
         penalised = any(p.penalised for p in ps)
         greedy = all(p.greedy for p in ps)
         if penalised or not greedy:
-            rng = [self.rngs[r] for r in rows]
-            knobs = torch.tensor([[p.temperature or 1.0, p.top_p, p.min_p, p.top_k, p.repetition_penalty,
-                                   p.presence_penalty, p.frequency_penalty, p.greedy,
-                                   1.0 - g.random() if g is not None else 1.0] for p, g in zip(ps, rng)],
-                                 device=self.device)  # (B, 9): one host-to-device copy for every knob
+            knobs = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.top_k,
+                                   p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.greedy, u]
+                                  for p, u in zip(ps, us)], device=self.device)  # (B, 9): one copy
         if penalised:
             idx = torch.tensor(rows, device=self.device)  # (B,)
             logits = apply_repetition_penalty(logits, self.seen[idx] > 0, knobs[:, 4:5])
@@ -333,20 +412,22 @@ class Sampler:
         if greedy:
             tokens = logits.argmax(dim=-1)  # (B,)
         else:
+            best = safe_argmax(logits, raw)  # (B,): greedy rows, and the fallback of degenerate rows
             x = logits / knobs[:, 0:1]
-            if any(p.top_k for p in ps):
+            if any(p.top_k for p in ps if not p.greedy):
                 x = apply_top_k(x, knobs[:, 3:4].long(), kmax=max(p.top_k for p in ps))
-            if any(p.top_p < 1.0 for p in ps):
+            if any(p.top_p < 1.0 for p in ps if not p.greedy):
                 x = apply_top_p(x, knobs[:, 1:2])
-            if any(p.min_p > 0.0 for p in ps):
+            if any(p.min_p > 0.0 for p in ps if not p.greedy):
                 x = apply_min_p(x, knobs[:, 2:3])
-            tokens = draw(x, knobs[:, 8])  # (B,)
+            tokens = draw(x, knobs[:, 8], best)  # (B,)
             if any(p.greedy for p in ps):
-                tokens = torch.where(knobs[:, 7] > 0, logits.argmax(dim=-1), tokens)
+                tokens = torch.where(knobs[:, 7] > 0, best, tokens)
         ids = tokens.tolist()  # the step's one host transfer for the tokens
+        infos = self._logprobs(rows, raw, tokens)
         if penalised:
             self._observe(rows, ps, idx, tokens, ids)
-        return ids, self._logprobs(rows, raw, tokens)
+        return ids, infos
 
     def _observe(self, rows: Sequence[int], ps: Sequence[SamplingParams], idx: torch.Tensor,
                  tokens: torch.Tensor, ids: list[int]) -> None:

@@ -6,7 +6,8 @@
 Notable choices:
 - Errors always have the OpenAI shape {"error": {"message", "type", "param", "code"}}: pydantic
   validation -> 400 naming the field (`param`), LlmkitError -> its status, unknown routes -> 404,
-  anything else -> 500 with a generic message (the traceback goes to the log only).
+  anything else -> 500 with a generic message (the traceback goes to the log only). Starlette's own HTTP
+  errors keep their headers; a 405's `Allow` names the methods of every route on that path.
 - API keys: `Authorization: Bearer KEY` on /v1/* and the tokenizer routes, checked by a middleware
   before the body is read, with `hmac.compare_digest` against every key (constant time); keys are
   never logged. /, /health and /metrics stay open.
@@ -31,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from llmkit.errors import LlmkitError
 from llmkit.serve import protocol as P
@@ -49,10 +51,16 @@ from llmkit.serve.store import ResponseStore
 log = logging.getLogger("llmkit.serve")
 STATIC = Path(__file__).parent / "static"
 
-def _error_response(exc: BaseException) -> JSONResponse:
+
+def _error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The OpenAI error reply; an HTTP exception's own headers (405's Allow) are kept."""
     status, body = error_body(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    if headers is None and isinstance(exc, StarletteHTTPException):
+        headers = exc.headers
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 class BodyLimit:
@@ -223,6 +231,10 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 405:  # Starlette names the first matching route's methods only: name them all
+            allowed = {m for r in app.router.routes if getattr(r, "methods", None)
+                       and r.matches(request.scope)[0] != Match.NONE for m in r.methods}
+            return _error_response(exc, {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))})
         return _error_response(exc)
 
     @app.exception_handler(Exception)

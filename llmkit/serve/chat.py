@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llmkit.errors import LlmkitError
 from llmkit.generate.request import Completion, chat_prompt, make_processors
 from llmkit.generate.sampling import TokenLogprob
 from llmkit.serve import protocol as P
@@ -16,13 +15,11 @@ from llmkit.serve.service import Service, new_id, sse
 
 
 def chat_messages(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
-    """The request's messages as plain dicts (content parts joined to text)."""
+    """The request's messages as plain dicts (content parts joined to text; any other part is a 400 naming
+    "messages", from /v1/chat/completions and /tokenize alike)."""
     out = []
     for m in req.messages:
-        try:
-            d: dict[str, Any] = {"role": m.role, "content": m.text()}
-        except ValueError as e:
-            raise LlmkitError(str(e), code="invalid_content", param="messages") from None
+        d: dict[str, Any] = {"role": m.role, "content": m.text("messages")}
         if m.name:
             d["name"] = m.name
         if m.tool_calls:

@@ -1,7 +1,9 @@
 """/v1/completions: raw prompts (text or token ids, one or many), echo and prompt logprobs (what lm-eval's
 `local-completions` model asks for), streamed or not.
 
-`max_tokens: 0` with `echo` scores the prompt only (its logprobs), as vLLM does for evaluation.
+`max_tokens: 0` with `echo` scores the prompt only (its logprobs), as vLLM does for evaluation. Prompt text
+parses special-token text ("<|im_end|>" -> its id) and gets BOS where the model wants one, as in vLLM;
+`parse_special: false` / `add_special_tokens: false` turn either off (llmkit.generate.api.encode_prompt).
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ from llmkit.serve.service import Service, new_id, sse
 
 async def completions(svc: Service, req: P.CompletionRequest):
     svc.check_model(req.model)
-    prompts = await svc.offload(lambda: [encode_prompt(svc.tokenizer, p) for p in req.prompts()])
+    special = {"add_special_tokens": req.add_special_tokens, "parse_special": req.parse_special}
+    prompts = await svc.offload(lambda: [encode_prompt(svc.tokenizer, p, **special) for p in req.prompts()])
     n, max_tokens = req.n, req.max_tokens
-    jobs, queue = [], None
-    for k, ids in enumerate(prompts):
+    batch = []
+    for ids in prompts:  # every prompt is checked before any is queued
         budget = svc.budget(len(ids), max_tokens)
         params = svc.sampling(req, budget, n, req.seed)
         if budget == 0:  # prompt scoring only
             params = [p.replace(echo=True) for p in params]
-        procs = make_processors(svc.tokenizer, n, logit_bias=req.logit_bias)
-        js, queue = svc.scheduler.submit(ids, params, procs, queue=queue, first_index=k * n)
-        jobs += js
+        batch.append((ids, params, make_processors(svc.tokenizer, n, logit_bias=req.logit_bias)))
+    jobs, queue = svc.scheduler.submit_many(batch)  # all or nothing (429: nothing stays queued)
     stops = req.stop_list()
     outs = {j.index: Completion(svc.tokenizer, stops) for j in jobs}
     rid, created = new_id("cmpl"), int(time.time())

@@ -16,18 +16,33 @@ llmkit.generate.defaults) as vLLM does with a model's generation_config.json, th
 interactive loop guard (repetition penalty over the last 64 tokens, answer length) is never applied here:
 the web page asks for it explicitly (`model_card` hands it the values). A model's max_new_tokens caps chat
 and Responses answers whose request sets no limit. Seeds are 64-bit signed ints.
+
+Hostile input is a 400, never a 500:
+- Integers, booleans and numbers are strict (`Int`, `Bool`, `Float`): `true` is not 1, `"5"` is not 5, `1.0`
+  is not an integer (an integer is a number). So `tokens: [false]` or `seed: false` name their field.
+- Text holding a lone UTF-16 surrogate (JSON `"\\ud800"`, which json.loads accepts but UTF-8 cannot encode) is
+  rejected anywhere in a request, keys included, with `param` the path of the string (`messages.0.content`):
+  clearer than replacing it with U+FFFD behind the caller's back.
+- Content parts other than text (`image_url`, ...) are one LlmkitError from `content_text`, whichever route.
+- Raw prompts (/v1/completions text, /tokenize `prompt`) parse special-token text such as "<|im_end|>" into
+  its id, as vLLM and HF tokenizers do; `parse_special: false` (llama.cpp's /tokenize name; vLLM has no
+  switch) keeps it plain text. Chat content never parses special tokens (the chat renderer's injection
+  defence), so `parse_special` does not apply to `messages`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.request import lone_surrogate
 
 log = logging.getLogger("llmkit.serve")
 
@@ -35,7 +50,10 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 # None -> the model's default
 DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_window")
-Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # what torch.Generator.manual_seed takes (seed + i too)
+Int = Annotated[int, Strict()]  # no booleans, strings or floats
+Bool = Annotated[bool, Strict()]  # true / false only
+Float = Annotated[float, Strict()]  # a JSON number (integers too); no booleans or strings
+Seed = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**63)]  # what torch.Generator.manual_seed takes
 
 
 class _Lenient(BaseModel):
@@ -50,30 +68,44 @@ class _Lenient(BaseModel):
         return self
 
 
+class _Request(_Lenient):
+    """A whole request body: any string in it (keys included) with a lone surrogate is a 400 naming it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (found := lone_surrogate(data)) is not None:
+            path, char = found
+            raise PydanticCustomError(
+                "invalid_text", "contains a lone surrogate ({char}): not valid Unicode text; send UTF-8",
+                {"param": path or None, "char": char, "code": "invalid_text"})
+        return data
+
+
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
-class _Sampling(_Lenient):
+class _Sampling(_Request):
     """Fields shared by completions and chat completions (defaults as in the OpenAI reference)."""
 
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Float] | None = None
+    n: Int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
     seed: Seed | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the model's default, else 1
-    top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the model's default, else 1
+    temperature: Float | None = Field(None, ge=0.0, le=2.0)  # None: the model's default, else 1
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)  # None: the model's default, else 1
     user: str | None = None
     # extensions (vLLM names); None: the model's default, else off
-    top_k: int | None = Field(None, ge=-1)  # -1 = off, as 0
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    repetition_window: int | None = Field(None, ge=0)  # llmkit: penalise the last N tokens only; 0 = all
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    top_k: Int | None = Field(None, ge=-1)  # -1 = off, as 0
+    min_p: Float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Float | None = Field(None, ge=0.01, le=2.0)
+    repetition_window: Int | None = Field(None, ge=0)  # llmkit: penalise the last N tokens only; 0 = all
+    ignore_eos: Bool = False  # benchmarks: always generate max_tokens
 
     @model_validator(mode="after")
     def _check_stop(self):
@@ -127,12 +159,15 @@ def model_card(model_id: str, created: int, max_model_len: int, defaults: dict[s
 # --------------------------------------------------------------------------- /v1/completions
 class CompletionRequest(_Sampling):
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: int | None = Field(16, ge=0)
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    best_of: Int | None = Field(None, ge=1, le=MAX_N)
+    echo: Bool = False
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int | None = Field(16, ge=0)
     suffix: str | None = None
+    # extensions: BOS/EOS as the model wants (vLLM, default on); "<|im_end|>" -> its id (llama.cpp's name)
+    add_special_tokens: Bool = True
+    parse_special: Bool = True
 
     @model_validator(mode="after")
     def _check(self):
@@ -175,6 +210,20 @@ class ToolCall(_Lenient):
     function: FunctionCall
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def content_text(content: str | list[ContentPart] | None, param: str) -> str:
+    """A message's content as text (text parts joined); any other part is a 400 naming `param`."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    bad = [p.type for p in content if p.type not in TEXT_PARTS]
+    if bad:
+        raise LlmkitError(f"{param}: content part type {bad[0]!r} is not supported (text only)",
+                          code="invalid_content", param=param)
+    return "".join(p.text or "" for p in content)
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -182,20 +231,15 @@ class ChatMessage(_Lenient):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        bad = [p.type for p in self.content if p.type not in ("text", "input_text", "output_text")]
-        if bad:
-            raise ValueError(f"content part type {bad[0]!r} is not supported (text only)")
-        return "".join(p.text or "" for p in self.content)
+    def text(self, param: str = "messages") -> str:
+        return content_text(self.content, param)
 
 
 class FunctionDef(_Lenient):
     name: str = Field(..., min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class Tool(_Lenient):
@@ -212,7 +256,7 @@ class JsonSchemaFormat(_Lenient):
     name: str = "response"
     description: str | None = None
     schma: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseFormat(_Lenient):
@@ -229,14 +273,14 @@ class ResponseFormat(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str | None = None
-    logprobs: bool = False
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    parallel_tool_calls: bool = True
+    logprobs: Bool = False
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    parallel_tool_calls: Bool = True
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     tools: list[Tool] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _check(self):
@@ -266,7 +310,7 @@ class ResponseTextFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     schma: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseText(_Lenient):
@@ -283,36 +327,35 @@ class InputItem(_Lenient):
     output: str | None = None
 
 
-class ResponsesRequest(_Lenient):
+class ResponsesRequest(_Request):
     model: str | None = None
     input: str | list[InputItem]
     include: list[str] | None = None
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: Int | None = Field(None, ge=1)
     metadata: dict[str, str] | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: Bool = True
     previous_response_id: str | None = None
-    store: bool = True
-    stream: bool = False
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the model's default, else 1
+    store: Bool = True
+    stream: Bool = False
+    temperature: Float | None = Field(None, ge=0.0, le=2.0)  # None: the model's default, else 1
     text: ResponseText | None = None
     tool_choice: Any = None
     tools: list[dict[str, Any]] | None = None
-    top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: the model's default, else 1
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)  # None: the model's default, else 1
     user: str | None = None
     seed: Seed | None = None  # extension
 
     def messages(self) -> list[dict[str, Any]]:
-        """The new input as chat messages (instructions not included)."""
+        """The new input as chat messages (instructions not included); a bad item is a 400 naming `input`."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         out: list[dict[str, Any]] = []
         for it in self.input:
             if it.type == "message":
                 if it.role is None:
-                    raise ValueError("input: message items need a role")
-                msg = ChatMessage(role=it.role, content=it.content)
-                out.append({"role": it.role, "content": msg.text()})
+                    raise LlmkitError("input: message items need a role", code="invalid_input", param="input")
+                out.append({"role": it.role, "content": content_text(it.content, "input")})
             elif it.type == "function_call":
                 out.append({"role": "assistant", "content": "", "tool_calls": [
                     {"id": it.call_id, "type": "function",
@@ -320,7 +363,8 @@ class ResponsesRequest(_Lenient):
             elif it.type == "function_call_output":
                 out.append({"role": "tool", "tool_call_id": it.call_id, "content": it.output or ""})
             else:
-                raise ValueError(f"input: item type {it.type!r} is not supported")
+                raise LlmkitError(f"input: item type {it.type!r} is not supported", code="invalid_input",
+                                  param="input")
         return out
 
     def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any] | None = None):
@@ -329,12 +373,13 @@ class ResponsesRequest(_Lenient):
 
 
 # --------------------------------------------------------------------------- tokenizer routes
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
-    add_generation_prompt: bool = True
+    add_special_tokens: Bool = False
+    add_generation_prompt: Bool = True
+    parse_special: Bool = True  # prompt only: "<|im_end|>" -> its id (llama.cpp's name); messages never do
 
     @model_validator(mode="after")
     def _check(self):
@@ -343,9 +388,9 @@ class TokenizeRequest(_Lenient):
         return self
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 # --------------------------------------------------------------------------- errors
@@ -357,6 +402,23 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           503: "service_unavailable"}
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _loc_param(loc: Sequence[Any]) -> str | None:
+    """The dotted field path of a pydantic error location, cut at the first union-member tag
+    ("messages.0.content.str" -> "messages.0.content", "prompt.list[int].0" -> "prompt")."""
+    parts: list[str] = []
+    for x in loc:
+        x = str(x)
+        if x == "body" and not parts:
+            continue
+        if x in _TYPE_TAGS or x[:1].isupper() or any(c in x for c in "[]-'\""):
+            break
+        parts.append(x)
+    return ".".join(parts) or None
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """(HTTP status, OpenAI error JSON) for any exception."""
     param = None
@@ -366,9 +428,9 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     elif isinstance(exc, RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        status, code = 400, "invalid_value"
+        ctx = first.get("ctx") or {}
+        param = ctx["param"] if "param" in ctx else _loc_param(first.get("loc", ()))
+        status, code = 400, ctx.get("code", "invalid_value")
         detail = first.get("msg", "invalid value")
         msg = f"{param}: {detail}" if param else str(detail)
         if first.get("type") == "json_invalid":

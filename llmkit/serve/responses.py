@@ -35,16 +35,13 @@ async def responses(svc: Service, req: P.ResponsesRequest):
             raise LlmkitError(f"Previous response with id '{req.previous_response_id}' not found.",
                               status=404, code="previous_response_not_found", param="previous_response_id")
         history = found[1]
-    try:
-        new = req.messages()
-    except ValueError as e:
-        raise LlmkitError(str(e), code="invalid_input", param="input") from None
+    new = req.messages()  # a bad item is a 400 naming "input"
     convo = history + new
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + convo
     fmt = req.text.format if req.text and req.text.format else None
     fmt_dict = fmt.model_dump(by_alias=True, exclude_none=True) if fmt else None
     prompt = await svc.offload(chat_prompt, svc.tokenizer, messages, tools=tools, tool_choice=req.tool_choice,
-                               response_format=fmt_dict)
+                               response_format=fmt_dict, format_param="text.format")
     ids = prompt.ids
     params = svc.sampling(req, svc.budget(len(ids), req.max_output_tokens, "max_output_tokens"), 1, req.seed)
     procs = await svc.offload(make_processors, svc.tokenizer, 1, prompt.schema)

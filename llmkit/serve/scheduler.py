@@ -1,10 +1,22 @@
 """Continuous batching: one thread drives the engine; requests join and leave the batch between steps.
 
-The asyncio side (routes) calls `Scheduler.submit`, which queues one `Job` per generated sequence and
-returns at once (429 when the waiting queue is full). The engine thread loops: remove cancelled rows,
-admit waiting jobs while there are free rows, run one `step()` for every running row, and hand each
-row's new token to its job's asyncio queue with `loop.call_soon_threadsafe`. A job is cancelled by its
-consumer (client gone, stop string seen, timeout); the row is freed before the next step.
+The asyncio side (routes) calls `Scheduler.submit` (one prompt) or `submit_many` (several prompts of one
+request), which queue one `Job` per generated sequence and return at once. The engine thread loops: remove
+cancelled rows, admit waiting jobs while there are free rows, run one `step()` for every running row, and
+hand each row's new token to its job's asyncio queue with `loop.call_soon_threadsafe`. A job is cancelled by
+its consumer (client gone, stop string seen, timeout); the row is freed before the next step, and a
+cancelled job still waiting leaves the queue (it no longer counts against `max_queue`).
+
+Notable choices:
+- Admission is all-or-nothing per request: when the queue cannot take every job of a request (all its
+  prompts and samples) it takes none of them (429, nothing of the request stays queued); a request with more
+  jobs than `max_queue` can never fit and is a 400 saying so (param "n", or "prompt" for several prompts).
+  `cancel_jobs` takes back a request's jobs at once (a route that fails after submitting).
+- One request never fails the others: a row that fails in a step (its processor raises, its sampling or
+  forward fails alone) comes back as a TokenOut with `error`, and only its job gets that error (an
+  LlmkitError as it is; anything else is logged and becomes a 500 "engine error"); if the whole step
+  raises, every running row is stepped again alone (`Backend.step(keys)`) and only the rows that still
+  fail get the error.
 
 The engine is reached through `Backend`, the three calls the loop needs (`add`, `step`, `remove`);
 `EngineBackend` adapts llmkit.generate.Engine to it. A row's prompt is prefilled inside the next step,
@@ -29,6 +41,9 @@ from llmkit.generate.sampling import TokenLogprob
 
 log = logging.getLogger("llmkit.serve")
 
+# one prompt of a request: (prompt ids, one params per sample, one processor list per sample or None)
+PromptJobs = tuple[list[int], Sequence[Any], Sequence[Sequence[Callable]] | None]
+
 @dataclass
 class TokenOut:
     """One new token of one row, as produced by a step (token_id None: a prefill-only row ended)."""
@@ -36,8 +51,9 @@ class TokenOut:
     key: int
     token_id: int | None
     logprob: TokenLogprob | None = None
-    finish_reason: str | None = None  # "stop" | "length" once the row is finished
+    finish_reason: str | None = None  # "stop" | "length" | "error" once the row is finished
     prompt_logprobs: list[TokenLogprob | None] | None = None  # echo: on the row's first output
+    error: Exception | None = None  # finish_reason "error": why this row (only) failed
 
 
 @dataclass
@@ -54,8 +70,9 @@ class Backend(Protocol):
     def add(self, key: int, prompt_ids: list[int], params: Any, processors: Sequence[Callable]) -> Prefilled:
         """Start a row (its prompt is prefilled by the next step)."""
 
-    def step(self) -> list[TokenOut]:
-        """Prefill the rows that joined, then one new token for every running row."""
+    def step(self, keys: Sequence[int] | None = None) -> list[TokenOut]:
+        """Prefill the rows that joined, then one new token for every running row (or only `keys`'); a row
+        that fails alone comes back with finish_reason "error" and `error`."""
 
     def remove(self, key: int) -> None:
         """Drop a row (finished or cancelled) and free its slot."""
@@ -76,9 +93,10 @@ class EngineBackend:
         self._row[key], self._key[row] = row, key
         return Prefilled(self.engine.request(row).cached_tokens)
 
-    def step(self) -> list[TokenOut]:
-        return [TokenOut(self._key[o.row], o.token_id, o.logprob, o.finish_reason, o.prompt_logprobs)
-                for o in self.engine.step() if o.row in self._key]
+    def step(self, keys: Sequence[int] | None = None) -> list[TokenOut]:
+        rows = None if keys is None else [self._row[k] for k in keys if k in self._row]
+        return [TokenOut(self._key[o.row], o.token_id, o.logprob, o.finish_reason, o.prompt_logprobs, o.error)
+                for o in self.engine.step(rows) if o.row in self._key]
 
     def remove(self, key: int) -> None:
         row = self._row.pop(key, None)
@@ -106,6 +124,15 @@ class Job:
 
     def _emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
+
+
+def _user_error(e: Exception, what: str) -> LlmkitError:
+    """The error a request's client sees: an LlmkitError as it is; anything else is logged (with its
+    traceback) and becomes a 500."""
+    if isinstance(e, LlmkitError):
+        return e
+    log.error(what, exc_info=e)
+    return LlmkitError(f"engine error: {type(e).__name__}: {e}", status=500, code="engine_error")
 
 
 def _deliver(items: list[tuple[Job, Any]]) -> None:
@@ -144,16 +171,34 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], params_list: Sequence[Any],
                processors: Sequence[Sequence[Callable]] | None = None, *,
                queue: asyncio.Queue | None = None, first_index: int = 0) -> tuple[list[Job], asyncio.Queue]:
-        """Queue one job per params (n > 1 gives n jobs sharing one queue); 429 when the queue is full.
+        """Queue one job per params (n > 1 gives n jobs sharing one queue); 429 when the queue cannot take
+        them all (none is queued then), 400 when they are more than the queue can ever hold.
 
         Events arrive on the queue as (index, Prefilled | TokenOut | LlmkitError); indexes start at
         `first_index` so several prompts can share one queue."""
+        return self.submit_many([(prompt_ids, params_list, processors)], queue=queue, first_index=first_index)
+
+    def submit_many(self, prompts: Sequence[PromptJobs], *, queue: asyncio.Queue | None = None,
+                    first_index: int = 0) -> tuple[list[Job], asyncio.Queue]:
+        """Queue the jobs of several prompts of one request at once, all or nothing: `prompts` holds
+        (prompt_ids, params_list, processors) per prompt; the jobs share one queue and are indexed in order
+        from `first_index` (prompt k's samples follow prompt k-1's). Errors as `submit`."""
         loop = asyncio.get_running_loop()
         queue = queue if queue is not None else asyncio.Queue()
-        procs = processors or [()] * len(params_list)
-        jobs = [Job(list(prompt_ids), p, pr, first_index + i, queue, loop)
-                for i, (p, pr) in enumerate(zip(params_list, procs))]
+        jobs: list[Job] = []
+        for prompt_ids, params_list, processors in prompts:
+            procs = processors or [()] * len(params_list)
+            jobs += [Job(list(prompt_ids), p, pr, first_index + len(jobs) + i, queue, loop)
+                     for i, (p, pr) in enumerate(zip(params_list, procs))]
+        if len(jobs) > self.max_queue:
+            several = len(prompts) > 1
+            raise LlmkitError(
+                f"this request needs {len(jobs)} sequences ({len(prompts)} prompt(s) x n) but the server "
+                f"queues at most {self.max_queue}, so it can never be served; send fewer "
+                f"{'prompts or a smaller n' if several else 'samples (a smaller n)'}",
+                param="prompt" if several else "n", code="request_too_large")
         with self._cv:
+            self._purge()
             if len(self._waiting) + len(jobs) > self.max_queue:
                 raise LlmkitError(f"server busy: {len(self._waiting)} requests waiting (limit "
                                   f"{self.max_queue}); retry later", status=429, code="rate_limit_exceeded")
@@ -163,6 +208,16 @@ class Scheduler:
             self._publish_load()
             self._cv.notify_all()
         return jobs, queue
+
+    def cancel_jobs(self, jobs: Sequence[Job]) -> None:
+        """Cancel a request's jobs: waiting ones leave the queue now, running rows are freed before the next
+        step (for a route that fails after submitting, or a client gone)."""
+        for j in jobs:
+            j.cancel()
+        with self._cv:
+            self._purge()
+            self._publish_load()
+            self._cv.notify_all()
 
     def wake(self) -> None:
         with self._cv:
@@ -180,6 +235,11 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------ engine thread
+    def _purge(self) -> None:
+        """Drop cancelled jobs from the waiting queue (with the lock held)."""
+        if any(j.cancelled for j in self._waiting):
+            self._waiting = deque(j for j in self._waiting if not j.cancelled)
+
     def _publish_load(self) -> None:
         if self.metrics is not None:
             self.metrics.set_load(len(self._waiting), len(self._running))
@@ -191,6 +251,7 @@ class Scheduler:
                     self._cv.wait()
                 if self._stop:
                     break
+                self._purge()
                 new: list[Job] = []
                 while self._waiting and len(self._running) + len(new) < self.backend.max_rows:
                     job = self._waiting.popleft()
@@ -202,10 +263,7 @@ class Scheduler:
                 try:
                     info = self.backend.add(job.key, job.prompt_ids, job.params, job.processors)
                 except Exception as e:
-                    if not isinstance(e, LlmkitError):
-                        log.exception("engine add failed")
-                        e = LlmkitError(f"engine error: {e}", status=500)
-                    job._emit(e)
+                    job._emit(_user_error(e, "engine add failed"))
                     continue
                 self._running[job.key] = job
                 job._emit(info)
@@ -215,25 +273,35 @@ class Scheduler:
                 continue
             try:
                 outs = self.backend.step()
-                self.steps += 1
-            except Exception as e:
-                log.exception("engine step failed")
-                for job in list(self._running.values()):
-                    job._emit(LlmkitError(f"engine error: {e}", status=500))
-                    self._drop(job)
-                continue
+            except Exception:
+                log.exception("engine step failed; stepping its rows one by one")
+                outs = self._step_each()
+            self.steps += 1
             batch: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
             for out in outs:
                 job = self._running.get(out.key)
                 if job is None:
                     continue
-                batch.setdefault(job.loop, []).append((job, out))
+                item = out if out.error is None else _user_error(out.error, "a request failed in the engine")
+                batch.setdefault(job.loop, []).append((job, item))
                 if out.finish_reason is not None:
                     self._drop(job)
             for loop, items in batch.items():  # one event-loop wake-up per step, not one per token
                 loop.call_soon_threadsafe(_deliver, items)
         for job in list(self._running.values()) + list(self._waiting):
             job._emit(LlmkitError("server shutting down", status=503))
+
+    def _step_each(self) -> list[TokenOut]:
+        """After a failed step: step each running row alone; a row that fails alone gets the error, and only
+        it."""
+        outs: list[TokenOut] = []
+        for job in list(self._running.values()):
+            try:
+                outs += self.backend.step([job.key])
+            except Exception as e:
+                job._emit(_user_error(e, "engine step failed for one row"))
+                self._drop(job)
+        return outs
 
     def _drop(self, job: Job) -> None:
         self._running.pop(job.key, None)

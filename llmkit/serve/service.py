@@ -158,9 +158,7 @@ class Service:
                     live.discard(idx)
                     by_index[idx].cancel()  # frees the row if a stop string ended it early
         finally:
-            for j in jobs:
-                j.cancel()
-            self.scheduler.wake()
+            self.scheduler.cancel_jobs(jobs)  # waiting ones leave the queue at once, running rows are freed
             if self.metrics:
                 self.metrics.observe_latency(time.monotonic() - jobs[0].submitted)
 
@@ -194,6 +192,4 @@ class Service:
         finally:
             if not task.done():
                 task.cancel()
-                for j in jobs:
-                    j.cancel()
-                self.scheduler.wake()
+                self.scheduler.cancel_jobs(jobs)

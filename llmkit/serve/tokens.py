@@ -1,5 +1,7 @@
 """/tokenize, /detokenize, /tokenizer_info (vLLM's tokenizer routes). A chat is rendered exactly as chat
-completions render it (llmkit.generate.request.render_messages), so `count` is the prompt's true length."""
+completions render it (llmkit.generate.request.render_messages), so `count` is the prompt's true length; a
+`prompt` is encoded as /v1/completions encodes text, special-token text such as "<|im_end|>" parsed into its
+id unless `parse_special` is false (BOS/EOS only with `add_special_tokens`, off by default here)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ async def tokenize(svc: Service, req: P.TokenizeRequest) -> dict[str, Any]:
         ids = await svc.offload(render_messages, svc.tokenizer, msgs,
                                 add_generation_prompt=req.add_generation_prompt)
     else:
-        ids = await svc.offload(svc.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = await svc.offload(svc.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens,
+                                allow_special=req.parse_special)
     return {"count": len(ids), "max_model_len": svc.context, "tokens": ids}
 
 
