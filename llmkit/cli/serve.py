@@ -28,7 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU: CUDA graphs)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--store", default=None, help="SQLite file for stored responses (default: in the cache)")
-    p.add_argument("--log-requests", action="store_true", help="log requests and bodies (keys redacted)")
+    p.add_argument("--log-requests", nargs="?", const="full", default=None, choices=("full", "redact"),
+                   help="log requests and bodies: 'full' (the default when given; keys masked) or 'redact' "
+                        "(keys masked and every message, prompt and answer replaced by its length)")
+    p.add_argument("--guard", default="none", choices=("rules", "none"),
+                   help="moderate inputs and outputs: 'rules' = the small example keyword/regex rule set "
+                        "(llmkit.generate.guard.RuleGuard.default; not a safety guarantee)")
+    p.add_argument("--max-input-chars", type=int, default=None,
+                   help="refuse (400) chat messages / prompts longer than this many characters")
+    p.add_argument("--rpm", type=int, default=None, help="requests per minute per API key (or client IP)")
+    p.add_argument("--tpm", type=int, default=None,
+                   help="tokens per minute per API key (or client IP), counted as max_tokens reservations")
     p.set_defaults(func=serve)
 
 
@@ -53,6 +63,33 @@ openai SDK:
 """
 
 
+def guard_from_args(args: argparse.Namespace):
+    """The Guard `--guard` / `--max-input-chars` ask for, or None."""
+    from llmkit.generate.guard import BaseGuard, get_guard
+
+    guard = get_guard(args.guard, max_input_chars=args.max_input_chars)
+    if guard is None and args.max_input_chars is not None:
+        guard = BaseGuard(max_input_chars=args.max_input_chars)  # the size limit alone
+    return guard
+
+
+def rate_limit_from_args(args: argparse.Namespace) -> dict[str, int] | None:
+    """RateLimit keyword arguments from `--rpm` / `--tpm`, or None for no limit."""
+    if args.rpm is None and args.tpm is None:
+        return None
+    return {"requests_per_minute": args.rpm, "tokens_per_minute": args.tpm}
+
+
+def guardrails(args: argparse.Namespace) -> dict:
+    """create_app keywords for --log-requests / --guard / --max-input-chars / --rpm / --tpm."""
+    kw: dict = {"log_requests": True if args.log_requests == "full" else args.log_requests or False}
+    if (guard := guard_from_args(args)) is not None:
+        kw["guard"] = guard
+    if (limits := rate_limit_from_args(args)) is not None:
+        kw["rate_limit"] = limits
+    return kw
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -69,7 +106,7 @@ def serve(args: argparse.Namespace) -> int:
     context = args.max_seq_len or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
                      max_seq_len=context, compile=args.compile, max_queue=args.max_queue,
-                     request_timeout=args.timeout, log_requests=args.log_requests)
+                     request_timeout=args.timeout, **guardrails(args))
     url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(banner(url, name, bool(keys)), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

@@ -21,6 +21,9 @@ Notable choices:
   too: `llm.chat(msgs, response_format={"type": "json_object"})` and tools behave as over HTTP.
 - Sampling keywords left unset take the model's generation defaults (`llm.generation_defaults`, e.g.
   SmolLM2-135M-Instruct's temperature 0.2, top-p 0.9); an explicit value or SamplingParams object wins.
+- `guard=` (llmkit.generate.guard) screens the input before the engine is touched (LlmkitError 400,
+  code "content_filter" or "input_too_long") and each output as it grows (finish_reason "content_filter",
+  text withheld; a stream stops at the match, pieces already yielded stay yielded).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from llmkit.errors import LlmkitError
 from llmkit.generate.defaults import resolve_params
 from llmkit.generate.engine import Engine
+from llmkit.generate.guard import Guard, screen_input, screen_prompt
 from llmkit.generate.request import (
     NOT_CONSTRAINED,
     ChatPrompt,
@@ -50,7 +54,7 @@ from llmkit.generate.sampling import SamplingParams, TokenLogprob
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (stop string or stop id) | "length" (max_tokens or context full)
+    finish_reason: str  # "stop" (stop string or id) | "length" (max_tokens, context full) | "content_filter"
     usage: dict[str, int]  # prompt_tokens, completion_tokens, total_tokens, cached_tokens
     prompt_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per generated token (params.logprobs set)
@@ -83,9 +87,11 @@ class _Live:
 
 def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
         truncate: bool = False, processors: Sequence[Sequence[Processor]] | None = None,
-        prompt: ChatPrompt | None = None) -> Iterator[tuple[int, str, GenerationResult | None]]:
+        prompt: ChatPrompt | None = None, guard: Guard | None = None
+        ) -> Iterator[tuple[int, str, GenerationResult | None]]:
     """Drive the engine over every (prompt, sample); yield (prompt index, text delta, result when done).
-    `processors`: one list of logits processors per sample (n of them); `prompt` gives the tool handling."""
+    `processors`: one list of logits processors per sample (n of them); `prompt` gives the tool handling;
+    `guard` checks each output as it grows."""
     jobs = deque((i, s) for i in range(len(prompts)) for s in range(params.n))
     live: dict[int, _Live] = {}
     skip = sorted(engine.stop_ids | set(params.stop_ids))
@@ -99,7 +105,7 @@ def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: Sam
                 req = engine.request(row)
                 out = Completion(tokenizer, params.stop, skip_ids=skip,
                                  hold_tools=bool(prompt and prompt.hold_tools),
-                                 forced_tool=prompt.forced_tool if prompt else None)
+                                 forced_tool=prompt.forced_tool if prompt else None, guard=guard)
                 live[row] = _Live(i, out, req.prompt_ids, req.cached_tokens, t0)
             for step in engine.step():
                 if step.error is not None:  # this row's request failed (its processor, say): the rows are
@@ -170,7 +176,24 @@ def _prompts(llm, prompt, chat_kw: dict) -> tuple[list[list[int]], bool, ChatPro
     raise LlmkitError("empty prompt: give a string, a list of token ids, a list of strings or chat messages")
 
 
-def _start(llm, prompt, params, kw, *, tools=None, tool_choice=None, response_format=None, logit_bias=None):
+def _screen(llm, prompt, guard: Guard | None) -> None:
+    """The guard's input check (400 on refusal), before anything is encoded or queued."""
+    if guard is None:
+        return
+    if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+        screen_input(guard, list(prompt))
+        return
+    one = isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], int))
+    for p in [prompt] if one else list(prompt or []):
+        if not isinstance(p, str):
+            vocab = llm.tokenizer.vocab_size
+            p = llm.tokenizer.decode([i for i in p if isinstance(i, int) and 0 <= i < vocab])
+        screen_prompt(guard, p)
+
+
+def _start(llm, prompt, params, kw, *, tools=None, tool_choice=None, response_format=None, logit_bias=None,
+           guard=None):
+    _screen(llm, prompt, guard)
     params = resolve_params(getattr(llm, "generation_defaults", None) or {}, params, **kw)
     chat_kw = {"tools": tools, "tool_choice": tool_choice, "response_format": response_format}
     is_chat = isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict)
@@ -183,20 +206,22 @@ def _start(llm, prompt, params, kw, *, tools=None, tool_choice=None, response_fo
 
 
 def generate(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
-             tool_choice=None, response_format=None, logit_bias=None, **kw
+             guard=None, tool_choice=None, response_format=None, logit_bias=None, **kw
              ) -> GenerationResult | list[GenerationResult]:
     """Complete a prompt (str, token ids, chat messages) or a list of prompts (one batch).
 
     Sampling keywords left unset take the model's generation defaults (`llm.generation_defaults`). For chat
     messages, `tools` / `tool_choice` / `response_format` work as in the OpenAI API; `logit_bias` maps token
-    ids to biases in [-100, 100]."""
+    ids to biases in [-100, 100]; `guard` (llmkit.generate.guard) moderates the input and the outputs."""
     params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
-                                                response_format=response_format, logit_bias=logit_bias)
+                                                response_format=response_format, logit_bias=logit_bias,
+                                                guard=guard)
     if procs is not None and len(prompts) > 1:
         procs = None if logit_bias is None else procs  # only logit_bias applies to a batch of raw prompts
     eng = get_engine(llm, min(len(prompts) * params.n, 8))
     results: dict[int, list[GenerationResult]] = {}
-    for i, _, res in run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs, prompt=cp):
+    for i, _, res in run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs, prompt=cp,
+                         guard=guard):
         if res is not None:
             results.setdefault(i, []).append(res)
     flat = [r for i in range(len(prompts)) for r in results[i]]
@@ -230,13 +255,14 @@ class Stream:
 
 
 def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
-           tool_choice=None, response_format=None, logit_bias=None, **kw) -> Stream:
+           guard=None, tool_choice=None, response_format=None, logit_bias=None, **kw) -> Stream:
     """Text deltas of one completion (prompt: str, token ids or chat messages)."""
     params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
-                                                response_format=response_format, logit_bias=logit_bias)
+                                                response_format=response_format, logit_bias=logit_bias,
+                                                guard=guard)
     if params.n != 1:
         raise LlmkitError("stream produces one sequence; use generate for n > 1")
     if not single:
         raise LlmkitError("stream takes one prompt; use generate for a batch")
     return Stream(run(get_engine(llm), llm.tokenizer, prompts, params, truncate=truncate, processors=procs,
-                      prompt=cp))
+                      prompt=cp, guard=guard))

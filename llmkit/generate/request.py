@@ -20,6 +20,8 @@ Notable choices:
 - `response_format` follows OpenAI: {"type": "json_object"} or {"type": "json_schema", "json_schema":
   {"schema": {...}}} -> a JSON constraint (llmkit.generate.constrain) as a per-row logits processor.
 - The caller's messages are never modified (tool-call arguments are parsed into copies).
+- Guardrails (llmkit.generate.guard): a Completion given a `guard` checks its text each time it grows; a match
+  ends it with finish_reason "content_filter" and the answer withheld (text "").
 - Unservable input is an LlmkitError naming the field (`param`), never a crash mid-generation: a string with a
   lone UTF-16 surrogate (`lone_surrogate`: UTF-8 cannot encode it), and a JSON schema the constraint cannot
   follow (an unresolvable `$ref`, a malformed keyword; llmkit.generate.constrain.check_schema), which is
@@ -234,7 +236,9 @@ class Completion:
     shown: list[TokenLogprob] = field(default_factory=list)  # of the tokens shown (stop ids left out)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # echo: the prompt's own (first is None)
     cached_tokens: int = 0  # prompt tokens whose keys/values the engine reused
-    finish_reason: str | None = None  # "stop" (stop string or id) | "length"; set once finished
+    finish_reason: str | None = None  # "stop" | "length" | "content_filter" (guard); set once finished
+    guard: Any = None  # llmkit.generate.guard.Guard: output checked as it grows; a match withholds the answer
+    verdict: Any = None  # the guard's Verdict when it refused the output
 
     def __post_init__(self) -> None:
         skip = sorted(self.tokenizer.stop_ids) if self.skip_ids is None else self.skip_ids
@@ -265,6 +269,11 @@ class Completion:
             delta += self._stream.finish()
             self.finish_reason = finish_reason
         self.text += delta
+        if self.guard is not None and delta and self.verdict is None:
+            self.verdict = self.guard.check_output(self.text)
+            if self.verdict is not None:  # withhold the answer (what was streamed already stays sent)
+                self.finish_reason, self.text = "content_filter", ""
+                return "", shown
         if self._hold is not None:
             delta, _ = self._hold.push(delta)
             if self.finish_reason:
@@ -275,6 +284,8 @@ class Completion:
         """(content, tool_calls, finish_reason) once finished: a forced call is the whole output's JSON; with
         tools in "auto" mode, <tool_call> blocks are parsed out of the text."""
         reason = self.finish_reason or "length"
+        if reason == "content_filter":
+            return "", [], reason
         if self.forced_tool:
             try:
                 call = json.loads(self.text)

@@ -12,6 +12,11 @@ Notable choices:
   before the body is read, with `hmac.compare_digest` against every key (constant time); keys are
   never logged. /, /health and /metrics stay open.
 - The body limit is checked on Content-Length and again while the body streams in (chunked uploads).
+- /openapi.json tells the truth without touching run time: the routes return plain dicts
+  (`response_model=None`, so FastAPI neither re-validates nor re-serialises them) and declare their replies
+  with `responses=` (protocol.py's response models, the OpenAI error body on each real error status, SSE as
+  `text/event-stream`, /metrics as text). FastAPI's 422 entries are dropped (validation errors are 400s here).
+  `HTTPBearer(auto_error=False)` only documents the key: the Auth middleware does the checking.
 - Request/response logging is opt-in (`log_requests`): method, path, status, time and the JSON bodies
   with any field that looks like a secret masked; headers (and so keys) are never logged.
 """
@@ -28,19 +33,23 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.guard import get_guard, redact_body
 from llmkit.serve import protocol as P
 from llmkit.serve import tokens
 from llmkit.serve.chat import chat_completions
 from llmkit.serve.completions import completions as run_completions
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.protocol import error_body
+from llmkit.serve.ratelimit import RateLimit
 from llmkit.serve.responses import delete_response as run_delete_response
 from llmkit.serve.responses import get_response as run_get_response
 from llmkit.serve.responses import responses as run_responses
@@ -126,11 +135,11 @@ class Auth:
 
 
 class Observe:
-    """ASGI middleware: counts requests by route and status; with `log_requests`, logs each request and
-    its reply (JSON bodies with secret-looking fields masked, at most 2000 characters each; streamed
-    replies by size only)."""
+    """ASGI middleware: counts requests by route and status; with `log_requests` ("full" or "redact"), logs
+    each request and its reply (JSON bodies with secret-looking fields masked, and with "redact" every
+    prompt / message / answer text replaced by its length; 2000 characters each at most; streams by size)."""
 
-    def __init__(self, app, metrics: Metrics, log_requests: bool):
+    def __init__(self, app, metrics: Metrics, log_requests: str | None):
         self.app, self.metrics, self.log_requests = app, metrics, log_requests
 
     async def __call__(self, scope, receive, send):
@@ -163,41 +172,91 @@ class Observe:
             self.metrics.request_done(route, status)
             if self.log_requests:
                 log.info("%s %s -> %d (%.0f ms) request %s reply %s", scope["method"], scope["path"], status,
-                         1000 * (time.monotonic() - t0), _shown(body), "<event stream>" if streamed else
-                         _shown(reply))
+                         1000 * (time.monotonic() - t0), _shown(body, self.log_requests),
+                         "<event stream>" if streamed else _shown(reply, self.log_requests))
 
 
-def _shown(data: bytes | bytearray) -> str:
+def _shown(data: bytes | bytearray, mode: str) -> str:
     if not data:
         return "-"
     try:
-        return json.dumps(_redact(json.loads(data)), ensure_ascii=False)[:2000]
+        return json.dumps(redact_body(json.loads(data), mode), ensure_ascii=False)[:2000]
     except ValueError:
         return f"<{len(data)} bytes, not JSON>"
 
 
-_SECRET_KEYS = ("key", "token", "secret", "password", "authorization")
-_NOT_SECRET = {"max_tokens", "top_logprobs", "max_completion_tokens", "max_output_tokens", "tokens"}
+ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+ERROR_TEXT = {400: "Invalid request: the OpenAI error body, `param` names the field",
+              401: "Missing or wrong API key (Authorization: Bearer KEY)",
+              404: "Unknown model, route or response id", 408: "The request timed out",
+              413: "Request body too large", 429: "Server busy (queue full) or rate limited: retry later",
+              500: "Server error (details in the server log only)", 503: "Server shutting down"}
+GENERATE = (400, 401, 404, 408, 413, 429, 500, 503)  # the generation routes' error statuses
+TOKENIZER = (400, 401, 404, 413, 500)
 
 
-def _secret(name: str) -> bool:
-    return name not in _NOT_SECRET and any(s in name.lower() for s in _SECRET_KEYS)
+def _replies(model: Any, *codes: int, stream: str | None = None, extra: dict | None = None) -> dict:
+    """`responses=` of a route: 200 with `model` (and, for a stream, text/event-stream events whose `data`
+    is a JSON chunk -- `object` == `stream`, or a Responses event when `stream` is "response" -- an error
+    object, or [DONE]), then each error status with the OpenAI error body."""
+    out: dict = {200: {"model": model, "description": "Success"}}
+    if stream:
+        responses_event = {"type": "object", "required": ["type", "sequence_number"],
+                           "properties": {"type": {"type": "string", "pattern": "^response\\."}}}
+        chunk = responses_event if stream == "response" else {
+            "type": "object", "required": ["object"], "properties": {"object": {"const": stream}}}
+        event = {"type": "object", "required": ["data"], "properties": {
+            "event": {"type": "string"},
+            "data": {"anyOf": [{"type": "string", "contentMediaType": "application/json",
+                                "contentSchema": {"anyOf": [chunk, ERROR_REF]}},
+                               {"const": "[DONE]"}]}}}
+        out[200]["content"] = {"text/event-stream": {"schema": event}}
+    for code in codes:
+        out[code] = {"model": P.ErrorResponse, "description": ERROR_TEXT[code]}
+    out.update(extra or {})
+    return out
 
 
-def _redact(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: "***" if _secret(k) else _redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_redact(v) for v in obj]
-    return obj
+def _openapi(app: FastAPI, vocab_size: int) -> dict:
+    """The OpenAPI document, truthful: no 422 (validation errors are 400s with the OpenAI body, declared per
+    route) and token ids bounded by the vocabulary (0 .. vocab_size - 1)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for ops in spec.get("paths", {}).values():
+        for op in ops.values():
+            if isinstance(op, dict):
+                op.get("responses", {}).pop("422", None)
+    schemas = spec.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+
+    def bound(node: Any) -> None:  # every integer inside a token-id field: 0 .. vocab_size - 1
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                node.update(minimum=0, maximum=vocab_size - 1)
+            for v in node.values():
+                bound(v)
+        elif isinstance(node, list):
+            for v in node:
+                bound(v)
+
+    for name, field in (("DetokenizeRequest", "tokens"), ("CompletionRequest", "prompt")):
+        if name in schemas:
+            bound(schemas[name]["properties"][field])
+    app.openapi_schema = spec
+    return spec
 
 
 def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[str] = (),
                store_path: str | Path | None = None, model_name: str | None = None, max_batch: int = 8,
                max_seq_len: int | None = None, compile: bool = False,
                max_queue: int = 64, max_body_bytes: int = 4 << 20, request_timeout: float = 600.0,
-               log_requests: bool = False) -> FastAPI:
-    """The server for one loaded model. `backend` replaces the engine (tests); `llm` gives the tokenizer."""
+               log_requests: bool | str = False, guard=None, rate_limit: dict | None = None) -> FastAPI:
+    """The server for one loaded model. `backend` replaces the engine (tests); `llm` gives the tokenizer.
+    `guard`: "rules", "none" or a llmkit.generate.guard Guard (input/output moderation); `rate_limit`:
+    RateLimit keywords (requests_per_minute, tokens_per_minute) per API key; `log_requests`: True / "full" or
+    "redact" (no content in the log)."""
     if backend is None:
         from llmkit.generate.engine import Engine
 
@@ -209,6 +268,7 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
     scheduler = Scheduler(backend, max_queue=max_queue, metrics=metrics)
     service = Service(llm, scheduler, store=ResponseStore(store_path), metrics=metrics, model_name=model_name,
                       request_timeout=request_timeout)
+    service.guard = get_guard(guard)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -218,7 +278,11 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
         finally:
             scheduler.shutdown()
 
-    app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  description="OpenAI-compatible API for one model (llmkit serve).")
+    app.openapi = lambda: _openapi(app, service.tokenizer.vocab_size)  # type: ignore[method-assign]
+    bearer = HTTPBearer(auto_error=False, description="API key (when the server has keys): Bearer KEY")
+    key = [Depends(bearer)]  # documentation only: the Auth middleware checks the key
     app.state.service, app.state.scheduler, app.state.metrics = service, scheduler, metrics
 
     @app.exception_handler(LlmkitError)
@@ -242,9 +306,12 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error_response(exc)
 
+    if rate_limit:  # inside Auth and BodyLimit: only authenticated, well-sized requests count
+        app.add_middleware(RateLimit, **rate_limit)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(Auth, keys=api_keys)  # before the body is even read
-    app.add_middleware(Observe, metrics=metrics, log_requests=log_requests)  # outermost: sees every reply
+    mode = "full" if log_requests is True else (log_requests or None)
+    app.add_middleware(Observe, metrics=metrics, log_requests=mode)  # outermost: sees every reply
 
     async def run(request: Request, coro) -> Any:
         """JSON for a dict, SSE for a stream. Non-streamed work is cancelled (its rows freed) when the client
@@ -263,55 +330,70 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, dependencies=key,
+             responses=_replies(P.ModelList, 401, 500))
     async def models():
         return service.models()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=None, dependencies=key,
+             responses=_replies(P.ModelCard, 401, 404, 500))
     async def model(model_id: str):
         service.check_model(model_id)
         return service.models()["data"][0]
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, dependencies=key,
+              responses=_replies(P.CompletionResponse, *GENERATE, stream="text_completion"))
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(request, run_completions(service, req))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, dependencies=key,
+              responses=_replies(P.ChatCompletionResponse, *GENERATE, stream="chat.completion.chunk"))
     async def chat(req: P.ChatCompletionRequest, request: Request):
         return await run(request, chat_completions(service, req))
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", response_model=None, dependencies=key,
+              responses=_replies(P.ResponseObject, *GENERATE, stream="response"))
     async def responses(req: P.ResponsesRequest, request: Request):
         return await run(request, run_responses(service, req))
 
-    @app.get("/v1/responses/{response_id}")
+    @app.get("/v1/responses/{response_id}", response_model=None, dependencies=key,
+             responses=_replies(P.ResponseObject, 401, 404, 500))
     async def get_response(response_id: str):
         return await run_get_response(service, response_id)
 
-    @app.delete("/v1/responses/{response_id}")
+    @app.delete("/v1/responses/{response_id}", response_model=None, dependencies=key,
+                responses=_replies(P.ResponseDeleted, 401, 404, 500))
     async def delete_response(response_id: str):
         return await run_delete_response(service, response_id)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=None, dependencies=key,
+              responses=_replies(P.TokenizeResponse, *TOKENIZER))
     async def tokenize(req: P.TokenizeRequest):
         return await tokens.tokenize(service, req)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=None, dependencies=key,
+              responses=_replies(P.DetokenizeResponse, *TOKENIZER))
     async def detokenize(req: P.DetokenizeRequest):
         return await tokens.detokenize(service, req)
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", response_model=None, dependencies=key,
+             responses=_replies(P.TokenizerInfo, 401, 500))
     async def tokenizer_info():
         return tokens.tokenizer_info(service)
 
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses=_replies(
+        P.Health, 500, extra={503: {"model": P.HealthError, "description": "The engine thread is down"}}))
     async def health():
         if not scheduler.healthy():
             return JSONResponse({"status": "error", "reason": "engine thread not running"}, status_code=503)
         return {"status": "ok", "model": service.model_name, "running": scheduler.running,
                 "waiting": scheduler.queue_depth}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        500: {"description": ERROR_TEXT[500], "content": {  # not text/plain, as a model here would say
+            "application/json": {"schema": ERROR_REF}}}})
     async def prometheus():
         metrics.set_load(scheduler.queue_depth, scheduler.running)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,12 +1,15 @@
 """/v1/chat/completions: messages through the model's chat template, tools, response_format (constrained
 JSON), n samples, logprobs, streamed or not. The prompt, tool and constraint handling is
-llmkit.generate.request's, the same as `llm.chat`."""
+llmkit.generate.request's, the same as `llm.chat`; so is the guard (`svc.guard`, llmkit.generate.guard): a
+refused input is a 400 "content_filter" before anything is queued, a refused output ends its choice with
+finish_reason "content_filter" and no content (a stream stops there; what was sent stays sent)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from llmkit.generate.guard import screen_input
 from llmkit.generate.request import Completion, chat_prompt, make_processors
 from llmkit.generate.sampling import TokenLogprob
 from llmkit.serve import protocol as P
@@ -40,6 +43,8 @@ async def chat_completions(svc: Service, req: P.ChatCompletionRequest):
         choice = choice.model_dump()
     fmt = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
     messages = chat_messages(req)
+    guard = getattr(svc, "guard", None)
+    screen_input(guard, messages)
     prompt = await svc.offload(chat_prompt, svc.tokenizer, messages, tools=tools, tool_choice=choice,
                                response_format=fmt)
     ids, n = prompt.ids, req.n
@@ -47,7 +52,7 @@ async def chat_completions(svc: Service, req: P.ChatCompletionRequest):
     procs = await svc.offload(make_processors, svc.tokenizer, n, prompt.schema, req.logit_bias)
     jobs, queue = svc.scheduler.submit(ids, params, procs)
     outs = {i: Completion(svc.tokenizer, req.stop_list(), hold_tools=prompt.hold_tools,
-                          forced_tool=prompt.forced_tool) for i in range(n)}
+                          forced_tool=prompt.forced_tool, guard=guard) for i in range(n)}
     rid, created = new_id("chatcmpl"), int(time.time())
     forced = prompt.forced_tool
 

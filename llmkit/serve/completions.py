@@ -4,6 +4,8 @@
 `max_tokens: 0` with `echo` scores the prompt only (its logprobs), as vLLM does for evaluation. Prompt text
 parses special-token text ("<|im_end|>" -> its id) and gets BOS where the model wants one, as in vLLM;
 `parse_special: false` / `add_special_tokens: false` turn either off (llmkit.generate.api.encode_prompt).
+The guard (`svc.guard`) screens each prompt's text (400 "content_filter") and each output as it grows
+(finish_reason "content_filter", text withheld).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from typing import Any
 
 from llmkit.generate.api import encode_prompt
+from llmkit.generate.guard import screen_prompt
 from llmkit.generate.request import Completion, make_processors
 from llmkit.generate.sampling import TokenLogprob
 from llmkit.serve import protocol as P
@@ -23,6 +26,10 @@ async def completions(svc: Service, req: P.CompletionRequest):
     svc.check_model(req.model)
     special = {"add_special_tokens": req.add_special_tokens, "parse_special": req.parse_special}
     prompts = await svc.offload(lambda: [encode_prompt(svc.tokenizer, p, **special) for p in req.prompts()])
+    guard = getattr(svc, "guard", None)
+    if guard is not None:
+        for ids in prompts:
+            screen_prompt(guard, svc.tokenizer.decode(ids))
     n, max_tokens = req.n, req.max_tokens
     batch = []
     for ids in prompts:  # every prompt is checked before any is queued
@@ -33,7 +40,7 @@ async def completions(svc: Service, req: P.CompletionRequest):
         batch.append((ids, params, make_processors(svc.tokenizer, n, logit_bias=req.logit_bias)))
     jobs, queue = svc.scheduler.submit_many(batch)  # all or nothing (429: nothing stays queued)
     stops = req.stop_list()
-    outs = {j.index: Completion(svc.tokenizer, stops) for j in jobs}
+    outs = {j.index: Completion(svc.tokenizer, stops, guard=guard) for j in jobs}
     rid, created = new_id("cmpl"), int(time.time())
     k_lp = req.logprobs
 

@@ -28,6 +28,12 @@ Hostile input is a 400, never a 500:
   its id, as vLLM and HF tokenizers do; `parse_special: false` (llama.cpp's /tokenize name; vLLM has no
   switch) keeps it plain text. Chat content never parses special tokens (the chat renderer's injection
   defence), so `parse_special` does not apply to `messages`.
+
+Response schemas (`ErrorResponse`, `ModelList`, `CompletionResponse`, `ChatCompletionResponse`,
+`ResponseObject`, ...) document what the routes return in /openapi.json; they are never used to build or
+check a reply at run time. Rules the validators enforce that JSON Schema can say (exactly one of prompt /
+messages, `top_logprobs` needs `logprobs`, non-empty prompt lists) are added to the request schemas with
+`json_schema_extra`, schema only.
 """
 
 from __future__ import annotations
@@ -156,10 +162,33 @@ def model_card(model_id: str, created: int, max_model_len: int, defaults: dict[s
             "chat_defaults": interactive_defaults(defaults or {})}
 
 
+# Schema-only constraints (`json_schema_extra`): rules the validators enforce, stated in the OpenAPI schema
+# too where JSON Schema can say them; run-time validation and its messages are unchanged. Token-id ranges
+# depend on the tokenizer, so the app adds them (llmkit.serve.app).
+def _non_empty_lists(schema: dict[str, Any]) -> None:
+    for alt in schema.get("anyOf", []):
+        if alt.get("type") == "array":
+            alt["minItems"] = 1
+            if alt["items"].get("type") == "array":
+                alt["items"]["minItems"] = 1
+
+
+def _top_logprobs_needs_logprobs(schema: dict[str, Any]) -> None:
+    schema["if"] = {"required": ["top_logprobs"],
+                    "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}}
+    schema["then"] = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+
+
+def _prompt_xor_messages(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]
+
+
 # --------------------------------------------------------------------------- /v1/completions
 class CompletionRequest(_Sampling):
     model: str | None = None
-    prompt: str | list[str] | list[Int] | list[list[Int]]
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra=_non_empty_lists)
     best_of: Int | None = Field(None, ge=1, le=MAX_N)
     echo: Bool = False
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -271,6 +300,8 @@ class ResponseFormat(_Lenient):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra=_top_logprobs_needs_logprobs)
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str | None = None
     logprobs: Bool = False
@@ -374,6 +405,8 @@ class ResponsesRequest(_Request):
 
 # --------------------------------------------------------------------------- tokenizer routes
 class TokenizeRequest(_Request):
+    model_config = ConfigDict(json_schema_extra=_prompt_xor_messages)
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -441,3 +474,226 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         status, msg, code = 500, "internal server error", None
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return status, {"error": {"message": msg, "type": kind, "param": param, "code": code}}
+
+
+# --------------------------------------------------------------------------- response schemas
+# Documentation only: the routes build plain dicts (service / chat / completions / responses / tokens) and
+# return them as they are; these models are what /openapi.json promises about them (tests/test_openapi.py
+# checks real replies against it). Extra keys are allowed, as OpenAI clients must tolerate them.
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Out):
+    """The OpenAI error body of every 4xx / 5xx reply (and the last SSE event of a failed stream)."""
+
+    error: ErrorDetail
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int = Field(ge=1)
+    generation_defaults: dict[str, Any]
+    chat_defaults: dict[str, Any]
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int = Field(ge=0)
+
+
+class Usage(_Out):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    text: str
+    index: int = Field(ge=0)
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(_Out):
+    """/v1/completions (a streamed chunk has the same shape, `usage` only on the last one)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(_Out):
+    content: list[ChatTokenLogprob]
+
+
+class FunctionCallOut(_Out):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Out):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class ChatResponseMessage(_Out):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(_Out):
+    index: int = Field(ge=0)
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None
+    finish_reason: str
+
+
+class ChatCompletionResponse(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class OutputText(_Out):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any]
+
+
+class OutputMessage(_Out):
+    id: str
+    type: Literal["message"]
+    status: str
+    role: Literal["assistant"]
+    content: list[OutputText]
+
+
+class FunctionCallItem(_Out):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: str
+
+
+class ResponseUsage(_Out):
+    input_tokens: int = Field(ge=0)
+    input_tokens_details: dict[str, int]
+    output_tokens: int = Field(ge=0)
+    output_tokens_details: dict[str, int]
+    total_tokens: int = Field(ge=0)
+
+
+class ResponseObject(_Out):
+    """/v1/responses (create and get)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress"]
+    error: ErrorDetail | None
+    incomplete_details: dict[str, Any] | None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[Annotated[OutputMessage | FunctionCallItem, Field(discriminator="type")]]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    store: bool
+    temperature: float | None
+    text: dict[str, Any]
+    tool_choice: Any
+    tools: list[dict[str, Any]]
+    top_p: float | None
+    usage: ResponseUsage | None
+    metadata: dict[str, str]
+    user: str | None
+
+
+class ResponseDeleted(_Out):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
+class TokenizeResponse(_Out):
+    count: int = Field(ge=0)
+    max_model_len: int = Field(ge=1)
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Out):
+    prompt: str
+
+
+class TokenizerInfo(_Out):
+    tokenizer_class: str
+    vocab_size: int = Field(ge=1)
+    model_max_length: int = Field(ge=1)
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    stop_token_ids: list[int]
+    add_bos_token: bool
+    chat_template: str | None
+    special_tokens: dict[str, int]
+
+
+class Health(_Out):
+    status: Literal["ok"]
+    model: str
+    running: int = Field(ge=0)
+    waiting: int = Field(ge=0)
+
+
+class HealthError(_Out):
+    """/health's 503: the engine thread is not running."""
+
+    status: Literal["error"]
+    reason: str

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.guard import screen_input
 from llmkit.generate.request import Completion, chat_prompt, make_processors
 from llmkit.serve import protocol as P
 from llmkit.serve.service import Service, new_id, sse
@@ -38,6 +39,8 @@ async def responses(svc: Service, req: P.ResponsesRequest):
     new = req.messages()  # a bad item is a 400 naming "input"
     convo = history + new
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + convo
+    guard = getattr(svc, "guard", None)  # llmkit.generate.guard: input 400, output -> incomplete, withheld
+    screen_input(guard, messages, "input")
     fmt = req.text.format if req.text and req.text.format else None
     fmt_dict = fmt.model_dump(by_alias=True, exclude_none=True) if fmt else None
     prompt = await svc.offload(chat_prompt, svc.tokenizer, messages, tools=tools, tool_choice=req.tool_choice,
@@ -46,7 +49,8 @@ async def responses(svc: Service, req: P.ResponsesRequest):
     params = svc.sampling(req, svc.budget(len(ids), req.max_output_tokens, "max_output_tokens"), 1, req.seed)
     procs = await svc.offload(make_processors, svc.tokenizer, 1, prompt.schema)
     jobs, queue = svc.scheduler.submit(ids, params, procs)
-    out = Completion(svc.tokenizer, [], hold_tools=prompt.hold_tools, forced_tool=prompt.forced_tool)
+    out = Completion(svc.tokenizer, [], hold_tools=prompt.hold_tools, forced_tool=prompt.forced_tool,
+                     guard=guard)
     outs = {0: out}
     forced = prompt.forced_tool
     rid, mid, created = new_id("resp"), new_id("msg"), int(time.time())
@@ -66,7 +70,8 @@ async def responses(svc: Service, req: P.ResponsesRequest):
                      "total_tokens": u["total_tokens"]}
         return {
             "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "incomplete_details": {"reason": "content_filter" if out.finish_reason == "content_filter"
+                                   else "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "model": svc.model_name, "output": output, "parallel_tool_calls": req.parallel_tool_calls,
             "previous_response_id": req.previous_response_id, "store": req.store,
