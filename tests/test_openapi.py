@@ -340,6 +340,8 @@ def test_schemathesis_bounded_run(small):
                 run()
             except Unsatisfiable:  # no negative case exists for an operation without input (GET /health)
                 assert mode == GenerationMode.NEGATIVE, (op.method, op.path)
+    print(f"schemathesis: {calls} generated requests, {len(failures)} failures, POST routes served: "
+          f"{sorted(served)}")
     assert calls >= 12 * 4
     assert {"/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"} <= served, served
     assert not failures, "\n".join(failures[:20])
