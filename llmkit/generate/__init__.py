@@ -7,6 +7,7 @@
                Python API and the server
 - constrain.py JSON-schema constrained decoding (a prefix validator + a per-row logits processor)
 - tools.py     function calling through the chat template (<tool_call> parsing, forced-call schema)
+- guard.py     input / output moderation (keyword / regex rules, a callable), redacted request logs
 - defaults.py  a model's generation defaults (generation_config.json, GGUF, known names), the chat loop guard
 - timing.py    decode / prefill tok/s of the engine and the memory roofline (`llmkit bench decode`)
 - api.py       generate / chat / stream over an Engine; GenerationResult

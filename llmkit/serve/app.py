@@ -44,6 +44,7 @@ from starlette.routing import Match
 from llmkit.errors import LlmkitError
 from llmkit.generate.guard import get_guard, redact_body
 from llmkit.serve import protocol as P
+from llmkit.serve import schemas as S
 from llmkit.serve import tokens
 from llmkit.serve.chat import chat_completions
 from llmkit.serve.completions import completions as run_completions
@@ -212,7 +213,7 @@ def _replies(model: Any, *codes: int, stream: str | None = None, extra: dict | N
                                {"const": "[DONE]"}]}}}
         out[200]["content"] = {"text/event-stream": {"schema": event}}
     for code in codes:
-        out[code] = {"model": P.ErrorResponse, "description": ERROR_TEXT[code]}
+        out[code] = {"model": S.ErrorResponse, "description": ERROR_TEXT[code]}
     out.update(extra or {})
     return out
 
@@ -331,58 +332,58 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/models", response_model=None, dependencies=key,
-             responses=_replies(P.ModelList, 401, 500))
+             responses=_replies(S.ModelList, 401, 500))
     async def models():
         return service.models()
 
     @app.get("/v1/models/{model_id:path}", response_model=None, dependencies=key,
-             responses=_replies(P.ModelCard, 401, 404, 500))
+             responses=_replies(S.ModelCard, 401, 404, 500))
     async def model(model_id: str):
         service.check_model(model_id)
         return service.models()["data"][0]
 
     @app.post("/v1/completions", response_model=None, dependencies=key,
-              responses=_replies(P.CompletionResponse, *GENERATE, stream="text_completion"))
+              responses=_replies(S.CompletionResponse, *GENERATE, stream="text_completion"))
     async def completions(req: P.CompletionRequest, request: Request):
         return await run(request, run_completions(service, req))
 
     @app.post("/v1/chat/completions", response_model=None, dependencies=key,
-              responses=_replies(P.ChatCompletionResponse, *GENERATE, stream="chat.completion.chunk"))
+              responses=_replies(S.ChatCompletionResponse, *GENERATE, stream="chat.completion.chunk"))
     async def chat(req: P.ChatCompletionRequest, request: Request):
         return await run(request, chat_completions(service, req))
 
     @app.post("/v1/responses", response_model=None, dependencies=key,
-              responses=_replies(P.ResponseObject, *GENERATE, stream="response"))
+              responses=_replies(S.ResponseObject, *GENERATE, stream="response"))
     async def responses(req: P.ResponsesRequest, request: Request):
         return await run(request, run_responses(service, req))
 
     @app.get("/v1/responses/{response_id}", response_model=None, dependencies=key,
-             responses=_replies(P.ResponseObject, 401, 404, 500))
+             responses=_replies(S.ResponseObject, 401, 404, 500))
     async def get_response(response_id: str):
         return await run_get_response(service, response_id)
 
     @app.delete("/v1/responses/{response_id}", response_model=None, dependencies=key,
-                responses=_replies(P.ResponseDeleted, 401, 404, 500))
+                responses=_replies(S.ResponseDeleted, 401, 404, 500))
     async def delete_response(response_id: str):
         return await run_delete_response(service, response_id)
 
     @app.post("/tokenize", response_model=None, dependencies=key,
-              responses=_replies(P.TokenizeResponse, *TOKENIZER))
+              responses=_replies(S.TokenizeResponse, *TOKENIZER))
     async def tokenize(req: P.TokenizeRequest):
         return await tokens.tokenize(service, req)
 
     @app.post("/detokenize", response_model=None, dependencies=key,
-              responses=_replies(P.DetokenizeResponse, *TOKENIZER))
+              responses=_replies(S.DetokenizeResponse, *TOKENIZER))
     async def detokenize(req: P.DetokenizeRequest):
         return await tokens.detokenize(service, req)
 
     @app.get("/tokenizer_info", response_model=None, dependencies=key,
-             responses=_replies(P.TokenizerInfo, 401, 500))
+             responses=_replies(S.TokenizerInfo, 401, 500))
     async def tokenizer_info():
         return tokens.tokenizer_info(service)
 
     @app.get("/health", response_model=None, responses=_replies(
-        P.Health, 500, extra={503: {"model": P.HealthError, "description": "The engine thread is down"}}))
+        S.Health, 500, extra={503: {"model": S.HealthError, "description": "The engine thread is down"}}))
     async def health():
         if not scheduler.healthy():
             return JSONResponse({"status": "error", "reason": "engine thread not running"}, status_code=503)
