@@ -96,3 +96,27 @@ def serve(llm, store: Path, **kw) -> LiveServer:
     from llmkit.serve.app import create_app
 
     return LiveServer(create_app(llm, store_path=store, model_name=llm.name, **kw))
+
+
+def read_sse(r, conn, hang_up_after: int | None = None) -> tuple[list[bytes], bool]:
+    """The `data:` payloads of a streamed reply, read line by line; with `hang_up_after`, the client hangs up
+    once it has that many. Returns (payloads, whether it hung up)."""
+    lines: list[bytes] = []
+    while True:
+        line = r.fp.readline()
+        if not line:
+            return lines, False
+        if line.startswith(b"data: "):
+            lines.append(line[6:].strip())
+            if hang_up_after is not None and len(lines) >= hang_up_after:
+                conn.sock.shutdown(2)  # hang up mid-stream
+                return lines, True
+
+
+def wait_idle(server, timeout: float = 30.0) -> None:
+    """Wait for the server's scheduler to have nothing running or waiting, and assert it did."""
+    sched = server.app.state.scheduler
+    t0 = time.monotonic()
+    while (sched.running or sched.queue_depth) and time.monotonic() - t0 < timeout:
+        time.sleep(0.02)
+    assert sched.running == 0 and sched.queue_depth == 0

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from serve_utils import serve, tiny_llm
+from serve_utils import read_sse, serve, tiny_llm, wait_idle
 
 KEY = "sk-test-key"
 
@@ -509,11 +509,7 @@ def test_queue_full_429():
 
 # ----------------------------------------------------------------------------------- load
 def _wait_idle(server, timeout: float = 20.0) -> None:
-    sched = server.app.state.scheduler
-    t0 = time.monotonic()
-    while (sched.running or sched.queue_depth) and time.monotonic() - t0 < timeout:
-        time.sleep(0.05)
-    assert sched.running == 0 and sched.queue_depth == 0
+    wait_idle(server, timeout)
 
 
 def test_load_32_streams_with_disconnects(server):
@@ -538,18 +534,8 @@ def test_load_32_streams_with_disconnects(server):
             if r.status != 200:
                 results[i] = ("status", r.status)
                 return
-            lines = []
-            while True:
-                line = r.fp.readline()
-                if not line:
-                    break
-                if line.startswith(b"data: "):
-                    lines.append(line[6:].strip())
-                    if i % 3 == 0 and len(lines) >= 2:
-                        conn.sock.shutdown(2)  # hang up mid-stream
-                        results[i] = ("left", len(lines))
-                        return
-            results[i] = ("done", lines)
+            lines, left = read_sse(r, conn, hang_up_after=2 if i % 3 == 0 else None)
+            results[i] = ("left", len(lines)) if left else ("done", lines)
         except Exception as e:  # noqa: BLE001 - reported below
             results[i] = ("error", repr(e))
         finally:

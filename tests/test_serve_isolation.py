@@ -340,12 +340,11 @@ def post(server, body: dict, stream: bool = False):
 
 
 def wait_idle(server, timeout: float = 30.0) -> None:
-    sched = server.app.state.scheduler
-    t0 = time.monotonic()
-    while (sched.running or sched.queue_depth) and time.monotonic() - t0 < timeout:
-        time.sleep(0.02)
-    assert sched.running == 0 and sched.queue_depth == 0
-    engine = sched.backend.engine
+    """Nothing running or waiting, and every engine row free."""
+    from serve_utils import wait_idle as scheduler_idle
+
+    scheduler_idle(server, timeout)
+    engine = server.app.state.scheduler.backend.engine
     assert engine.free_rows == engine.max_batch and not engine.running
 
 

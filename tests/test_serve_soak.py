@@ -8,10 +8,9 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 
 import pytest
-from serve_utils import serve, tiny_llm
+from serve_utils import read_sse, serve, tiny_llm, wait_idle
 
 CLIENTS = 64  # every 8th is hostile: each kind below once
 HI = [{"role": "user", "content": "hi"}]
@@ -48,18 +47,8 @@ def _client(port: int, i: int, results: dict) -> None:
             err = json.loads(r.read())
             results[i] = ("hostile", r.status, set(err.get("error", {})))
             return
-        lines = []
-        while True:
-            line = r.fp.readline()
-            if not line:
-                break
-            if line.startswith(b"data: "):
-                lines.append(line[6:].strip())
-                if leave and len(lines) >= 2:
-                    conn.sock.shutdown(2)  # hang up mid-stream
-                    results[i] = ("left", r.status, len(lines))
-                    return
-        results[i] = ("done", r.status, lines)
+        lines, left = read_sse(r, conn, hang_up_after=2 if leave else None)
+        results[i] = ("left", r.status, len(lines)) if left else ("done", r.status, lines)
     except Exception as e:  # noqa: BLE001 - reported by the assertions
         results[i] = ("error", None, repr(e))
     finally:
@@ -97,10 +86,7 @@ def test_soak_64_clients_hostile_and_disconnecting(tmp_path):
                     chunks = [json.loads(x) for x in val[:-1]]
                     assert "error" not in chunks[-1], chunks[-1]
                     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-            t0 = time.monotonic()
-            while (sched.running or sched.queue_depth) and time.monotonic() - t0 < 30:
-                time.sleep(0.05)
-            assert sched.running == 0 and sched.queue_depth == 0  # every slot freed
+            wait_idle(server)  # every slot freed
             assert sched.healthy()
             rss.append(_rss_mb())
         assert rss[1] - rss[0] < 64, rss  # flat: a second wave does not keep what the first one used
