@@ -34,10 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guard", default="none", choices=("rules", "none"),
                    help="moderate inputs and outputs: 'rules' = the small example keyword/regex rule set "
                         "(llmkit.generate.guard.RuleGuard.default; not a safety guarantee)")
-    p.add_argument("--max-input-chars", type=int, default=None,
+    p.add_argument("--max-input-chars", type=_positive, default=None,
                    help="refuse (400) chat messages / prompts longer than this many characters")
-    p.add_argument("--rpm", type=int, default=None, help="requests per minute per API key (or client IP)")
-    p.add_argument("--tpm", type=int, default=None,
+    p.add_argument("--rpm", type=_positive, default=None,
+                   help="requests per minute per API key (or client IP)")
+    p.add_argument("--tpm", type=_positive, default=None,
                    help="tokens per minute per API key (or client IP), counted as max_tokens reservations")
     p.set_defaults(func=serve)
 
@@ -61,6 +62,17 @@ openai SDK:
   r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
   print(r.choices[0].message.content)
 """
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (so a bad limit fails at once, not on the first request)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def guard_from_args(args: argparse.Namespace):
