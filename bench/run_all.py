@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["tokenizer_encode", "tokenizer_train", "model_forward", "decode", "train_throughput",
-         "train_shakespeare", "serve_load"]
+         "train_shakespeare", "serve_load", "eval_speed"]
 
 
 def main() -> int:

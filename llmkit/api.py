@@ -96,8 +96,10 @@ class LLM:
 
 
 def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, quantize: str | None = None) -> LLM:
-    """Load a model by known name, HF repo id, GGUF file or HF folder; pulls it into the cache if needed."""
+         dtype: str | torch.dtype | None = None, quantize: str | None = None,
+         adapter: str | os.PathLike[str] | None = None) -> LLM:
+    """Load a model by known name, HF repo id, GGUF file or HF folder; pulls it into the cache if needed.
+    `adapter`: a LoRA adapter folder in PEFT's format, applied on top (after `quantize`: QLoRA)."""
     from llmkit.generate.defaults import model_defaults
     from llmkit.hub import named_model_at, resolve
     from llmkit.tokenizer import Tokenizer
@@ -130,6 +132,10 @@ def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | tor
             raise LlmkitError(f"quantize={quantize!r} needs llmkit.quant, which this installation lacks"
                               ) from None
         model = quantize_model(model, quantize) or model
+    if adapter is not None:
+        from llmkit.lora import load_adapter
+
+        load_adapter(model, adapter)
     model.eval()
     defaults, _ = model_defaults(path, known=named_model_at(path), gguf_metadata=gguf_metadata)
     return LLM(model, tokenizer, config, name=os.fspath(name_or_path), path=path,

@@ -19,7 +19,9 @@ Notable choices:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -111,3 +113,123 @@ def merge_lora(model: nn.Module) -> list[str]:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, base)
     return [name for name, _ in found]
+
+
+# ---------------------------------------------------------------------------------------- PEFT format
+def _module(model_or_llm) -> nn.Module:
+    """The Transformer itself, or the one an `llmkit.LLM` holds."""
+    return model_or_llm if isinstance(model_or_llm, nn.Module) else model_or_llm.model
+
+
+PEFT_PREFIX = "base_model.model."
+UNSUPPORTED = {"use_dora": "DoRA", "modules_to_save": "modules_to_save", "rank_pattern": "per-module ranks",
+               "alpha_pattern": "per-module alphas", "layers_pattern": "layers_pattern"}
+
+
+def load_adapter(model_or_llm, path: str | os.PathLike) -> list[str]:
+    """Apply a LoRA adapter saved in PEFT's format (a folder with adapter_config.json and
+    adapter_model.safetensors) onto the model, in place. Returns the wrapped modules' names.
+
+    The modules to wrap are the ones the weights name (PEFT keys `base_model.model.<module>.lora_A.weight`),
+    so regex `target_modules` need no interpretation; scaling is lora_alpha / r (lora_alpha / sqrt(r) with
+    use_rslora), PEFT's rule. DoRA, per-module ranks, bias training and modules_to_save are refused with one
+    line rather than silently ignored."""
+    from safetensors.torch import load_file
+
+    from llmkit.io import read_json
+
+    model = _module(model_or_llm)
+    folder = Path(path)
+    cfg = read_json(folder / "adapter_config.json",
+                    missing=f"no adapter_config.json in {folder}: give a PEFT adapter folder")
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise LlmkitError(f"{folder}: peft_type {cfg.get('peft_type')!r} is not supported (LoRA only)")
+    for key, what in UNSUPPORTED.items():
+        if cfg.get(key):
+            raise LlmkitError(f"{folder}: {what} ({key}) is not supported by llmkit's LoRA")
+    if cfg.get("bias", "none") != "none":
+        raise LlmkitError(f"{folder}: bias={cfg['bias']!r} is not supported (adapters with bias='none' only)")
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.exists():
+        raise LlmkitError(f"no adapter_model.safetensors in {folder} (adapter_model.bin is not read: "
+                          "save with safe_serialization=True)")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    weights = load_file(str(weights_file))
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in name:
+                module, _, rest = name.partition(marker)
+                if rest.split(".")[-1] != "weight":
+                    break
+                found.setdefault(module, {})[part] = value
+                break
+        else:
+            raise LlmkitError(f"{weights_file}: unexpected tensor {key!r} (LoRA A/B weights only)")
+    wrapped = []
+    for module, ab in sorted(found.items()):
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise LlmkitError(f"{weights_file}: {module} lacks lora_A or lora_B")
+        try:
+            child = model.get_submodule(module)
+        except AttributeError:
+            raise LlmkitError(f"{folder}: the adapter targets {module}, which this model does not have "
+                              "(an adapter for another architecture?)") from None
+        if isinstance(child, LoRALinear):
+            raise LlmkitError(f"{module} already has an adapter: load one adapter per model")
+        if not hasattr(child, "in_features"):
+            raise LlmkitError(f"{folder}: {module} is not a projection (it is a {type(child).__name__})")
+        a, b = ab["lora_A"], ab["lora_B"]
+        if a.shape != (r, child.in_features) or b.shape != (child.out_features, r):
+            raise LlmkitError(f"{folder}: {module}: shapes {tuple(a.shape)} / {tuple(b.shape)} do not match "
+                              f"r={r} and the layer's {child.in_features} -> {child.out_features}")
+        lora = LoRALinear(child, r, alpha, 0.0)
+        if cfg.get("use_rslora"):
+            lora.scaling = alpha / math.sqrt(r)
+        with torch.no_grad():
+            lora.lora_A.weight.copy_(a)
+            lora.lora_B.weight.copy_(b)
+        parent, _, attr = module.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, lora)
+        wrapped.append(module)
+    if not wrapped:
+        raise LlmkitError(f"{weights_file} holds no LoRA weights")
+    return wrapped
+
+
+def save_adapter(model_or_llm, path: str | os.PathLike, *, base_model: str | None = None) -> Path:
+    """Write the model's LoRA wrappers as a PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the transformers model."""
+    from safetensors.torch import save_file
+
+    from llmkit.io import atomic_path, atomic_write_json
+
+    model = _module(model_or_llm)
+    mods = lora_modules(model)
+    if not mods:
+        raise LlmkitError("the model has no LoRA adapter to save (apply_lora first)")
+    ranks = {(m.r, m.alpha, math.isclose(m.scaling, m.alpha / math.sqrt(m.r)) and m.r != 1) for _, m in mods}
+    if len(ranks) != 1:
+        raise LlmkitError("save_adapter: every adapter must share one r, alpha and scaling rule (PEFT's "
+                          "single config)")
+    (r, alpha, rslora), = ranks
+    tensors = {}
+    for name, m in mods:
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+    targets = sorted({name.rpartition(".")[2] for name, _ in mods})
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": rslora,
+        "use_dora": False, "modules_to_save": None, "inference_mode": True,
+        "base_model_name_or_path": base_model,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    })
+    return out

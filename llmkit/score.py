@@ -61,8 +61,11 @@ class TopLogprobs(NamedTuple):
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> TopLogprobs:
     """The k most likely tokens and their logprobs under raw logits (..., V)."""
-    vals, ids = logits.float().log_softmax(-1).topk(k, dim=-1)  # (..., k)
-    return TopLogprobs(vals, ids)
+    logits = logits.float()
+    vals, ids = logits.topk(k, dim=-1)  # (..., k)
+    # the same subtraction as token_logprobs, so a chosen token's logprob equals its top-1 entry bit for bit
+    # (lm-eval's is_greedy compares them with ==)
+    return TopLogprobs(vals - logits.logsumexp(-1, keepdim=True), ids)
 
 
 # ---------------------------------------------------------------------- sequences (differentiable)
@@ -213,6 +216,20 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
+def rolling_windows(n: int, context: int) -> list[tuple[int, int, int]]:
+    """lm-eval's rolling windows (loglikelihood_rolling) over n ids whose first, the prefix token, is never
+    scored, as (begin, end, first) like `sliding_windows`: each window holds up to context + 1 ids (the model
+    sees `context` positions) and scores the ids no earlier window scored; the last window ends at the end
+    of the text with a full context before its new tokens (get_rolling_token_windows, context_len=1)."""
+    out, done = [], 1
+    while done < n:
+        end = min(done + context, n)
+        begin = max(0, end - context - 1)
+        out.append((begin, end, done - begin))
+        done = end
+    return out
+
+
 @torch.inference_mode()
 def perplexity(
     model: nn.Module,
@@ -221,8 +238,11 @@ def perplexity(
     window: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
+    rolling: bool = False,
 ) -> Perplexity:
-    """Token perplexity of one text (its ids) by sliding windows (default: the model's context, disjoint)."""
+    """Token perplexity of one text (its ids) by sliding windows (default: the model's context, disjoint);
+    rolling=True: lm-eval's rolling windows over the model's whole context (`rolling_windows`; ids[0] is the
+    prefix token; window and stride unused)."""
     limit = model.config.max_seq_len
     window = limit if window is None else window
     stride = window if stride is None else stride
@@ -234,7 +254,7 @@ def perplexity(
     if ids.numel() < 2:
         raise LlmkitError("perplexity needs at least 2 tokens")
     dev = next(model.parameters()).device
-    spans = sliding_windows(ids.numel(), window, stride)
+    spans = rolling_windows(ids.numel(), limit) if rolling else sliding_windows(ids.numel(), window, stride)
     nll, count = 0.0, 0
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]

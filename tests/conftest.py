@@ -59,3 +59,6 @@ def out_dir(request) -> Path:
     d = ROOT / "test-output" / request.node.name
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+from eval_utils import tiny_llama_dir  # noqa: E402,F401  (fixture shared by the eval tests)

@@ -229,3 +229,44 @@ def test_copies_are_independent():
     other = copy.deepcopy(model)
     p, q = model.model.layers[0].self_attn.q_proj, other.model.layers[0].self_attn.q_proj
     assert p.fused is not q.fused and q.fused is other.model.layers[0].self_attn.k_proj.fused
+
+
+def test_peft_adapters_load_in_llmkit_and_back(tmp_path):
+    """An adapter saved by peft loads in llmkit with peft's logits; llmkit's save_adapter writes a folder that
+    peft loads onto a fresh transformers model with the same logits again."""
+    peft = pytest.importorskip("peft")
+    import transformers
+    from test_checkpoint_hf import _saved, make_hf
+
+    from llmkit.checkpoint import load_hf_dir
+    from llmkit.lora import load_adapter, save_adapter
+
+    hf = make_hf("llama")
+    base_dir = _saved(hf, tmp_path)
+    n_layers = hf.config.num_hidden_layers
+    x = rand_ids(2, 12, seed=7)
+    with torch.no_grad():
+        base = hf(x).logits
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, use_rslora=True,
+                          target_modules=["q_proj", "v_proj", "down_proj"])
+    ref = peft.get_peft_model(hf, cfg).eval()
+    ref.save_pretrained(tmp_path / "peft_adapter")
+    with torch.no_grad():
+        want = ref(x).logits
+    assert not torch.allclose(want, base, atol=1e-3)  # the adapter does something
+    _, model = load_hf_dir(base_dir)
+    assert len(load_adapter(model, tmp_path / "peft_adapter")) == 3 * n_layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+    save_adapter(model, tmp_path / "ours")
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    back = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, want, rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(LlmkitError, match="already has an adapter"):
+        load_adapter(model, tmp_path / "peft_adapter")
+    with pytest.raises(LlmkitError, match="no adapter_config.json"):
+        load_adapter(model, tmp_path)
