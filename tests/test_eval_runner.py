@@ -1,4 +1,4 @@
-"""The evaluation runner: results files, standard errors, the resume cache, --compare, the CLI's one-line errors.
+"""The evaluation runner: results files, standard errors, the resume cache, --compare, one-line CLI errors.
 
 A fake backend and a fake task (hand-computable answers) isolate the runner from models; the tasks and
 backends have their own tests against lm-eval."""
