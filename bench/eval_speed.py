@@ -4,9 +4,12 @@
 
 Weights: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) exported once as an fp32 HF folder (cached
 under ~/.cache/llmkit/bench/), opened by both: llmkit.load(folder) and lm-eval's HFLM(pretrained=folder).
-lm-eval reads the same items from ../shared/data/eval/hellaswag through a local task (HF `json` dataset,
-the prompt of its `hellaswag` task: the context, then " " + ending). Rounds alternate llmkit, lm-eval; the
-best round of each is compared. Both print acc and acc_norm, which must agree.
+lm-eval reads the same items from ../shared/data/eval/hellaswag through a local task (HF `json` dataset)
+holding the query and choices its `hellaswag` task builds (llmkit.eval.tasks.mc rebuilds them exactly:
+tests/test_eval_mc.py), so both score the same (context, " " + ending) pairs. Each side runs at its best
+batch size on this machine (measured 2026-11-30: llmkit 32 requests, lm-eval 16; lm-eval 32 and 64 are
+slower). Rounds alternate llmkit, lm-eval; the best round of each is compared. Both print acc and
+acc_norm, which must agree.
 Needs lm-eval (pip install lm-eval==0.4.13; the test extras have it).
 """
 
@@ -30,9 +33,9 @@ dataset_kwargs:
     validation: {data}
 output_type: multiple_choice
 validation_split: validation
-doc_to_text: "{{{{ctx}}}}"
+doc_to_text: "{{{{query}}}}"
 doc_to_target: "{{{{label}}}}"
-doc_to_choice: "{{{{endings}}}}"
+doc_to_choice: "{{{{choices}}}}"
 metric_list:
   - metric: acc
     aggregation: mean
@@ -83,7 +86,8 @@ def run_lmeval(folder: Path, items: int, batch_size: int, tasks_dir: Path) -> tu
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32, help="llmkit's: requests per forward (32)")
+    ap.add_argument("--peer-batch-size", type=int, default=16, help="lm-eval's (16 is its best here)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
@@ -93,8 +97,15 @@ def main() -> int:
         print(f"skipped: {HS} not found")
         return 0
     folder = hf_folder()
+    from llmkit.eval.base import get_task
+
     tasks_dir = Path(tempfile.mkdtemp(prefix="lmeval_tasks_"))
-    (tasks_dir / "hellaswag_local.yaml").write_text(TASK_YAML.format(data=HS))
+    task = get_task("hellaswag")
+    with open(tasks_dir / "items.jsonl", "w", encoding="utf-8") as f:
+        for doc in task.docs()[: args.items]:
+            f.write(json.dumps({"query": task.prompt(doc), "choices": doc["choices"],
+                                "label": doc["target"]}) + "\n")
+    (tasks_dir / "hellaswag_local.yaml").write_text(TASK_YAML.format(data=tasks_dir / "items.jsonl"))
     best = {"llmkit": float("inf"), "lm-eval": float("inf")}
     metrics = {}
     for r in range(args.rounds):
@@ -102,14 +113,14 @@ def main() -> int:
             if name == "llmkit":
                 wall, m = run_llmkit(folder, args.items, args.batch_size)
             else:
-                wall, m = run_lmeval(folder, args.items, args.batch_size, tasks_dir)
+                wall, m = run_lmeval(folder, args.items, args.peer_batch_size, tasks_dir)
             best[name] = min(best[name], wall)
             metrics[name] = {k: round(v["value"], 4) for k, v in m.items() if k in ("acc", "acc_norm")}
             print(f"round {r + 1} {name:8s} {args.items / wall:6.2f} items/s  ({wall:.1f} s)  "
                   f"{metrics[name]}", flush=True)
     ratio = best["lm-eval"] / best["llmkit"]
-    print(f"\nhellaswag, {args.items} items, batch {args.batch_size}, {args.threads} threads, fp32 "
-          f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantised):")
+    print(f"\nhellaswag, {args.items} items, batch {args.batch_size} / {args.peer_batch_size}, "
+          f"{args.threads} threads, fp32 SmolLM2-135M-Instruct (Q4_1 GGUF dequantised):")
     for name in best:
         print(f"  {name:8s} {args.items / best[name]:.2f} items/s   acc_norm {metrics[name].get('acc_norm')}")
     print(f"  speed-up {ratio:.2f}x (goal >= 3x)")

@@ -143,48 +143,50 @@ def score(
 
 def _score_batch(model: nn.Module, reqs: list[tuple[tuple[int, ...], tuple[int, ...]]],
                  per_token: bool) -> list[Score]:
-    """One batch: every distinct context once (into a KV cache), then all continuations together."""
-    from llmkit.model import KVCache
-
-    p = next(model.parameters())
-    dev = p.device
+    """One batch, one forward: a row per distinct context holding the context (segment 0) and then each of
+    its requests' continuation but the last token (segments 1, 2, ...: each starts at the context's end
+    position and sees the context and itself). The context's last position predicts every continuation's
+    first token; continuation token t predicts token t + 1."""
+    dev = next(model.parameters()).device
     head = _head(model)
     ctxs = list(dict.fromkeys(c for c, _ in reqs))
     slot = {c: j for j, c in enumerate(ctxs)}
-    which = torch.tensor([slot[c] for c, _ in reqs], device=dev)  # (B,) context row of each request
-    ctx_len = torch.tensor([len(c) for c, _ in reqs], device=dev)  # (B,)
-    cont_len = torch.tensor([len(k) for _, k in reqs], device=dev)  # (B,)
-    B, Lc, Lk = len(reqs), max(map(len, ctxs)), int(cont_len.max())
-
-    cache = None
-    if Lk > 1:
-        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-        cache = KVCache(model.config, B, Lc + Lk - 1, device=dev, dtype=dtype)
-    x = _pad(ctxs, Lc, dev)  # (C, Lc)
-    h = model(x, positions=torch.arange(Lc, device=dev).expand_as(x), cache=cache, return_hidden=True)
-    last = torch.tensor([len(c) - 1 for c in ctxs], device=dev)  # (C,)
-    first = head(h[torch.arange(len(ctxs), device=dev), last])[which]  # (B, V): predicts each first token
-
-    targets = _pad([k for _, k in reqs], Lk, dev)  # (B, Lk)
-    lp = torch.zeros(B, Lk, device=dev)  # (B, Lk) float32, 0 on padding
-    hit = torch.ones(B, Lk, dtype=torch.bool, device=dev)  # (B, Lk) argmax == target, True on padding
-    lp[:, 0] = token_logprobs(first, targets[:, 0])
-    hit[:, 0] = first.argmax(-1) == targets[:, 0]
-    if cache is not None:
-        for t in cache.k + cache.v:  # (B, n_kv, S, D): each request's row starts from its context's keys
-            t.copy_(t[which])
-        pos = ctx_len[:, None] + torch.arange(Lk - 1, device=dev)  # (B, Lk-1)
-        h = model(targets[:, :-1], positions=pos, cache=cache, return_hidden=True)  # (B, Lk-1, d)
-        real = torch.arange(1, Lk, device=dev) < cont_len[:, None]  # (B, Lk-1): predicts a real token
-        logits = head(h[real])  # (N, V)
-        want = targets[:, 1:][real]  # (N,)
-        lp[:, 1:][real] = token_logprobs(logits, want)
-        hit[:, 1:][real] = logits.argmax(-1) == want
-    sums, greedy, rows = lp.sum(1).tolist(), hit.all(1).tolist(), lp.tolist()
-    return [
-        Score(sums[b], len(k), greedy[b], rows[b][: len(k)] if per_token else None)
-        for b, (_, k) in enumerate(reqs)
-    ]
+    ids = [list(c) for c in ctxs]
+    pos = [list(range(len(c))) for c in ctxs]
+    seg = [[0] * len(c) for c in ctxs]
+    rows, cols, targets, owner = [], [], [], []  # per scored token: row, predicting column, target, request
+    for b, (c, k) in enumerate(reqs):
+        r = slot[c]
+        start, sid = len(ids[r]), max(seg[r]) + 1
+        ids[r] += k[:-1]
+        pos[r] += range(len(c), len(c) + len(k) - 1)
+        seg[r] += [sid] * (len(k) - 1)
+        rows += [r] * len(k)
+        cols += [len(c) - 1, *range(start, start + len(k) - 1)]
+        targets += k
+        owner += [b] * len(k)
+    T = max(map(len, ids))
+    x = _pad(ids, T, dev)  # (R, T)
+    if all(len(k) == 1 for _, k in reqs):  # contexts only: plain causal attention (right padding is inert)
+        h = model(x, return_hidden=True)  # (R, T, d)
+    else:
+        p = torch.tensor([q + [0] * (T - len(q)) for q in pos], device=dev)  # (R, T)
+        sg = torch.tensor([q + [-1] * (T - len(q)) for q in seg], device=dev)  # (R, T): -1 = padding
+        h = model(x, positions=p, segments=sg, return_hidden=True)  # (R, T, d)
+    logits = head(h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)])  # (N, V)
+    want = torch.tensor(targets, device=dev)  # (N,)
+    lp = token_logprobs(logits, want)  # (N,) float32
+    hit = logits.argmax(-1) == want  # (N,)
+    who = torch.tensor(owner, device=dev)  # (N,)
+    B = len(reqs)
+    sums = torch.zeros(B, dtype=lp.dtype, device=dev).index_add(0, who, lp).tolist()
+    misses = torch.zeros(B, dtype=torch.long, device=dev).index_add(0, who, (~hit).long()).tolist()
+    flat = lp.tolist() if per_token else None
+    out, at = [], 0
+    for b, (_, k) in enumerate(reqs):
+        out.append(Score(sums[b], len(k), misses[b] == 0, flat[at:at + len(k)] if flat is not None else None))
+        at += len(k)
+    return out
 
 
 # ---------------------------------------------------------------------- perplexity

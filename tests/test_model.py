@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmkit.config import ModelConfig
+from llmkit.errors import LlmkitError
 from llmkit.model import KVCache, ModelOutput, Transformer, param_counts
 
 GPT2_SMALL = {
@@ -263,3 +264,22 @@ def test_aux_loss_is_returned_not_stored():
         if isinstance(m, MoE):
             assert not any(torch.is_tensor(v) for v in vars(m).values())  # nothing left on the module
     assert tiny("gpt2").train()(x, output_aux=True).aux_loss is None  # dense
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_sliding", "gpt2"])
+def test_segments_pack_continuations_of_one_prefix(name):
+    """A prefix and two continuations packed in one row (segments 0, 1, 2, positions restarting after the
+    prefix, padding -1) give each continuation exactly the logits of prefix + continuation run alone."""
+    model = tiny(name)
+    prefix, a, b = rand_ids(1, 6, seed=3)[0], rand_ids(1, 4, seed=4)[0], rand_ids(1, 3, seed=5)[0]
+    ids = torch.cat([prefix, a, b, torch.zeros(2, dtype=torch.long)])[None]  # (1, 15): 2 padding
+    pos = torch.tensor([[*range(6), *range(6, 10), *range(6, 9), 0, 0]])
+    seg = torch.tensor([[0] * 6 + [1] * 4 + [2] * 3 + [-1] * 2])
+    with torch.no_grad():
+        packed = model(ids, positions=pos, segments=seg)[0]  # (15, V)
+        alone_a = model(torch.cat([prefix, a])[None])[0]  # (10, V)
+        alone_b = model(torch.cat([prefix, b])[None])[0]  # (9, V)
+    torch.testing.assert_close(packed[:10], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[10:13], alone_b[6:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(LlmkitError, match="segments need explicit positions"):
+        model(ids, segments=seg)

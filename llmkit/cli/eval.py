@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (mmlu: per subject)")
     p.add_argument("--shots", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument("--seed", type=int, default=1234, help="seed for few-shot choice and sampling (1234)")
-    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (16)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="log-likelihood requests per forward pass (32; over HTTP: prompts per request)")
     p.add_argument("--api-base", default=None, metavar="URL",
                    help="evaluate a server instead: its OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default=None, help="the server's API key (default: $OPENAI_API_KEY)")

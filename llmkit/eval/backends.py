@@ -96,7 +96,7 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, llm, *, batch_size: int = 16, gen_batch: int = 8):
+    def __init__(self, llm, *, batch_size: int = 32, gen_batch: int = 8):
         if batch_size < 1:
             raise LlmkitError(f"--batch-size must be >= 1, got {batch_size}")
         self.llm = llm

@@ -41,7 +41,7 @@ def cache_root() -> Path:
 
 
 def make_backend(model: Any = None, *, api_base: str | None = None, api_key: str | None = None,
-                 batch_size: int = 16, device: str | None = None, dtype: str | None = None,
+                 batch_size: int = 32, device: str | None = None, dtype: str | None = None,
                  quantize: str | None = None, adapter: str | None = None) -> Backend:
     """A backend from what the user gave: a Backend, an LLM, a name/path to load, or a server URL."""
     if isinstance(model, Backend):
@@ -132,7 +132,7 @@ def run_task(task: Task, backend: Backend, *, cache: bool = True, progress: bool
 
 
 def evaluate(model: Any = None, tasks: Sequence[str] | str = ("hellaswag",), *, limit: int | None = None,
-             shots: int | None = None, seed: int = 1234, batch_size: int = 16, api_base: str | None = None,
+             shots: int | None = None, seed: int = 1234, batch_size: int = 32, api_base: str | None = None,
              api_key: str | None = None, adapter: str | None = None, out: str | os.PathLike | None = None,
              data: Sequence[str] = (), data_dir: str | os.PathLike | None = None, template: str | None = None,
              task_args: dict[str, str] | None = None, device: str | None = None, dtype: str | None = None,

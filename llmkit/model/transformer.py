@@ -354,6 +354,7 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,  # (B, T) long; default 0..T-1
         cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,  # (B, T) long: shared-prefix packing (see _masks)
         return_hidden: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
@@ -361,7 +362,11 @@ class Transformer(nn.Module):
     ) -> torch.Tensor | ModelOutput:
         """Logits (B, T, V); with return_hidden=True the final normed hidden states (B, T, d) instead (then
         `head(h)` on the rows you need). With any output_* flag: a ModelOutput (its `hidden` holds the
-        hidden states when return_hidden=True, its `logits` is then None)."""
+        hidden states when return_hidden=True, its `logits` is then None).
+        `segments` packs several sequences that share a prefix into one row (no cache, explicit positions):
+        segment 0 is the shared prefix, segments 1, 2... each continue it from the same position on and see
+        only the prefix and themselves; -1 marks padding (scoring, DPO and GRPO use it: the prompt runs
+        once for all its continuations)."""
         B, T = ids.shape
         explicit = positions is not None
         if positions is None:
@@ -380,7 +385,9 @@ class Transformer(nn.Module):
         rope = None
         if self.config.pos_encoding == "rope":
             rope = rope_for_positions(self.rope_cos, self.rope_sin, positions, x.dtype)  # 2 x (B, T, 1, D)
-        masks = self._masks(positions, cache, explicit, x.dtype)
+        if segments is not None and (cache is not None or not explicit):
+            raise LlmkitError("segments need explicit positions and no KV cache")
+        masks = self._masks(positions, cache, explicit, x.dtype, segments)
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
         attentions: list[torch.Tensor] = []
         collect = output_aux and self.training and self.config.n_experts > 0
@@ -425,11 +432,14 @@ class Transformer(nn.Module):
             )
 
     def _masks(
-        self, positions: torch.Tensor, cache: KVCache | None, explicit: bool, dtype: torch.dtype
+        self, positions: torch.Tensor, cache: KVCache | None, explicit: bool, dtype: torch.dtype,
+        segments: torch.Tensor | None = None,
     ) -> dict[bool, torch.Tensor | None]:
         """{sliding: mask}: mask (B, 1, T, S) additive in `dtype` (0 = visible, -inf = hidden), built once
         per forward, or None for plain causal attention. Additive rather than boolean masks keep SDPA on
-        its fused kernels (a boolean mask with grouped-query attention falls back to the math path)."""
+        its fused kernels (a boolean mask with grouped-query attention falls back to the math path).
+        With segments (B, T): a key is visible when it is causal by position and belongs to the shared
+        prefix (segment 0) or to the query's own segment; padding (-1) sees the prefix only."""
         window = self.config.sliding_window
         if cache is None and not explicit and window is None:
             return {False: None, True: None}
@@ -439,6 +449,9 @@ class Transformer(nn.Module):
             kpos = torch.arange(cache.max_seq_len, device=positions.device)[None, None, :]  # (1, 1, S)
         qpos = positions[:, :, None]  # (B, T, 1)
         full = kpos <= qpos  # (B, T, S)
+        if segments is not None:
+            sk, sq = segments[:, None, :], segments[:, :, None]  # (B, 1, T), (B, T, 1)
+            full = full & ((sk == 0) | (sk == sq))  # (B, T, T)
         zero = torch.zeros((), dtype=dtype, device=positions.device)
         hidden = torch.full((), -math.inf, dtype=dtype, device=positions.device)
         masks = {False: torch.where(full, zero, hidden)[:, None], True: None}
