@@ -161,3 +161,44 @@ def test_shots_per_task_and_task_arg_checks():
         evaluate(Fake(), ["_toy", "_toy"])
     with pytest.raises(LlmkitError, match="unknown --task-arg zzz"):
         evaluate(Fake(), ["_toy"], task_args={"zzz": "1"})
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_with_an_adapter(tiny_llama_dir, tmp_path, capsys):
+    """`llmkit eval MODEL --task hellaswag --out DIR` on a real folder, then with a PEFT adapter: the files
+    are written, the table printed, and the adapter (random B, so not a no-op) changes the log-likelihoods
+    exactly as applying it in Python does."""
+    from conftest import shared_path
+
+    shared_path("eval/hellaswag/hellaswag_val.jsonl")
+    import torch
+
+    import llmkit
+    from llmkit.cli import main
+    from llmkit.eval.backends import LocalBackend
+    from llmkit.eval.base import get_task
+    from llmkit.lora import apply_lora, save_adapter
+
+    llm = llmkit.load(tiny_llama_dir)
+    apply_lora(llm.model, r=2, alpha=4, targets=("q_proj", "down_proj"))
+    torch.manual_seed(0)
+    for name, p in llm.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    save_adapter(llm, tmp_path / "adapter")
+    for out, extra in (("base", []), ("tuned", ["--adapter", str(tmp_path / "adapter")])):
+        assert main(["eval", str(tiny_llama_dir), "--task", "hellaswag", "--limit", "3", "-q", "--no-cache",
+                     "--out", str(tmp_path / out), *extra]) == 0
+        assert "hellaswag" in capsys.readouterr().out
+    rows = {out: [json.loads(x) for x in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
+            for out in ("base", "tuned")}
+    assert [r["logprobs"] for r in rows["base"]] != [r["logprobs"] for r in rows["tuned"]]
+    task = get_task("hellaswag")
+    docs = task.docs()[:3]
+    backend = LocalBackend(llm)  # the adapter applied in Python
+    want = [task.process(d, backend.run(task.requests(d))).data["logprobs"] for d in docs]
+    assert [r["logprobs"] for r in rows["tuned"]] == [pytest.approx(w, abs=1e-4) for w in want]
+    res = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    assert res["settings"]["adapter"] == str(tmp_path / "adapter")
+    assert res["tasks"]["hellaswag"]["metrics"]["acc"]["value"] == pytest.approx(
+        sum(r["metrics"]["acc"] for r in rows["tuned"]) / 3)

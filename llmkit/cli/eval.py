@@ -86,6 +86,8 @@ def cmd_eval(args) -> int:
         width = max(map(len, TASKS), default=0)
         for name in sorted(TASKS):
             print(f"{name.ljust(width)}  {TASKS[name].description}")
+            if TASKS[name].task_args:
+                print(f"{''.ljust(width)}  --task-arg: {', '.join(TASKS[name].task_args)}")
         return 0
     if args.compare:
         a, b = (load_results(x) for x in args.compare)

@@ -21,6 +21,8 @@ Notable choices
 - Per-item metrics are plain floats; a task's aggregate is the mean with its standard error (sample standard
   deviation / sqrt(n), as lm-eval reports it) unless the task overrides `aggregate`.
 - Documents carry a stable "id" (the resume cache and `--compare` match items by it).
+- The benchmark tasks read ../shared/data; `--task-arg source=hub` (SOURCE_ARG, `data_source`) reads the HF
+  hub datasets lm-eval reads instead (llmkit.eval.hub), and auto falls back to them when the files are absent.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class Task:
 
     def __init__(self, opts: TaskOptions | None = None):
         self.opts = opts or TaskOptions()
+        if "source" in self.task_args:
+            source_arg(self.opts, self.name)  # a bad value fails before any model loads
 
     def docs(self) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -181,6 +185,36 @@ def shared_file(opts: TaskOptions | None, rel: str, task: str) -> Path:
         raise LlmkitError(f"{task}: data not found at {p}; pass --data-dir DIR (the folder holding {rel}) "
                           "or set LLMKIT_DATA")
     return p
+
+
+SOURCE_ARG = {"source": "auto (default: the ../shared data when present, else the HF hub), shared or hub "
+                        "(the HF hub datasets lm-eval reads; needs `pip install datasets` and network)"}
+
+
+def source_arg(opts: TaskOptions, task: str) -> str:
+    """`--task-arg source`: auto (the default), shared or hub."""
+    src = opts.extra.get("source", "auto")
+    if src not in ("auto", "shared", "hub"):
+        raise LlmkitError(f"{task}: --task-arg source={src!r}: use auto, shared or hub")
+    return src
+
+
+def data_source(opts: TaskOptions, rel: str, task: str) -> Literal["shared", "hub"]:
+    """Where a task that takes `--task-arg source` reads its items: "shared" (the file or folder `rel` under
+    the shared data folder) or "hub" (llmkit.eval.hub). auto = shared when `rel` exists, else the hub when
+    `datasets` is installed, else a one-line error naming both ways."""
+    src = source_arg(opts, task)
+    if src == "hub":
+        return "hub"
+    p = data_dir(opts) / rel
+    if p.exists():
+        return "shared"
+    from llmkit.eval import hub
+
+    if src == "auto" and hub.available():
+        return "hub"
+    raise LlmkitError(f"{task}: data not found at {p}; pass --data-dir DIR (the folder holding {rel}) or set "
+                      "LLMKIT_DATA, or --task-arg source=hub with `pip install datasets` and network")
 
 
 def take(docs: list[dict[str, Any]], opts: TaskOptions) -> list[dict[str, Any]]:

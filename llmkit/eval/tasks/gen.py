@@ -25,7 +25,9 @@ the prompts, filters and metric against lm-eval's own code.
 
 Task arguments (`--task-arg KEY=VALUE`; each task reads its own keys and ignores the others, so one run can
 hold several tasks): max_tokens (all); n, temperature, timeout (seconds per program, default 10), workers
-(parallel sandboxes) for humaneval.
+(parallel sandboxes) for humaneval; source=auto|shared|hub (gsm8k, gsm8k_cot, mgsm_fr, humaneval: the
+../shared files, or the HF hub datasets lm-eval reads, llmkit.eval.hub; auto = shared when present). From
+the hub, gsm8k's shots come from the hub's train split and mgsm_fr's target is `answer_number`.
 
 Notable choices
 - Few-shot examples are drawn as lm-eval draws them: one random.Random(--seed, default 1234) for the task,
@@ -53,7 +55,19 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
-from llmkit.eval.base import Answer, Record, Request, Task, TaskOptions, register, shared_file, take
+from llmkit.eval import hub
+from llmkit.eval.base import (
+    SOURCE_ARG,
+    Answer,
+    Record,
+    Request,
+    Task,
+    TaskOptions,
+    data_source,
+    register,
+    shared_file,
+    take,
+)
 from llmkit.eval.sandbox import pass_at_k, run_code
 
 PROMPT_TAIL = 240  # characters of the prompt kept in Record.data
@@ -261,14 +275,22 @@ class GSM8K(GenTask):
     default_shots = 5
     stop = ("Question:", "</s>", "<|im_end|>")
     strict = GSM8K_STRICT
+    task_args = {**GenTask.task_args, **SOURCE_ARG}
     _examples: list[tuple[list[str], list[str]]] | None = None
+    _source: str | None = None
 
     def load(self) -> list[dict[str, Any]]:
         return [{"id": f"gsm8k-{i:04d}", "index": i, "question": d["question"], "answer": d["answer"]}
-                for i, d in enumerate(self.read("eval/gsm8k_test.jsonl"))]
+                for i, d in enumerate(self.read("test"))]
 
-    def read(self, rel: str) -> list[dict[str, Any]]:
-        path = shared_file(self.opts, rel, self.name)
+    def read(self, split: str) -> list[dict[str, Any]]:
+        """The test or train split as {"question", "answer"} rows, from the source the test split chose."""
+        if self._source is None:
+            self._source = data_source(self.opts, "eval/gsm8k_test.jsonl", self.name)
+        if self._source == "hub":
+            ds = hub.gsm8k(split)
+            return hub.gsm8k_records(hub.load(ds, self.name), ds, self.name)
+        path = shared_file(self.opts, f"eval/gsm8k_{split}.jsonl", self.name)
         rows = read_jsonl(path, self.name)
         for no, d in rows:
             check_fields(self.name, path, no, d, question=str, answer=str)
@@ -279,7 +301,7 @@ class GSM8K(GenTask):
 
     def examples(self) -> list[tuple[list[str], list[str]]]:
         """Per document (file order): the few-shot questions and targets."""
-        train = self.read("eval/gsm8k_train.jsonl")
+        train = self.read("train")
         draws = fewshot_draws(len(self.all_docs()), len(train), self.shots, self.opts.seed, same_pool=False)
         return [([train[j]["question"] for j in js], [train[j]["answer"] for j in js]) for js in draws]
 
@@ -336,8 +358,12 @@ class MGSMFr(GenTask):
     higher_is_better = {"exact_match,remove_whitespace": True, "exact_match,flexible-extract": True}
     max_shots = 0
     stop = ("Question :", "</s>", "<|im_end|>")
+    task_args = {**GenTask.task_args, **SOURCE_ARG}
 
     def load(self) -> list[dict[str, Any]]:
+        if data_source(self.opts, "eval/mgsm_fr.jsonl", self.name) == "hub":
+            rows = hub.mgsm_records(hub.load(hub.MGSM_FR, self.name), self.name)
+            return [{"id": f"mgsm-fr-{i:03d}", **d} for i, d in enumerate(rows)]
         path = shared_file(self.opts, "eval/mgsm_fr.jsonl", self.name)
         docs = []
         for no, d in read_jsonl(path, self.name):
@@ -495,7 +521,8 @@ class HumanEval(GenTask):
     stop = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
     task_args = {**GenTask.task_args, "n": "completions per problem (pass@k for k <= n)",
                  "temperature": "sampling temperature (needed when n > 1)",
-                 "timeout": "seconds per program in the sandbox", "workers": "sandboxes run at once"}
+                 "timeout": "seconds per program in the sandbox", "workers": "sandboxes run at once",
+                 **SOURCE_ARG}
 
     def __init__(self, opts: TaskOptions | None = None):
         super().__init__(opts)
@@ -510,6 +537,9 @@ class HumanEval(GenTask):
         self.higher_is_better = {f"pass@{k}": True for k in self.ks}
 
     def load(self) -> list[dict[str, Any]]:
+        if data_source(self.opts, "eval/humaneval/HumanEval.jsonl.gz", self.name) == "hub":
+            rows = hub.humaneval_records(hub.load(hub.HUMANEVAL, self.name), self.name)
+            return [{"id": d["task_id"], **d} for d in rows]
         path = shared_file(self.opts, "eval/humaneval/HumanEval.jsonl.gz", self.name)
         docs = []
         for no, d in read_jsonl(path, self.name):

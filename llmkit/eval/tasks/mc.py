@@ -30,6 +30,10 @@ Notable choices
   the prompt is ARC's "Question: {question}\\nAnswer:", with "{context}\\n" in front when a line has a
   context; --template overrides it (str.format with {question} and {context}). A bad line is a one-line error
   naming the file, the line and the field.
+- `--task-arg source=hub` (hellaswag, mmlu, truthfulqa_mc1/mc2; auto = the ../shared files when present,
+  else the hub) reads the HF hub datasets lm-eval reads (llmkit.eval.hub) into the same documents:
+  hellaswag's query is then lm-eval's own formula on activity_label, ctx_a and ctx_b; mmlu's subjects are the
+  57 configs of cais/mmlu; truthfulqa's choices and labels come as the lists of the `multiple_choice` config.
 - Record.data holds the target (or the true labels), the prediction(s) and the per-choice log-probabilities
   (rounded to 1e-6).
 """
@@ -45,13 +49,16 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.errors import LlmkitError
+from llmkit.eval import hub
 from llmkit.eval.base import (
+    SOURCE_ARG,
     Answer,
     LogLikelihood,
     Record,
     Request,
     Task,
     TaskOptions,
+    data_source,
     mean_stderr,
     register,
     shared_file,
@@ -144,13 +151,28 @@ def hellaswag_query(ctx: str) -> str:
     return preprocess(label + sep + body)
 
 
+HELLASWAG_FILE = "eval/hellaswag/hellaswag_val.jsonl"
+
+
 @register("hellaswag")
 class HellaSwag(MultipleChoice):
     name = "hellaswag"
     description = "HellaSwag validation (10,042 items), 0-shot, lm-eval's prompt; acc and acc_norm"
+    task_args = SOURCE_ARG
 
     def docs(self) -> list[dict[str, Any]]:
-        path = shared_file(self.opts, "eval/hellaswag/hellaswag_val.jsonl", self.name)
+        if data_source(self.opts, HELLASWAG_FILE, self.name) == "hub":
+            recs = hub.hellaswag_records(hub.load(hub.HELLASWAG, self.name), self.name)
+            items = [(preprocess(r["query"]), r["endings"], r["label"]) for r in recs]
+        else:
+            items = self.read_shared()
+        out = [{"id": str(i), "query": query, "choices": [preprocess(e) for e in endings], "target": label}
+               for i, (query, endings, label) in enumerate(items)]
+        return take(out, self.opts)
+
+    def read_shared(self) -> list[tuple[str, list[str], int]]:
+        """(lm-eval's query, endings, label) per line of the shared file."""
+        path = shared_file(self.opts, HELLASWAG_FILE, self.name)
         out = []
         for lineno, rec in read_jsonl(path, self.name):
             try:
@@ -158,9 +180,8 @@ class HellaSwag(MultipleChoice):
             except (KeyError, TypeError, ValueError) as e:
                 raise LlmkitError(f"{self.name}: {path}, line {lineno}: needs ctx, endings, label "
                                   f"({type(e).__name__}: {e})") from e
-            out.append({"id": str(len(out)), "query": hellaswag_query(ctx),
-                        "choices": [preprocess(e) for e in endings], "target": label})
-        return take(out, self.opts)
+            out.append((hellaswag_query(ctx), endings, label))
+        return out
 
     def prompt(self, doc: dict[str, Any]) -> str:
         return doc["query"]
@@ -214,10 +235,19 @@ class MMLU(MultipleChoice):
     higher_is_better = {"acc": True, "acc_macro": True}  # and acc/<subject>
     main_metric = "acc"
     few_shot = True
+    task_args = {"subjects": "comma-separated subjects (default: all 57)", **SOURCE_ARG}
 
     def __init__(self, opts: TaskOptions | None = None):
         super().__init__(opts)
         self._dev: dict[str, list[dict[str, Any]]] = {}
+        self._source: str | None = None
+
+    @property
+    def source(self) -> str:
+        """"shared" or "hub", chosen on first use (llmkit.eval.base.data_source)."""
+        if self._source is None:
+            self._source = data_source(self.opts, "eval/mmlu/test", self.name)
+        return self._source
 
     @property
     def shots(self) -> int:
@@ -227,7 +257,10 @@ class MMLU(MultipleChoice):
         return shared_file(self.opts, f"eval/mmlu/{split}", self.name)
 
     def subjects(self) -> list[str]:
-        known = sorted(p.name.removesuffix("_test.csv") for p in self.folder("test").glob("*_test.csv"))
+        if self.source == "hub":
+            known = sorted(hub.MMLU_SUBJECTS)
+        else:
+            known = sorted(p.name.removesuffix("_test.csv") for p in self.folder("test").glob("*_test.csv"))
         if not known:
             raise LlmkitError(f"mmlu: no <subject>_test.csv file in {self.folder('test')}")
         wanted = self.opts.extra.get("subjects")
@@ -242,18 +275,25 @@ class MMLU(MultipleChoice):
     def docs(self) -> list[dict[str, Any]]:
         out = []
         for subject in self.subjects():
-            rows = read_mmlu_csv(self.folder("test") / f"{subject}_test.csv")
+            rows = self.rows(subject, "test")
             for i, row in enumerate(rows):
                 row.update(id=f"{subject}/{i}", subject=subject, choices=list(LETTERS), target=row["answer"])
             out += take(rows, self.opts)
         return out
 
+    def rows(self, subject: str, split: str) -> list[dict[str, Any]]:
+        """One subject's questions of the test or dev split, as read_mmlu_csv reads them."""
+        if self.source == "hub":
+            ds = hub.mmlu(subject, split)
+            return hub.mmlu_records(hub.load(ds, self.name), ds, self.name)
+        path = self.folder(split) / f"{subject}_{split}.csv"
+        if split == "dev" and not path.is_file():
+            raise LlmkitError(f"mmlu: --shots {self.shots} needs {subject}'s dev questions at {path}")
+        return read_mmlu_csv(path)
+
     def dev(self, subject: str) -> list[dict[str, Any]]:
         if subject not in self._dev:
-            path = self.folder("dev") / f"{subject}_dev.csv"
-            if not path.is_file():
-                raise LlmkitError(f"mmlu: --shots {self.shots} needs {subject}'s dev questions at {path}")
-            rows = read_mmlu_csv(path)
+            rows = self.rows(subject, "dev")
             if len(rows) < self.shots:
                 raise LlmkitError(f"mmlu: --shots {self.shots} but {subject} has {len(rows)} dev questions")
             self._dev[subject] = rows
@@ -307,14 +347,38 @@ def mc2_score(lls: Sequence[float], labels: Sequence[int]) -> float:
     return sum(p for p, y in zip(probs, labels) if y == 1) / sum(probs)
 
 
+TRUTHFULQA_FILE = "eval/truthfulqa/mc_task.json"
+
+
 class TruthfulQA(MultipleChoice):
     targets = ""  # "mc1_targets" | "mc2_targets"
     metrics = ("acc",)
     higher_is_better = {"acc": True}
     main_metric = "acc"
+    task_args = SOURCE_ARG
 
     def docs(self) -> list[dict[str, Any]]:
-        path = shared_file(self.opts, "eval/truthfulqa/mc_task.json", self.name)
+        if data_source(self.opts, TRUTHFULQA_FILE, self.name) == "hub":
+            items = hub.truthfulqa_records(hub.load(hub.TRUTHFULQA, self.name), self.targets, self.name)
+            where = f"hub dataset {hub.TRUTHFULQA}, row"
+        else:
+            path = shared_file(self.opts, TRUTHFULQA_FILE, self.name)
+            items, where = self.read_shared(path), f"{path}, item"
+        out = []
+        for i, (question, choices, labels) in enumerate(items):
+            if not choices or any(v not in (0, 1) for v in labels):
+                raise LlmkitError(f"{self.name}: {where} {i}: {self.targets} needs answers labelled 1 (true) "
+                                  "or 0 (false)")
+            labels = [int(v) for v in labels]
+            out.append({"id": str(i), "question": question, "choices": choices, "labels": labels})
+            if self.targets == "mc1_targets":
+                if labels.count(1) != 1:
+                    raise LlmkitError(f"{self.name}: {where} {i}: mc1_targets needs exactly one true answer")
+                out[-1]["target"] = labels.index(1)
+        return take(out, self.opts)
+
+    def read_shared(self, path: Path) -> list[tuple[str, list[str], list[int]]]:
+        """(question, choices, labels) per item of the shared mc_task.json ({answer text: 1 | 0} dicts)."""
         try:
             items = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -322,18 +386,11 @@ class TruthfulQA(MultipleChoice):
         out = []
         for i, item in enumerate(items):
             t = item.get(self.targets) if isinstance(item, dict) else None
-            if (not isinstance(t, dict) or not t or not isinstance(item.get("question"), str)
-                    or any(v not in (0, 1) for v in t.values())):
+            if not isinstance(t, dict) or not t or not isinstance(item.get("question"), str):
                 raise LlmkitError(f"{self.name}: {path}, item {i}: needs a question and a {self.targets} "
                                   "dict (answer text -> 1 true / 0 false)")
-            labels = [int(v) for v in t.values()]
-            out.append({"id": str(i), "question": item["question"], "choices": list(t), "labels": labels})
-            if self.targets == "mc1_targets":
-                if labels.count(1) != 1:
-                    raise LlmkitError(f"{self.name}: {path}, item {i}: mc1_targets needs exactly one true "
-                                      "answer")
-                out[-1]["target"] = labels.index(1)
-        return take(out, self.opts)
+            out.append((item["question"], list(t), list(t.values())))
+        return out
 
     def prompt(self, doc: dict[str, Any]) -> str:
         return f"{TRUTHFULQA_PREAMBLE}\n\nQ: {doc['question']}\nA:"
