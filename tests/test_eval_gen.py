@@ -286,7 +286,7 @@ def test_qa_bad_records_name_file_line_field(tmp_path, row, field):
     with pytest.raises(LlmkitError) as e:
         get_task("qa", TaskOptions(data=[str(f)])).docs()
     msg = str(e.value)
-    assert "mine.jsonl:2" in msg and field in msg and "\n" not in msg
+    assert "mine.jsonl, line 2" in msg and field in msg and "\n" not in msg
 
 
 def test_qa_needs_data_and_valid_template(tmp_path):

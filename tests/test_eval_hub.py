@@ -138,8 +138,8 @@ def test_hellaswag_from_the_hub(lm_process_docs, fake):
     for i, (label, ctx_a, ctx_b) in HELLASWAG_ORIGINAL.items():
         ctx_a = raw[i]["ctx"].partition(": ")[2] if ctx_a is None else ctx_a
         rows.append({"ind": i, "activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b,
-                     "ctx": f"{ctx_a} {ctx_b}", "endings": raw[i]["endings"], "source_id": "x", "split": "val",
-                     "split_type": "indomain", "label": str(raw[i]["label"])})
+                     "ctx": f"{ctx_a} {ctx_b}", "endings": raw[i]["endings"], "source_id": "x",
+                     "split": "val", "split_type": "indomain", "label": str(raw[i]["label"])})
     fake.tables[("Rowan/hellaswag", None, "validation")] = rows
     shared, docs = both("hellaswag", fake)
     assert fake.calls == [("Rowan/hellaswag", None, "validation")]

@@ -356,7 +356,7 @@ def test_mc_bad_record_is_one_line_naming_file_line_field(tmp_path, line, field,
 def test_mc_file_errors(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", ['{"question": "q", "choices": ["a", "b"], "answer": 0}', "{oops"])
     for opts, pattern in [
-        (TaskOptions(), "no data; pass --data"),
+        (TaskOptions(), "no data given; pass --data"),
         (TaskOptions(data=[str(tmp_path / "nope.jsonl")]), "not found"),
         (TaskOptions(data=[str(f)]), r"x\.jsonl, line 2: not valid JSON"),
     ]:

@@ -224,3 +224,51 @@ def take(docs: list[dict[str, Any]], opts: TaskOptions) -> list[dict[str, Any]]:
             raise LlmkitError(f"--limit must be >= 1, got {opts.limit}")
         return docs[: opts.limit]
     return docs
+
+
+def read_jsonl(path: Path, task: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a .jsonl (or .jsonl.gz) file; a line that is not a
+    JSON object, or an unreadable file, is a one-line error naming the file and line."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LlmkitError(f"{task}: {path}, line {no}: not valid JSON ({e.msg}); each line "
+                                      "must be one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise LlmkitError(f"{task}: {path}, line {no}: expected a JSON object, got "
+                                      f"{type(obj).__name__}")
+                out.append((no, obj))
+    except OSError as e:
+        raise LlmkitError(f"{task}: cannot read {path} ({e.strerror or e})") from None
+    return out
+
+
+def jsonl_files(opts: TaskOptions, task: str, example: str) -> list[Path]:
+    """The files of --data (folders give their *.jsonl files, sorted); `example` shows one line's shape in
+    the error when --data is missing."""
+    if not opts.data:
+        raise LlmkitError(f"{task}: no data given; pass --data FILE.jsonl (lines of {example}) or a folder "
+                          "of such files")
+    out: list[Path] = []
+    for item in opts.data:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(p.glob("*.jsonl"))
+            if not found:
+                raise LlmkitError(f"{task}: no .jsonl file in {p}")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise LlmkitError(f"{task}: data file not found: {p}")
+    return out

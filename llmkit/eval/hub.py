@@ -122,7 +122,7 @@ def hellaswag_records(rows: list[dict[str, Any]], task: str = "hellaswag") -> li
     """{"query", "endings", "label"}: the query as lm-eval's process_docs builds it before `preprocess`,
     activity_label + ": " + ctx_a + " " + ctx_b.capitalize() (the task applies preprocess)."""
     fields(rows, HELLASWAG, task, activity_label=str, ctx_a=str, ctx_b=str, endings=list, label=(str, int))
-    return [{"query": r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"],
+    return [{"query": r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize(),
              "endings": list(r["endings"]), "label": int(r["label"])} for r in rows]
 
 

@@ -43,8 +43,6 @@ Notable choices
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import random
@@ -64,6 +62,8 @@ from llmkit.eval.base import (
     Task,
     TaskOptions,
     data_source,
+    jsonl_files,
+    read_jsonl,
     register,
     shared_file,
     take,
@@ -107,29 +107,6 @@ def exact_match(prediction: str, reference: str, *, ignore: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def read_jsonl(path: Path, task: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is a one-line error."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LlmkitError(f"{task}: {path}:{no}: not valid JSON ({e.msg}); each line must be one "
-                                      "JSON object") from None
-                if not isinstance(obj, dict):
-                    raise LlmkitError(f"{task}: {path}:{no}: expected a JSON object, got "
-                                      f"{type(obj).__name__}")
-                out.append((no, obj))
-    except OSError as e:
-        raise LlmkitError(f"{task}: cannot read {path}: {e.strerror or e}") from None
-    return out
-
-
 def check_fields(task: str, path: Path, no: int, row: dict[str, Any],
                  **kinds: type | tuple[type, ...]) -> None:
     """A one-line error naming file, line and field when a field is missing or of another type (a number
@@ -140,7 +117,7 @@ def check_fields(task: str, path: Path, no: int, row: dict[str, Any],
         if not isinstance(value, kind) or isinstance(value, bool):
             words = {str: "a string", int: "a number", float: "a number"}
             names = " or ".join(dict.fromkeys(words.get(k, k.__name__) for k in kind))
-            raise LlmkitError(f"{task}: {path}:{no}: field {field!r} missing or not {names}")
+            raise LlmkitError(f"{task}: {path}, line {no}: field {field!r} missing or not {names}")
 
 
 def fewshot_draws(n_docs: int, pool: int, k: int, seed: int, *, same_pool: bool) -> list[list[int]]:
@@ -443,29 +420,14 @@ class QA(GenTask):
     _draws: list[list[int]] | None = None
 
     def files(self) -> list[Path]:
-        if not self.opts.data:
-            raise LlmkitError('qa: no data given; pass --data FILE.jsonl (one {"question": ..., '
-                              '"answer": ...} per line)')
-        out: list[Path] = []
-        for item in self.opts.data:
-            p = Path(item).expanduser()
-            if p.is_dir():
-                found = sorted(p.glob("*.jsonl"))
-                if not found:
-                    raise LlmkitError(f"qa: no *.jsonl file in {p}")
-                out += found
-            elif p.exists():
-                out.append(p)
-            else:
-                raise LlmkitError(f"qa: data file not found: {p}")
-        return out
+        return jsonl_files(self.opts, "qa", '{"question": ..., "answer": ...}')
 
     def load(self) -> list[dict[str, Any]]:
         files = self.files()
         docs, seen = [], {}
         for path in files:
             for no, d in read_jsonl(path, self.name):
-                where = f"qa: {path}:{no}"
+                where = f"qa: {path}, line {no}"
                 check_fields(self.name, path, no, d, question=str, answer=(str, int, float))
                 q, a = d["question"], d["answer"]
                 if not q.strip():

@@ -59,7 +59,9 @@ from llmkit.eval.base import (
     Task,
     TaskOptions,
     data_source,
+    jsonl_files,
     mean_stderr,
+    read_jsonl,
     register,
     shared_file,
     take,
@@ -416,27 +418,6 @@ class TruthfulQAMC2(TruthfulQA):
 
 
 # ------------------------------------------------------------------------------------------ generic mc
-def read_jsonl(path: Path, task: str):
-    """(line number, object) for every non-blank line; a bad line is a one-line error."""
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise LlmkitError(f"{task}: cannot read {path} ({e.strerror})") from e
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlmkitError(f"{task}: {path}, line {lineno}: not valid JSON ({e.msg}); "
-                                  "each line must be one JSON object") from e
-            if not isinstance(rec, dict):
-                raise LlmkitError(f"{task}: {path}, line {lineno}: expected a JSON object, got "
-                                  f"{type(rec).__name__}")
-            yield lineno, rec
-
-
 ARC_TEMPLATE = "Question: {question}\nAnswer:"
 
 
@@ -457,22 +438,7 @@ class GenericMC(MultipleChoice):
                                   "use the fields {question} and {context}, and {{ }} for braces") from e
 
     def files(self) -> list[Path]:
-        if not self.opts.data:
-            raise LlmkitError('mc: no data; pass --data FILE.jsonl (lines of {"question": str, "choices": '
-                              '[str, ...], "answer": int}) or a folder of such files')
-        out: list[Path] = []
-        for d in self.opts.data:
-            p = Path(d).expanduser()
-            if p.is_dir():
-                found = sorted(p.glob("*.jsonl"))
-                if not found:
-                    raise LlmkitError(f"mc: no .jsonl file in {p}")
-                out += found
-            elif p.is_file():
-                out.append(p)
-            else:
-                raise LlmkitError(f"mc: data file not found: {p}")
-        return out
+        return jsonl_files(self.opts, "mc", '{"question": str, "choices": [str, ...], "answer": int}')
 
     def docs(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
