@@ -1,6 +1,9 @@
 """HellaSwag speed: `llmkit eval` vs lm-evaluation-harness's `hf` model: same items, weights and threads.
 
-    .venv/bin/python bench/eval_speed.py [--items 200] [--batch-size 16] [--rounds 2] [--threads 2]
+    .venv/bin/python bench/eval_speed.py [--task hellaswag] [--items 200] [--rounds 2] [--threads 2]
+
+--task: hellaswag (4 short endings after a short context: the least a shared context can save) or
+truthfulqa_mc2 (several answers after a long 6-shot preamble: the most); any multiple-choice task works.
 
 Weights: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) exported once as an fp32 HF folder (cached
 under ~/.cache/llmkit/bench/), opened by both: llmkit.load(folder) and lm-eval's HFLM(pretrained=folder).
@@ -9,7 +12,7 @@ holding the query and choices its `hellaswag` task builds (llmkit.eval.tasks.mc 
 tests/test_eval_mc.py), so both score the same (context, " " + ending) pairs. Each side runs at its best
 batch size on this machine (measured 2026-11-30: llmkit 32 requests, lm-eval 16; lm-eval 32 and 64 are
 slower). Rounds alternate llmkit, lm-eval; the best round of each is compared. Both print acc and
-acc_norm, which must agree.
+acc_norm, which must agree (for mc2, lm-eval's side is a plain multiple-choice task: its acc differs).
 Needs lm-eval (pip install lm-eval==0.4.13; the test extras have it).
 """
 
@@ -24,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-HS = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "hellaswag" / "hellaswag_val.jsonl"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-TASK_YAML = """task: hellaswag_local
+TASK_YAML = """task: mc_local
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -56,16 +59,16 @@ def hf_folder() -> Path:
     return d
 
 
-def run_llmkit(folder: Path, items: int, batch_size: int) -> tuple[float, dict]:
+def run_llmkit(folder: Path, task: str, items: int, batch_size: int) -> tuple[float, dict]:
     import llmkit
     from llmkit.eval.backends import LocalBackend
     from llmkit.eval.runner import evaluate
 
     backend = LocalBackend(llmkit.load(folder, device="cpu", dtype="float32"), batch_size=batch_size)
     t = time.perf_counter()
-    res = evaluate(backend, ["hellaswag"], limit=items, cache=False, progress=False)
+    res = evaluate(backend, [task], limit=items, cache=False, progress=False)
     wall = time.perf_counter() - t
-    return wall, res["tasks"]["hellaswag"]["metrics"]
+    return wall, res["tasks"][task]["metrics"]
 
 
 def run_lmeval(folder: Path, items: int, batch_size: int, tasks_dir: Path) -> tuple[float, dict]:
@@ -76,15 +79,16 @@ def run_lmeval(folder: Path, items: int, batch_size: int, tasks_dir: Path) -> tu
     lm = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=batch_size)
     tm = TaskManager(include_path=str(tasks_dir))
     t = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=["hellaswag_local"], limit=items, task_manager=tm,
+    out = simple_evaluate(model=lm, tasks=["mc_local"], limit=items, task_manager=tm,
                           log_samples=False, verbosity="ERROR")
     wall = time.perf_counter() - t
-    r = out["results"]["hellaswag_local"]
+    r = out["results"]["mc_local"]
     return wall, {"acc": {"value": r["acc,none"]}, "acc_norm": {"value": r["acc_norm,none"]}}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="hellaswag", help="multiple-choice task (hellaswag, truthfulqa_mc2...)")
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=32, help="llmkit's: requests per forward (32)")
     ap.add_argument("--peer-batch-size", type=int, default=16, help="lm-eval's (16 is its best here)")
@@ -93,25 +97,25 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not HS.exists():
-        print(f"skipped: {HS} not found")
+    if not SHARED.is_dir():
+        print(f"skipped: {SHARED} not found")
         return 0
     folder = hf_folder()
     from llmkit.eval.base import get_task
 
     tasks_dir = Path(tempfile.mkdtemp(prefix="lmeval_tasks_"))
-    task = get_task("hellaswag")
+    task = get_task(args.task)
     with open(tasks_dir / "items.jsonl", "w", encoding="utf-8") as f:
-        for doc in task.docs()[: args.items]:
+        for doc in task.docs()[: args.items]:  # mc2 has several true answers: acc then means "picks #0"
             f.write(json.dumps({"query": task.prompt(doc), "choices": doc["choices"],
-                                "label": doc["target"]}) + "\n")
-    (tasks_dir / "hellaswag_local.yaml").write_text(TASK_YAML.format(data=tasks_dir / "items.jsonl"))
+                                "label": doc.get("target", 0)}) + "\n")
+    (tasks_dir / "mc_local.yaml").write_text(TASK_YAML.format(data=tasks_dir / "items.jsonl"))
     best = {"llmkit": float("inf"), "lm-eval": float("inf")}
     metrics = {}
     for r in range(args.rounds):
         for name in ("llmkit", "lm-eval"):
             if name == "llmkit":
-                wall, m = run_llmkit(folder, args.items, args.batch_size)
+                wall, m = run_llmkit(folder, args.task, args.items, args.batch_size)
             else:
                 wall, m = run_lmeval(folder, args.items, args.peer_batch_size, tasks_dir)
             best[name] = min(best[name], wall)
@@ -119,10 +123,10 @@ def main() -> int:
             print(f"round {r + 1} {name:8s} {args.items / wall:6.2f} items/s  ({wall:.1f} s)  "
                   f"{metrics[name]}", flush=True)
     ratio = best["lm-eval"] / best["llmkit"]
-    print(f"\nhellaswag, {args.items} items, batch {args.batch_size} / {args.peer_batch_size}, "
+    print(f"\n{args.task}, {args.items} items, batch {args.batch_size} / {args.peer_batch_size}, "
           f"{args.threads} threads, fp32 SmolLM2-135M-Instruct (Q4_1 GGUF dequantised):")
     for name in best:
-        print(f"  {name:8s} {args.items / best[name]:.2f} items/s   acc_norm {metrics[name].get('acc_norm')}")
+        print(f"  {name:8s} {args.items / best[name]:.2f} items/s   {metrics[name]}")
     print(f"  speed-up {ratio:.2f}x (goal >= 3x)")
     if args.json:
         Path(args.json).write_text(json.dumps({"items": args.items, "batch_size": args.batch_size,
