@@ -270,3 +270,30 @@ def test_peft_adapters_load_in_llmkit_and_back(tmp_path):
         load_adapter(model, tmp_path / "peft_adapter")
     with pytest.raises(LlmkitError, match="no adapter_config.json"):
         load_adapter(model, tmp_path)
+
+
+@pytest.mark.slow
+def test_merge_verb_writes_what_peft_merges(tmp_path, capsys, tiny_llama_dir):
+    """`llmkit merge BASE ADAPTER --to DIR`: transformers loads DIR with the logits of peft's own
+    merge_and_unload on the same adapter."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from llmkit.cli import main
+
+    base_dir = tiny_llama_dir
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                          target_modules=["k_proj", "o_proj", "up_proj"])
+    ref = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), cfg).eval()
+    ref.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = ref.merge_and_unload()(x).logits
+    assert main(["merge", str(base_dir), str(tmp_path / "adapter"), "--to", str(tmp_path / "merged")]) == 0
+    assert "merged" in capsys.readouterr().out
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got(x).logits, want, rtol=1e-4, atol=1e-4)
+    assert main(["merge", str(base_dir), str(tmp_path), "--to", str(tmp_path / "m2")]) == 1
+    assert "no adapter_config.json" in capsys.readouterr().err

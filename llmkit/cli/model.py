@@ -1,4 +1,4 @@
-"""Model verbs: `llmkit pull`, `llmkit inspect`, `llmkit export` (thin wrappers over hub, info and api)."""
+"""Model verbs: `llmkit pull`, `inspect`, `export`, `merge` (thin wrappers over hub, info, api and lora)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT folder) into a model; write an HF folder",
+                       description="Load MODEL in float32, apply ADAPTER (adapter_config.json + "
+                                   "adapter_model.safetensors, as peft writes them), fold W += (alpha / r) B "
+                                   "A into each wrapped weight, and write an HF folder transformers loads.")
+    p.add_argument("model", help="the base model: name, repo id or path")
+    p.add_argument("adapter", help="the adapter folder")
+    p.add_argument("--to", dest="out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.set_defaults(func=cmd_merge)
+
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from llmkit.hub import pull
@@ -71,4 +81,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     llm = load(args.model, device="cpu", dtype=args.dtype)
     out = llm.save_hf(args.out)
     print(f"wrote {out} ({llm.config.model_type}, {sum(p.numel() for p in llm.model.parameters()):,} params)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmkit.api import load
+    from llmkit.lora import merge_lora
+
+    llm = load(args.model, device="cpu", dtype="float32", adapter=args.adapter)
+    merged = merge_lora(llm.model)
+    if args.dtype != "float32":
+        from llmkit.device import resolve_dtype
+
+        llm.model.to(resolve_dtype(args.dtype, torch.device("cpu")))
+    out = llm.save_hf(args.out)
+    print(f"merged {len(merged)} adapted projections; wrote {out}")
     return 0
