@@ -297,3 +297,33 @@ def test_merge_verb_writes_what_peft_merges(tmp_path, capsys, tiny_llama_dir):
         torch.testing.assert_close(got(x).logits, want, rtol=1e-4, atol=1e-4)
     assert main(["merge", str(base_dir), str(tmp_path), "--to", str(tmp_path / "m2")]) == 1
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_with_adapter_equals_peft_greedy(tmp_path, capsys, tiny_llama_dir):
+    """`llmkit generate MODEL PROMPT --adapter DIR --temperature 0` prints what peft's model generates
+    greedily with the same adapter."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from llmkit.cli import main
+    from llmkit.tokenizer import Tokenizer
+
+    torch.manual_seed(3)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                          target_modules=["q_proj", "v_proj", "gate_proj"])
+    ref = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir), cfg).eval()
+    ref.save_pretrained(tmp_path / "adapter")
+    tok = Tokenizer.load(tiny_llama_dir)
+    prompt = "Il était une fois"
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                           do_sample=False)
+    want = tok.decode(out[0, ids.shape[1]:].tolist())
+    assert main(["generate", str(tiny_llama_dir), prompt, "--adapter", str(tmp_path / "adapter"),
+                 "--temperature", "0", "--max-tokens", "8"]) == 0
+    got = capsys.readouterr().out
+    assert want and want in got
+    assert main(["generate", str(tiny_llama_dir), prompt, "--temperature", "0", "--max-tokens", "8"]) == 0
+    assert want not in capsys.readouterr().out  # without the adapter: another text (the test can fail)

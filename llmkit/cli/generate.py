@@ -49,6 +49,7 @@ def _sampling_args(p: argparse.ArgumentParser, interactive: bool) -> None:
                    help="weight-only quantization at load")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT folder)")
 
 
 def _explicit(args) -> dict[str, Any]:
@@ -74,7 +75,8 @@ def _load(model: str | None, args):
     import llmkit
     from llmkit.hub import DEFAULT_MODEL
 
-    return llmkit.load(model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return llmkit.load(model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       adapter=getattr(args, "adapter", None))
 
 
 def cmd_generate(args) -> int:

@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; also $LLMKIT_API_KEY)")
     p.add_argument("--quantize", default=None, help="quantize the model's linear layers (e.g. int8)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT folder)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-batch", type=int, default=8, help="rows in the running batch")
@@ -114,7 +115,8 @@ def serve(args: argparse.Namespace) -> int:
     if os.environ.get("LLMKIT_API_KEY"):
         keys.append(os.environ["LLMKIT_API_KEY"])
     name = args.model or DEFAULT_MODEL
-    llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                      adapter=args.adapter)
     context = args.max_seq_len or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
                      max_seq_len=context, compile=args.compile, max_queue=args.max_queue,
