@@ -54,6 +54,15 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread, above all on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def out_dir(request) -> Path:
     """A per-test folder under test-output/ for artefacts worth looking at (screenshots, plots)."""
     d = ROOT / "test-output" / request.node.name

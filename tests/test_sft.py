@@ -33,12 +33,7 @@ CONV = [{"role": "system", "content": "Tu es utile."}, {"role": "user", "content
         {"role": "assistant", "content": QA[1][1]}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
