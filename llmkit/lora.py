@@ -3,6 +3,7 @@
     wrapped = apply_lora(model, r=8, alpha=16)   # wrap q/k/v/o/gate/up/down, freeze everything else
     ... train: only lora_A / lora_B have requires_grad ...
     merge_lora(model)                            # fold B @ A into float weights; wrappers gone
+    with adapters_disabled(model): ...           # the base model again (DPO / KL reference), no copy
 
 Notable choices:
 - `LoRALinear` wraps whatever module sits in the slot (nn.Linear, Int8Linear / Int4Linear, a FusedPart of a
@@ -18,9 +19,10 @@ Notable choices:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -47,13 +49,18 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.enabled = True  # False: the wrapper is its base (adapters_disabled)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """(alpha / r) * B(A(dropout(x))) (..., out_features), in x's dtype."""
+        """(alpha / r) * B(A(dropout(x))) (..., out_features), in x's dtype (zeros while disabled)."""
+        if not self.enabled:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
         return (self.lora_B(h) * self.scaling).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
         return self.base_layer(x) + self.delta(x)  # (..., out_features)
 
     def extra_repr(self) -> str:
@@ -63,6 +70,22 @@ class LoRALinear(nn.Module):
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """(qualified name, wrapper) of every LoRALinear in the model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model_or_llm) -> Iterator[nn.Module]:
+    """Within the block the model computes its base function (every LoRA update off), as PEFT's
+    `disable_adapter()`: the frozen reference of DPO / KL penalties without a second copy of the weights."""
+    model = _module(model_or_llm)
+    mods = [m for _, m in lora_modules(model)]
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, on in zip(mods, before):
+            m.enabled = on
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from test_model import CONFIGS, rand_ids, tiny
 
 from llmkit.errors import LlmkitError
-from llmkit.lora import TARGETS, LoRALinear, apply_lora, lora_modules, merge_lora
+from llmkit.lora import TARGETS, LoRALinear, adapters_disabled, apply_lora, lora_modules, merge_lora
 from llmkit.model import KVCache, Transformer
 from llmkit.model.layers import FusedPart, project
 from llmkit.quant import Int4Linear, Int8Linear, fuse_projections, quantize_model
@@ -186,6 +186,12 @@ def test_lora_matches_peft_on_a_transformers_model(tmp_path):
     assert not torch.allclose(want, base, atol=1e-3)  # the adapters do something
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_fused, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), adapters_disabled(model), ref.disable_adapter():  # the reference of DPO / KL
+        off, want_off = model(x), ref(x).logits
+    torch.testing.assert_close(off, want_off, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(off, base, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)  # back on after the block
 
 
 @pytest.mark.parametrize("kind", ["float", "int8"])
