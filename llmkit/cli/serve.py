@@ -1,10 +1,12 @@
-"""`llmkit serve [MODEL]`: an OpenAI-compatible server and the web chat for one model."""
+"""`llmkit serve [MODEL]`: an OpenAI-compatible server and the web chat for one model (and, with
+`--adapter NAME=PATH`, each LoRA adapter as a model id of its own beside it: llmkit.serve.adapters)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from collections.abc import Sequence
 
 DEFAULT_CONTEXT = 4096  # SmolLM2 has 8192: 8 rows x 8192 positions would hold 2.7 GB of fp32 KV cache
 
@@ -18,7 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; also $LLMKIT_API_KEY)")
     p.add_argument("--quantize", default=None, help="quantize the model's linear layers (e.g. int8)")
-    p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT folder)")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR|NAME=PATH",
+                   help="a LoRA adapter (PEFT folder): a plain DIR is applied to the model; NAME=PATH "
+                        "(repeatable) serves it as its own model id NAME beside the base, sharing the base "
+                        "weights (each id gets its own KV cache of max-batch x max-seq-len)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-batch", type=int, default=8, help="rows in the running batch")
@@ -44,11 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=serve)
 
 
-def banner(url: str, model: str, auth: bool) -> str:
+def banner(url: str, model: str, auth: bool, adapters: Sequence[str] = ()) -> str:
     key = 'os.environ["LLMKIT_API_KEY"]' if auth else '"none"'
     hdr = ' -H "Authorization: Bearer $LLMKIT_API_KEY"' if auth else ""
+    beside = f"\n  adapters  : {', '.join(adapters)}   (LoRA; pick one with \"model\")" if adapters else ""
     return f"""
-llmkit serving {model}
+llmkit serving {model}{beside}
   chat page : {url}/
   API       : {url}/v1   (OpenAI-compatible; api key: {"required" if auth else "not required"})
 
@@ -108,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
 
     import llmkit
     from llmkit.hub import DEFAULT_MODEL
+    from llmkit.serve.adapters import parse_adapter_args
     from llmkit.serve.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -115,13 +122,13 @@ def serve(args: argparse.Namespace) -> int:
     if os.environ.get("LLMKIT_API_KEY"):
         keys.append(os.environ["LLMKIT_API_KEY"])
     name = args.model or DEFAULT_MODEL
-    llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                      adapter=args.adapter)
+    plain, named = parse_adapter_args(args.adapter, name)  # every --adapter checked before anything loads
+    llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=plain)
     context = args.max_seq_len or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
                      max_seq_len=context, compile=args.compile, max_queue=args.max_queue,
-                     request_timeout=args.timeout, **guardrails(args))
+                     request_timeout=args.timeout, adapters=named, **guardrails(args))
     url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    print(banner(url, name, bool(keys)), flush=True)
+    print(banner(url, name, bool(keys), list(named)), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0

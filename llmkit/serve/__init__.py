@@ -9,6 +9,7 @@
 - responses.py  /v1/responses (stored conversations, events)
 - tokens.py     /tokenize, /detokenize, /tokenizer_info
 - scheduler.py  continuous batching: one engine thread, rows join and leave between decode steps
+- adapters.py   LoRA adapters served beside the base (`--adapter NAME=PATH`): shared base weights, a lane each
 - ratelimit.py  requests / tokens per minute per API key (429 + Retry-After)
 - store.py      SQLite store of responses (previous_response_id survives restarts)
 - metrics.py    Prometheus text for /metrics

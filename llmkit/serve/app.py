@@ -2,8 +2,13 @@
 
     app = create_app(llm, api_keys=["sk-..."])      # llm: llmkit.load(...) or anything with
     uvicorn.run(app, host="127.0.0.1", port=8000)   # .model, .tokenizer, .name
+    create_app(llm, adapters={"fr": "runs/sft/adapter"})  # + a LoRA adapter served as model id "fr"
 
 Notable choices:
+- One lane per served model id (the base, and each adapter of `adapters`, llmkit.serve.adapters): its own
+  Engine (KV cache), Scheduler (queue, engine thread) and Service. Every model-taking route resolves the
+  request's `model` with `Router.pick` (missing: the base; unknown: 404 model_not_found) and hands that
+  Service to the one endpoint function, so a request to an adapter takes the same path as one to the base.
 - Errors always have the OpenAI shape {"error": {"message", "type", "param", "code"}}: pydantic
   validation -> 400 naming the field (`param`), LlmkitError -> its status, unknown routes -> 404,
   anything else -> 500 with a generic message (the traceback goes to the log only). Starlette's own HTTP
@@ -27,8 +32,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,7 +61,7 @@ from llmkit.serve.responses import delete_response as run_delete_response
 from llmkit.serve.responses import get_response as run_get_response
 from llmkit.serve.responses import responses as run_responses
 from llmkit.serve.scheduler import Backend, EngineBackend, Scheduler
-from llmkit.serve.service import Service
+from llmkit.serve.service import Router, Service
 from llmkit.serve.store import ResponseStore
 
 log = logging.getLogger("llmkit.serve")
@@ -253,38 +259,62 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
                store_path: str | Path | None = None, model_name: str | None = None, max_batch: int = 8,
                max_seq_len: int | None = None, compile: bool = False,
                max_queue: int = 64, max_body_bytes: int = 4 << 20, request_timeout: float = 600.0,
-               log_requests: bool | str = False, guard=None, rate_limit: dict | None = None) -> FastAPI:
-    """The server for one loaded model. `backend` replaces the engine (tests); `llm` gives the tokenizer.
-    `guard`: "rules", "none" or a llmkit.generate.guard Guard (input/output moderation); `rate_limit`:
-    RateLimit keywords (requests_per_minute, tokens_per_minute) per API key; `log_requests`: True / "full" or
-    "redact" (no content in the log)."""
-    if backend is None:
-        from llmkit.generate.engine import Engine
+               log_requests: bool | str = False, guard=None, rate_limit: dict | None = None,
+               adapters: Mapping[str, str | os.PathLike[str]] | None = None) -> FastAPI:
+    """The server for one loaded model. `backend` replaces the base model's engine (tests); `llm` gives the
+    tokenizer. `adapters`: {model id: PEFT adapter folder}, each served as its own model id beside the base
+    (llmkit.serve.adapters: base weights shared, one engine and scheduler lane per id; `max_batch`,
+    `max_seq_len` and `max_queue` are per lane). `guard`: "rules", "none" or a llmkit.generate.guard Guard
+    (input/output moderation); `rate_limit`: RateLimit keywords (requests_per_minute, tokens_per_minute) per
+    API key; `log_requests`: True / "full" or "redact" (no content in the log)."""
+    base_id = model_name or llm.name
+    adapters = dict(adapters or {})
+    # one lane per model id: (id, model, backend or None, root, parent)
+    lanes = [(base_id, llm.model if backend is None else None, backend, getattr(llm, "name", base_id), None)]
+    if adapters:
+        from llmkit.serve.adapters import adapter_models, check_adapters
 
-        extra = {"compile": True} if compile else {}  # torch.compile'd decode steps (CUDA graphs on GPU)
-        engine = Engine(llm.model, max_batch=max_batch, max_seq_len=max_seq_len,
-                        stop_ids=sorted(llm.tokenizer.stop_ids), **extra)
-        backend = EngineBackend(engine)
+        check_adapters(adapters, base_id)
+        models = adapter_models(llm.model, adapters)
+        lanes += [(name, models[name], None, os.fspath(path), base_id) for name, path in adapters.items()]
     metrics = Metrics()
-    scheduler = Scheduler(backend, max_queue=max_queue, metrics=metrics)
-    service = Service(llm, scheduler, store=ResponseStore(store_path), metrics=metrics, model_name=model_name,
-                      request_timeout=request_timeout)
-    service.guard = get_guard(guard)
+    store = ResponseStore(store_path)
+    guard = get_guard(guard)
+    services = []
+    for lane_id, model, lane_backend, root, parent in lanes:
+        if lane_backend is None:
+            from llmkit.generate.engine import Engine
+
+            extra = {"compile": True} if compile else {}  # torch.compile'd decode steps (CUDA graphs on GPU)
+            engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len,
+                            stop_ids=sorted(llm.tokenizer.stop_ids), **extra)
+            lane_backend = EngineBackend(engine)
+        scheduler = Scheduler(lane_backend, max_queue=max_queue, metrics=metrics,
+                              lane=lane_id if parent else "")
+        svc = Service(llm, scheduler, store=store, metrics=metrics, model_name=lane_id,
+                      request_timeout=request_timeout, root=root, parent=parent)
+        svc.guard = guard
+        services.append(svc)
+    router = Router(services)
+    service, scheduler = router.base, router.base.scheduler
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        for sched in router.schedulers:
+            sched.start()
         try:
             yield
         finally:
-            scheduler.shutdown()
+            for sched in router.schedulers:
+                sched.shutdown()
 
     app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None,
-                  description="OpenAI-compatible API for one model (llmkit serve).")
+                  description="OpenAI-compatible API for one model and its LoRA adapters (llmkit serve).")
     app.openapi = lambda: _openapi(app, service.tokenizer.vocab_size)  # type: ignore[method-assign]
     bearer = HTTPBearer(auto_error=False, description="API key (when the server has keys): Bearer KEY")
     key = [Depends(bearer)]  # documentation only: the Auth middleware checks the key
-    app.state.service, app.state.scheduler, app.state.metrics = service, scheduler, metrics
+    app.state.service, app.state.scheduler, app.state.metrics = service, scheduler, metrics  # the base's
+    app.state.router = router
 
     @app.exception_handler(LlmkitError)
     async def _llmkit_error(request: Request, exc: LlmkitError):
@@ -334,28 +364,27 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
     @app.get("/v1/models", response_model=None, dependencies=key,
              responses=_replies(S.ModelList, 401, 500))
     async def models():
-        return service.models()
+        return router.models()
 
     @app.get("/v1/models/{model_id:path}", response_model=None, dependencies=key,
              responses=_replies(S.ModelCard, 401, 404, 500))
     async def model(model_id: str):
-        service.check_model(model_id)
-        return service.models()["data"][0]
+        return router.pick(model_id).card()
 
     @app.post("/v1/completions", response_model=None, dependencies=key,
               responses=_replies(S.CompletionResponse, *GENERATE, stream="text_completion"))
     async def completions(req: P.CompletionRequest, request: Request):
-        return await run(request, run_completions(service, req))
+        return await run(request, run_completions(router.pick(req.model), req))
 
     @app.post("/v1/chat/completions", response_model=None, dependencies=key,
               responses=_replies(S.ChatCompletionResponse, *GENERATE, stream="chat.completion.chunk"))
     async def chat(req: P.ChatCompletionRequest, request: Request):
-        return await run(request, chat_completions(service, req))
+        return await run(request, chat_completions(router.pick(req.model), req))
 
     @app.post("/v1/responses", response_model=None, dependencies=key,
               responses=_replies(S.ResponseObject, *GENERATE, stream="response"))
     async def responses(req: P.ResponsesRequest, request: Request):
-        return await run(request, run_responses(service, req))
+        return await run(request, run_responses(router.pick(req.model), req))
 
     @app.get("/v1/responses/{response_id}", response_model=None, dependencies=key,
              responses=_replies(S.ResponseObject, 401, 404, 500))
@@ -370,12 +399,12 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
     @app.post("/tokenize", response_model=None, dependencies=key,
               responses=_replies(S.TokenizeResponse, *TOKENIZER))
     async def tokenize(req: P.TokenizeRequest):
-        return await tokens.tokenize(service, req)
+        return await tokens.tokenize(router.pick(req.model), req)
 
     @app.post("/detokenize", response_model=None, dependencies=key,
               responses=_replies(S.DetokenizeResponse, *TOKENIZER))
     async def detokenize(req: P.DetokenizeRequest):
-        return await tokens.detokenize(service, req)
+        return await tokens.detokenize(router.pick(req.model), req)
 
     @app.get("/tokenizer_info", response_model=None, dependencies=key,
              responses=_replies(S.TokenizerInfo, 401, 500))
@@ -385,10 +414,14 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
     @app.get("/health", response_model=None, responses=_replies(
         S.Health, 500, extra={503: {"model": S.HealthError, "description": "The engine thread is down"}}))
     async def health():
-        if not scheduler.healthy():
-            return JSONResponse({"status": "error", "reason": "engine thread not running"}, status_code=503)
-        return {"status": "ok", "model": service.model_name, "running": scheduler.running,
-                "waiting": scheduler.queue_depth}
+        lanes = router.schedulers
+        down = [s.model_name for s in router.services.values() if not s.scheduler.healthy()]
+        if down:
+            which = f" ({', '.join(down)})" if len(lanes) > 1 else ""
+            return JSONResponse({"status": "error", "reason": "engine thread not running" + which},
+                                status_code=503)
+        return {"status": "ok", "model": service.model_name, "running": sum(s.running for s in lanes),
+                "waiting": sum(s.queue_depth for s in lanes)}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text format",
@@ -396,7 +429,8 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
         500: {"description": ERROR_TEXT[500], "content": {  # not text/plain, as a model here would say
             "application/json": {"schema": ERROR_REF}}}})
     async def prometheus():
-        metrics.set_load(scheduler.queue_depth, scheduler.running)
+        for sched in router.schedulers:
+            metrics.set_load(sched.queue_depth, sched.running, sched.lane)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)

@@ -1,8 +1,9 @@
 """Prometheus metrics for the server, written in the text exposition format by hand (no dependency).
 
 Counters: requests by route and status, prompt and generated tokens. Gauges: queue depth and running
-rows. Histograms: time to first token and end-to-end latency (seconds). Everything is guarded by one
-lock: updates are a few additions, far cheaper than a decode step.
+rows (summed over the model lanes: the base and each served adapter have their own scheduler).
+Histograms: time to first token and end-to-end latency (seconds). Everything is guarded by one lock: updates
+are a few additions, far cheaper than a decode step.
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.cached_tokens = 0
-        self.queue_depth = 0
-        self.running = 0
+        self.load: dict[str, tuple[int, int]] = {}  # lane (model id) -> (queue depth, running rows)
         self.ttft = Histogram()
         self.latency = Histogram()
 
@@ -58,9 +58,17 @@ class Metrics:
         with self.lock:
             self.latency.observe(seconds)
 
-    def set_load(self, queue_depth: int, running: int) -> None:
+    def set_load(self, queue_depth: int, running: int, lane: str = "") -> None:
         with self.lock:
-            self.queue_depth, self.running = queue_depth, running
+            self.load[lane] = (queue_depth, running)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(q for q, _ in self.load.values())
+
+    @property
+    def running(self) -> int:
+        return sum(r for _, r in self.load.values())
 
     def render(self) -> str:
         """The Prometheus text exposition (version 0.0.4)."""

@@ -152,12 +152,16 @@ def answer_limit(max_tokens: int, asked: int | None, defaults: dict[str, Any] | 
     return min(max_tokens, default) if asked is None and default else max_tokens
 
 
-def model_card(model_id: str, created: int, max_model_len: int, defaults: dict[str, Any] | None) -> dict:
-    """A /v1/models entry; llmkit adds `generation_defaults` (the model's, used for unset request fields)
-    and `chat_defaults` (those plus the interactive loop guard: what the web page sends)."""
+def model_card(model_id: str, created: int, max_model_len: int, defaults: dict[str, Any] | None, *,
+               root: str | None = None, parent: str | None = None) -> dict:
+    """A /v1/models entry; `root` / `parent` as vLLM fills them (base: root = the model as given, parent
+    None; a LoRA adapter: root = its path, parent = the base id); llmkit adds `generation_defaults` (the
+    model's, used for unset request fields) and `chat_defaults` (those plus the interactive loop guard: what
+    the web page sends)."""
     from llmkit.generate.defaults import interactive_defaults
 
     return {"id": model_id, "object": "model", "created": created, "owned_by": "llmkit",
+            "root": root, "parent": parent,
             "max_model_len": max_model_len, "generation_defaults": dict(defaults or {}),
             "chat_defaults": interactive_defaults(defaults or {})}
 

@@ -141,8 +141,9 @@ def _deliver(items: list[tuple[Job, Any]]) -> None:
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, *, max_queue: int = 64, metrics=None):
+    def __init__(self, backend: Backend, *, max_queue: int = 64, metrics=None, lane: str = ""):
         self.backend = backend
+        self.lane = lane  # the model id this scheduler serves (metrics gauges, thread name)
         self.max_queue = max_queue
         self.metrics = metrics
         self._waiting: deque[Job] = deque()
@@ -157,7 +158,8 @@ class Scheduler:
     def start(self) -> None:
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="llmkit-engine", daemon=True)
+            name = f"llmkit-engine-{self.lane}" if self.lane else "llmkit-engine"
+            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
             self._thread.start()
 
     def shutdown(self) -> None:
@@ -242,7 +244,7 @@ class Scheduler:
 
     def _publish_load(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_load(len(self._waiting), len(self._running))
+            self.metrics.set_load(len(self._waiting), len(self._running), self.lane)
 
     def _loop(self) -> None:
         while True:

@@ -34,6 +34,8 @@ class ModelCard(_Out):
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str | None = Field(None, description="the base: the model as given; a LoRA adapter: its path")
+    parent: str | None = Field(None, description="a LoRA adapter: the id of its base model; else null")
     max_model_len: int = Field(ge=1)
     generation_defaults: dict[str, Any]
     chat_defaults: dict[str, Any]

@@ -1,6 +1,8 @@
 """What the endpoints share, between the thin FastAPI routes and the scheduler.
 
-`Service` holds the model's tokenizer, the scheduler, the response store and the metrics. An endpoint
+`Service` holds the model's tokenizer, the scheduler, the response store and the metrics; `Router` maps
+each served model id (the base, and each LoRA adapter served beside it) to its Service, and the routes
+hand the picked Service to the one endpoint function of their route. An endpoint
 module (completions.py, chat.py, responses.py, tokens.py) turns a validated request into token ids and
 per-row logits processors (llmkit.generate.request: the same code as `llm.chat`), submits one job per
 sample, and turns the jobs' events into OpenAI objects or SSE chunks through `Service.run` / `Service.pump`.
@@ -49,14 +51,19 @@ def sse(obj: Any, event: str | None = None) -> str:
 
 
 class Service:
+    """One served model id: its scheduler (lane) and what its endpoints share (tokenizer, sampling
+    defaults, response store, metrics). A served LoRA adapter is a Service of its own (`parent` = the base
+    id); the tokenizer, defaults, store and metrics are the base's."""
+
     def __init__(self, llm, scheduler: Scheduler, *, store=None, metrics=None, model_name: str | None = None,
-                 request_timeout: float = 600.0):
+                 request_timeout: float = 600.0, root: str | None = None, parent: str | None = None):
         self.tokenizer = llm.tokenizer
         self.defaults: dict[str, Any] = dict(getattr(llm, "generation_defaults", None) or {})
         self.scheduler = scheduler
         self.store = store
         self.metrics = metrics
         self.model_name = model_name or llm.name
+        self.root, self.parent = root, parent  # /v1/models card fields (vLLM's)
         self.context = scheduler.backend.max_seq_len
         self.timeout = request_timeout
         self.created = int(time.time())
@@ -67,9 +74,10 @@ class Service:
             raise LlmkitError(f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
                               status=404, code="model_not_found", param="model")
 
-    def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [P.model_card(self.model_name, self.created, self.context,
-                                                        self.defaults)]}
+    def card(self) -> dict[str, Any]:
+        """This model's /v1/models entry."""
+        return P.model_card(self.model_name, self.created, self.context, self.defaults, root=self.root,
+                            parent=self.parent)
 
     def budget(self, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:
         """max_tokens checked against the context (None = the rest of the context)."""
@@ -193,3 +201,32 @@ class Service:
             if not task.done():
                 task.cancel()
                 self.scheduler.cancel_jobs(jobs)
+
+
+class Router:
+    """The served model ids -> their Service: the base first, then each LoRA adapter (llmkit.serve.adapters).
+
+    `pick(model)` is the one place a request's `model` is resolved: empty or missing -> the base (as before
+    adapters existed), a served id -> its Service, anything else -> 404 model_not_found (param "model")."""
+
+    def __init__(self, services: list[Service]):
+        self.base = services[0]
+        self.services = {s.model_name: s for s in services}
+
+    def pick(self, model: str | None) -> Service:
+        if not model:
+            return self.base
+        svc = self.services.get(model)
+        if svc is None:
+            served = ", ".join(f"`{m}`" for m in self.services)
+            raise LlmkitError(f"The model `{model}` does not exist (this server serves {served})",
+                              status=404, code="model_not_found", param="model")
+        return svc
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [s.card() for s in self.services.values()]}
+
+    @property
+    def schedulers(self) -> list[Scheduler]:
+        return [s.scheduler for s in self.services.values()]
+
