@@ -14,8 +14,8 @@ import sys
 
 from llmkit.errors import LlmkitError
 
-VERB_MODULES = ("tokenizer", "tokenizer_train", "model", "generate", "train", "sft", "dpo", "reward", "rl", "serve", "eval",
-                "bench")
+VERB_MODULES = ("tokenizer", "tokenizer_train", "model", "generate", "train", "sft", "dpo", "reward", "rl",
+                "serve", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """Verb `sft`: supervised fine-tuning on chat data (full, LoRA or QLoRA); a thin wrapper over
-llmkit.train.sft.sft. LoRA runs end with OUT/adapter (PEFT format), full runs with OUT/hf."""
+llmkit.train.sft.sft. LoRA runs end with OUT/adapter (PEFT format), full runs with OUT/hf.
+`torchrun --nproc-per-node N -m llmkit sft ... [--parallel fsdp]` trains on N processes (DDP by default)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parallel", default="auto", choices=("auto", "ddp", "fsdp"),
+                   help="under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp; --batch-size is global")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -67,7 +70,7 @@ def _sft(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size,
         lr=args.lr if args.lr is not None else (2e-4 if lora else 2e-5), warmup=args.warmup,
         eval_every=args.eval_every, save_every=args.save_every, time_budget=args.time_budget,
-        dtype=args.dtype, device=args.device, seed=args.seed, threads=args.threads,
+        dtype=args.dtype, device=args.device, seed=args.seed, threads=args.threads, parallel=args.parallel,
         progress=not args.no_progress,
     )
     out = sft(
@@ -76,5 +79,8 @@ def _sft(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout, lora_targets=targets, qlora=args.qlora, packed=not args.no_pack,
         resume=args.resume, sample_prompts=args.sample_prompt, sample_tokens=args.sample_tokens,
     )
-    print(f"run in {out}: " + ("adapter in adapter/" if lora else "model in hf/"))
+    from llmkit.train.trainer import distributed
+
+    if distributed()[0] == 0:
+        print(f"run in {out}: " + ("adapter in adapter/" if lora else "model in hf/"))
     return 0

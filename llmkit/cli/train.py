@@ -1,7 +1,7 @@
 """Verbs `prepare` (corpus -> tokenizer + token shards) and `pretrain` (shards -> trained model).
 
 Thin wrappers over llmkit.train.data.prepare and llmkit.train.pretrain.pretrain; run
-`torchrun --nproc_per_node N -m llmkit pretrain ...` for DistributedDataParallel.
+`torchrun --nproc_per_node N -m llmkit pretrain ... [--parallel fsdp]` for DDP (default) or FSDP2.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--parallel", default="auto", choices=("auto", "ddp", "fsdp"),
+                   help="under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp")
     t.add_argument("--sample-prompt", default=None, help="fixed prompt for samples (default: start of val)")
     t.add_argument("--sample-tokens", type=int, default=96)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -119,6 +121,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         threads=args.threads,
+        parallel=args.parallel,
         time_budget=args.time_budget,
         progress=not args.no_progress,
     )

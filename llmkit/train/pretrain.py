@@ -35,7 +35,7 @@ from llmkit.tokenizer.chat import CHATML_TEMPLATE
 from llmkit.train.data import TokenBatches, TokenData, batched, eval_windows, separator_id
 from llmkit.train.losses import lm_loss
 from llmkit.train.presets import preset as get_preset
-from llmkit.train.trainer import TrainConfig, Trainer, distributed, seed_everything
+from llmkit.train.trainer import TrainConfig, Trainer, distributed, init_distributed, seed_everything
 
 
 def build_config(
@@ -51,19 +51,6 @@ def build_config(
         return ModelConfig.from_dict(fields)
     except TypeError as e:
         raise LlmkitError(f"bad model settings: {e}") from None
-
-
-def init_distributed(cfg: TrainConfig) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        cfg.device = f"cuda:{local}"
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
 
 
 @torch.no_grad()
@@ -197,16 +184,18 @@ def pretrain(
     if resume:
         trainer.resume()
     history = trainer.fit(stop_after=stop_after)
-    if export and rank == 0 and trainer.finished:
+    if export and trainer.finished:
         from llmkit.checkpoint.hf import save_hf_dir
 
-        save_hf_dir(
-            trainer.raw_model,
-            mc,
-            tok,
-            out / "hf",
-            chat_template=getattr(tok, "chat_template", None) or CHATML_TEMPLATE,
-        )
+        with trainer.gathered() as whole:  # FSDP: whole weights on every rank; rank 0 writes
+            if rank == 0:
+                save_hf_dir(
+                    whole,
+                    mc,
+                    tok,
+                    out / "hf",
+                    chat_template=getattr(tok, "chat_template", None) or CHATML_TEMPLATE,
+                )
     if world > 1:
         dist.barrier()
     return history

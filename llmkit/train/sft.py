@@ -18,7 +18,10 @@ Notable choices
   right-padded (pad targets -100). Either way an example longer than block_size + 1 tokens is truncated
   to it, and the number truncated is reported.
 - Batches are drawn from a seeded permutation per epoch; the state is (epoch, position), so a resumed run
-  draws the same rows as an uninterrupted one (the Trainer's exact resume). Single process only for now.
+  draws the same rows as an uninterrupted one (the Trainer's exact resume). Under torchrun the batch is
+  global: each of W processes keeps rows idx[rank::W] of it, so W processes train on the rows one process
+  does (same losses, DDP or FSDP2); the held-out rows are split over ranks and their sums all-reduced;
+  only rank 0 samples, prints and writes.
 - Modes: full fine-tuning; LoRA (`lora_r`: `apply_lora` freezes the base, the Trainer then checkpoints only
   the adapters); QLoRA (`qlora="int4"|"int8"`: `quantize_model` first, then LoRA on the quantized base).
   The model is loaded in float32 (bf16 autocast on CUDA comes from the Trainer), adapters are float32.
@@ -41,12 +44,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from llmkit.device import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.lora import TARGETS
 from llmkit.train.losses import IGNORE_INDEX, lm_loss
-from llmkit.train.trainer import TrainConfig, Trainer, seed_everything
+from llmkit.train.trainer import TrainConfig, Trainer, distributed, init_distributed, seed_everything
 
 FORMATS = ("auto", "messages", "alpaca", "oasst")
 ROLES = ("system", "user", "assistant")
@@ -222,7 +226,8 @@ def pack(examples: Iterable[tuple[list[int], list[int]]], block_size: int, *, pa
 
 
 class RowBatches:
-    """`batch_size` rows per call from a seeded permutation per epoch; state (epoch, pos) for exact resume."""
+    """`batch_size` rows per call (the global batch: this rank keeps idx[rank::world]) from a seeded
+    permutation per epoch; state (epoch, pos) for exact resume, the same on every rank."""
 
     def __init__(self, data: Packed, batch_size: int, seed: int = 0):
         self.data, self.batch_size, self.seed = data, batch_size, seed
@@ -240,8 +245,9 @@ class RowBatches:
             self.pos += len(take)
             if self.pos >= len(perm):
                 self.epoch, self.pos = self.epoch + 1, 0
-        sel = torch.tensor(idx)
-        return self.data.x[sel].to(device), self.data.y[sel].to(device)  # (B, T), (B, T)
+        rank, world = distributed()
+        sel = torch.tensor(idx[rank::world])
+        return self.data.x[sel].to(device), self.data.y[sel].to(device)  # (B/W, T), (B/W, T)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -254,14 +260,20 @@ class RowBatches:
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, data: Packed, batch_size: int, device: torch.device
                   ) -> dict[str, float]:
-    """Held-out loss (nats per trained token) and perplexity over every row of `data`."""
+    """Held-out loss (nats per trained token) and perplexity over every row of `data` (rows split over the
+    ranks, sums all-reduced)."""
+    rank, world = distributed()
     was = model.training
     model.eval()
-    total = count = 0.0
-    for i in range(0, len(data.x), batch_size):
-        s, n = lm_loss(model, (data.x[i:i + batch_size].to(device), data.y[i:i + batch_size].to(device)))
-        total, count = total + float(s), count + float(n)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, trained tokens)
+    x, y = data.x[rank::world], data.y[rank::world]  # (N/W, T)
+    for i in range(0, len(x), batch_size):
+        s, n = lm_loss(model, (x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)))
+        sums += torch.stack([s.double(), n.double()])
+    if world > 1:
+        dist.all_reduce(sums)
     model.train(was)
+    total, count = float(sums[0]), float(sums[1])
     loss = total / max(count, 1.0)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
@@ -328,6 +340,7 @@ def sft(
     cfg = cfg or TrainConfig(**{"warmup": 10, "lr": 2e-4 if (lora_r or qlora) else 2e-5, **train})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rank, _ = init_distributed(cfg)  # under torchrun: join the group (and pick this rank's GPU) first
     if qlora not in (None, "int4", "int8"):
         raise LlmkitError(f"--qlora {qlora!r}: choose int4 or int8")
     if qlora and lora_r is None:
@@ -360,7 +373,7 @@ def sft(
 
     def evaluate(m: torch.nn.Module, final: bool) -> dict[str, Any]:
         res: dict[str, Any] = evaluate_loss(m, val_rows, eval_bs, device) if val_rows is not None else {}
-        if sample_prompts and sample_tokens > 0:
+        if sample_prompts and sample_tokens > 0 and rank == 0:
             answers = greedy_answers(m, tok, sample_prompts, sample_tokens)
             res["samples"] = dict(zip(sample_prompts, answers))
             res["sample"] = answers[0]
@@ -384,8 +397,9 @@ def sft(
         "packed": packed,
         "parameters": {"trainable": n_train, "total": n_all},
     }
-    atomic_write_json(out / "run.json", info, default=str)
-    if cfg.progress:
+    if rank == 0:
+        atomic_write_json(out / "run.json", info, default=str)
+    if cfg.progress and rank == 0:
         print(f"sft ({info['mode']}): {n_train:,} of {n_all:,} parameters train; {len(train_convs)} train / "
               f"{len(val_convs)} val conversations -> {len(train_rows.x)} rows of {cfg.block_size} tokens; "
               f"{info['truncated']} truncated")
@@ -393,8 +407,11 @@ def sft(
         trainer.resume()
     trainer.fit(stop_after=stop_after)
     if export and trainer.finished:
-        if lora_r:
-            save_adapter(net, out / "adapter", base_model=str(getattr(llm, "name", None) or model))
-        else:
-            llm.save_hf(out / "hf")
+        with trainer.gathered():  # FSDP: whole weights (every rank enters), rank 0 writes
+            if rank == 0 and lora_r:
+                save_adapter(net, out / "adapter", base_model=str(getattr(llm, "name", None) or model))
+            elif rank == 0:
+                llm.save_hf(out / "hf")
+    if dist.is_initialized():
+        dist.barrier()  # the run folder is complete when any rank returns
     return out

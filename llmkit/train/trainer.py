@@ -3,8 +3,9 @@
 `Trainer(model, loss_fn, batches, cfg, run_dir)` runs AdamW over the parameters that require grad
 (weight decay on Linear matrices only, not on biases, norms or embeddings), linear warmup + cosine decay
 to `min_lr`, gradient accumulation, clipping, bf16 autocast (CUDA default, CPU optional), optional
-torch.compile and DistributedDataParallel. `loss_fn(model, batch) -> (sum of losses, items)` is all a
-stage supplies (llmkit.train.losses); `batches` is any object with `next(device)`, `state_dict()` and
+torch.compile, and under torchrun DistributedDataParallel or FSDP2 (`cfg.parallel`). `loss_fn(model,
+batch) -> (sum of losses, items)` is all a stage supplies (llmkit.train.losses); `batches` is any object
+with `next(device)`, `state_dict()` and
 `load_state_dict()`; `evaluate(model, final) -> dict` is an optional hook called every `eval_every` steps
 and at the end. An optional frozen `ref_model` (eval mode, no grad, never optimized or saved) is passed
 to the loss as `loss_fn(model, batch, ref_model=ref)` for DPO and KL penalties.
@@ -30,6 +31,31 @@ Notable choices
   every Linear, lm_head included) + 12 * layers * attention width * block (PaLM appendix B).
 - Evaluation and sampling never touch the global RNG (samples use their own seeded generator), so
   periodic evals do not change the training trajectory.
+
+Distributed (`torchrun --nproc-per-node N -m llmkit sft ...`)
+- `init_distributed(cfg)` joins the torchrun process group (gloo on CPU, NCCL on CUDA with GPU LOCAL_RANK
+  made current); stages call it first, and the Trainer calls it again (a no-op once joined). Every batch
+  source draws the GLOBAL batch (`batch_size` rows) and keeps its rows `idx[rank::world]`, so N processes
+  train on exactly the rows of one process; only rank 0 prints or writes.
+- `cfg.parallel`: "ddp" (DistributedDataParallel), "fsdp" (FSDP2: `fully_shard` on every transformer block,
+  then on the root; parameters, gradients and AdamW states are DTensor shards), "auto" = ddp when the world
+  has more than one process. Frozen and trainable parameters may share a block (LoRA): FSDP2 all-gathers
+  both and reduce-scatters only the gradients that exist. bf16 comes from autocast in both modes (fp32
+  master weights, the same numerics as DDP); no MixedPrecisionPolicy.
+- Both DDP and FSDP2 average gradients over ranks, so a micro-batch backpropagates total * W / S and the
+  rescale by S / N after the all-reduced count makes the step's gradient d(sum over all ranks)/N exactly,
+  as in one process. Under FSDP the rescale runs on the local shards; clip_grad_norm_ reduces the DTensor
+  shard norms to the global norm.
+- One checkpoint format for every mode: the single file of a 1-process run (full tensors under the module's
+  parameter names, optimizer state keyed by parameter index). Under FSDP every rank gathers each tensor
+  (`DTensor.full_tensor`, one tensor at a time, copied to CPU) and rank 0 writes; on resume each rank
+  keeps its own shard of the full tensors (`distribute_tensor(src_data_rank=None)`: no communication).
+  So a run resumes in any mode and world size (1 -> 2 processes, DDP -> FSDP, ...).
+- Evaluation, sampling and exports see the whole model: `gathered(model)` (`trainer.gathered()`; every
+  rank enters it) all-gathers every FSDP shard once and keeps the weights whole until the block ends (no
+  collective in its forwards), so rank-dependent work (samples on rank 0, rank-strided evals, rollouts of
+  different lengths) runs as under DDP. The evaluate hook always runs inside it. Inside, read parameters
+  (named_parameters, module attributes), not `state_dict()` (FSDP2 answers with shards).
 """
 
 from __future__ import annotations
@@ -39,8 +65,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +82,7 @@ from llmkit.errors import LlmkitError
 from llmkit.io import atomic_path, atomic_torch_save, atomic_write_text
 from llmkit.train.losses import LossSum, unwrap
 
+PARALLEL = ("auto", "ddp", "fsdp")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CURVE = "loss.png"
@@ -80,6 +108,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     threads: int | None = None
+    parallel: str = "auto"  # with torchrun: auto (= ddp when world > 1) | ddp | fsdp (FSDP2 fully_shard)
     time_budget: float | None = None  # seconds: stop then, and run the LR schedule over time instead of steps
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings, saved with the checkpoint
@@ -232,6 +261,120 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def init_distributed(cfg: TrainConfig | None = None, timeout: float | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): gloo on CPU, NCCL on
+    CUDA with GPU LOCAL_RANK made current (and `cfg.device` set to it). Returns (rank, world_size); outside
+    torchrun, or once joined, it only returns them. `timeout`: seconds a collective may wait (torch's
+    default otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return distributed()
+    device = resolve_device(cfg.device if cfg is not None else "auto")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        if cfg is not None:
+            cfg.device = str(device)
+    if not dist.is_initialized():
+        import datetime
+
+        wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device, **wait)  # bound to this GPU (barriers too)
+        elif dist.is_gloo_available():
+            dist.init_process_group("gloo", **wait)
+        else:
+            raise LlmkitError("torchrun on CPU needs the gloo backend, which this torch build lacks")
+    return distributed()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over every rank (a new tensor on t's device; with NCCL the sum runs on this rank's GPU),
+    or `t` itself in one process. Every rank must call it: for statistics a stage keeps per rank."""
+    if distributed()[1] == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.detach().to(dev, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def resolve_parallel(parallel: str, world: int) -> str:
+    """cfg.parallel -> "none" (one process), "ddp" or "fsdp"."""
+    if parallel not in PARALLEL:
+        raise LlmkitError(f"--parallel {parallel!r}: choose one of {', '.join(PARALLEL)}")
+    if world <= 1:
+        return "none"
+    return "ddp" if parallel == "auto" else parallel
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int) -> None:
+    """FSDP2: `fully_shard` every transformer block (llmkit Blocks, else the entries of `layers` lists),
+    then the root (embeddings, final norm, head and whatever else is left), in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from llmkit.model.transformer import Block
+
+    mesh = init_device_mesh(device.type, (world,))
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        blocks = [b for n, m in model.named_modules() if n.rpartition(".")[2] in ("layers", "h")
+                  and isinstance(m, nn.ModuleList) for b in m]
+    for b in blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 shard), without importing torch.distributed.tensor (seconds)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with whole weights on every rank for the block. Under FSDP2 (an FSDP root) every rank must
+    enter it: each FSDP module is all-gathered once and kept whole (its forwards then communicate nothing,
+    so ranks may run different work: samples on rank 0, rollouts of different lengths), and resharded at
+    the end. Read parameters inside (named_parameters, attributes), not `state_dict()` (FSDP2 answers with
+    shards). Any other module, or one already gathered (nested blocks), is yielded as is."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not isinstance(model, fsdp.FSDPModule) or id(model) in _GATHERED:
+        yield model
+        return
+    mods = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    _GATHERED.add(id(model))
+    try:
+        yield model
+    finally:
+        _GATHERED.discard(id(model))
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # fully_shard's default
+
+
+_GATHERED: set[int] = set()  # ids of FSDP roots inside `gathered`
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole tensor (a DTensor is all-gathered: every rank must call this)."""
+    if is_dtensor(t):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like`: this rank's shard when `like` is a DTensor (no communication)."""
+    if is_dtensor(like) and full.shape == like.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return full
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(
@@ -248,8 +391,12 @@ class Trainer:
     ):
         self.cfg, self.loss_fn, self.batches, self.evaluate = cfg, loss_fn, batches, evaluate
         self.run_dir = Path(run_dir)
-        self.rank, self.world = distributed()
+        self.rank, self.world = init_distributed(cfg)  # a no-op unless torchrun started this process
+        self.parallel = resolve_parallel(cfg.parallel, self.world)  # none | ddp | fsdp
         self.is_main = self.rank == 0
+        if cfg.batch_size < self.world:
+            raise LlmkitError(f"--batch-size {cfg.batch_size} is global: it must be at least the number of "
+                              f"processes ({self.world})")
         self.device = resolve_device(cfg.device)
         self.amp = autocast_dtype(cfg, self.device)
         self.model_config = model_config
@@ -260,10 +407,13 @@ class Trainer:
         named = list(self.raw_model.named_parameters())  # a tied tensor once, under its first name
         self.trainable = [n for n, p in named if p.requires_grad]
         self.frozen = len(self.trainable) < len(named)  # checkpoints then hold only the trainable ones
+        if not self.trainable:
+            raise LlmkitError("nothing to train: every parameter has requires_grad=False")
+        self.flops_per_token = model_flops_per_token(self.raw_model, cfg.block_size)
+        if self.parallel == "fsdp":  # before the optimizer: fully_shard replaces the parameters by DTensors
+            shard_model(self.raw_model, self.device, self.world)
         groups = param_groups(self.raw_model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        if not self.params:
-            raise LlmkitError("nothing to train: every parameter has requires_grad=False")
         self.step_tokens = cfg.batch_size * cfg.grad_accum * cfg.block_size  # nominal, all ranks
         self.opt = torch.optim.AdamW(
             groups,
@@ -275,8 +425,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: cfg.lr_at(s, self.time_frac) / cfg.lr
         )
-        self.model: nn.Module = self.raw_model
-        if self.world > 1:
+        self.model: nn.Module = self.raw_model  # under FSDP the root itself (fully_shard works in place)
+        if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(
@@ -287,19 +437,19 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
-        self.flops_per_token = model_flops_per_token(self.raw_model, cfg.block_size)
         self.peak_flops: float | None = None
         self.finished = False
         self.t_start = time.perf_counter()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint (full tensors on CPU; under FSDP a collective: every rank must call it)."""
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "model": self.model_state(),
             "trainable_only": self.frozen,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": self.optimizer_state(),
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(),
             "data": self.batches.state_dict(),
@@ -308,11 +458,23 @@ class Trainer:
         }
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The full state_dict, or only the trainable parameters when some are frozen."""
+        """The full state_dict, or only the trainable parameters when some are frozen (whole tensors)."""
         if not self.frozen:
-            return self.raw_model.state_dict()
-        params = dict(self.raw_model.named_parameters())
-        return {n: params[n].detach() for n in self.trainable}
+            sd = self.raw_model.state_dict()
+        else:
+            params = dict(self.raw_model.named_parameters())
+            sd = {n: params[n] for n in self.trainable}
+        if self.parallel != "fsdp":
+            return {n: t.detach() for n, t in sd.items()}
+        return {n: full_tensor(t) for n, t in sd.items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """`opt.state_dict()` with whole tensors (the FSDP shards of each AdamW state all-gathered)."""
+        sd = self.opt.state_dict()
+        if self.parallel == "fsdp":
+            sd["state"] = {i: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                           for i, st in sorted(sd["state"].items())}
+        return sd
 
     def load_model_state(self, ck: dict[str, Any]) -> None:
         """Load a checkpoint's weights; a trainable-only one must name exactly this model's trainable set."""
@@ -322,7 +484,7 @@ class Trainer:
                     "--resume: the checkpoint trained every parameter but this model freezes some; "
                     "freeze the same parameters as the saved run"
                 )
-            self.raw_model.load_state_dict(ck["model"])
+            self.raw_model.load_state_dict(self._shard_state(ck["model"]))
             return
         missing = [n for n in self.trainable if n not in ck["model"]]
         extra = [n for n in ck["model"] if n not in set(self.trainable)]
@@ -332,17 +494,37 @@ class Trainer:
                 f"{name_list(missing)}; unexpected: {name_list(extra)}); freeze the same parameters"
             )
         try:
-            self.raw_model.load_state_dict(ck["model"], strict=False)
+            self.raw_model.load_state_dict(self._shard_state(ck["model"]), strict=False)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1].strip()
             raise LlmkitError(f"--resume: the checkpoint does not fit this model ({first})") from None
 
+    def _shard_state(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors -> this rank's shards of the FSDP parameters they load into (others unchanged)."""
+        if self.parallel != "fsdp":
+            return sd
+        mine = self.raw_model.state_dict()
+        return {n: shard_like(t, mine[n]) if n in mine else t for n, t in sd.items()}
+
+    def load_optimizer_state(self, sd: dict[str, Any]) -> None:
+        """Load an `optimizer_state()`: states sharded like their parameters under FSDP; this optimizer keeps
+        its own implementation flags (fused / foreach), whatever the saving run used."""
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        sd = {**sd, "state": {int(i): {k: shard_like(v, params[int(i)]) if isinstance(v, torch.Tensor) else v
+                                       for k, v in st.items()} for i, st in sd["state"].items()},
+              "param_groups": [{**saved, **{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}}
+                               for saved, g in zip(sd["param_groups"], self.opt.param_groups)]}
+        self.opt.load_state_dict(sd)
+
     def save(self) -> None:
-        if self.is_main:
-            save_checkpoint(self.state_dict(), self.run_dir / CHECKPOINT)
+        """Write the checkpoint from rank 0 (under FSDP every rank takes part in gathering it)."""
+        if self.is_main or self.parallel == "fsdp":
+            state = self.state_dict()
+            if self.is_main:
+                save_checkpoint(state, self.run_dir / CHECKPOINT)
 
     def resume(self) -> None:
-        """Load run_dir/checkpoint.pt and continue exactly where it stopped."""
+        """Load run_dir/checkpoint.pt and continue exactly where it stopped (every rank reads the file)."""
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
             raise LlmkitError(f"--resume: no {CHECKPOINT} in {self.run_dir}; start without --resume")
@@ -359,13 +541,18 @@ class Trainer:
                 f"--resume: the checkpoint's model differs in {', '.join(diff)}; use the same settings"
             )
         self.load_model_state(ck)
-        self.opt.load_state_dict(ck["optimizer"])
+        self.load_optimizer_state(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.batches.load_state_dict(ck["data"])
         set_rng_state(ck["rng"])
         self.step, self.tokens_seen = int(ck["step"]), int(ck["tokens_seen"])
         if self.is_main:
             self._truncate_metrics()
+
+    def gathered(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """`gathered(self.raw_model)`: the trained module with whole weights for the block (evaluation,
+        samples, exports); under FSDP every rank must enter it."""
+        return gathered(self.raw_model)
 
     def _truncate_metrics(self) -> None:
         path = self.run_dir / METRICS
@@ -422,12 +609,14 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         extra = {} if self.ref_model is None else {"ref_model": self.ref_model}
-        scale = self.world / self.step_tokens  # DDP averages over ranks: the gradient of sum / S
+        scale = self.world / self.step_tokens  # DDP and FSDP average over ranks: the gradient of sum / S
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, count)
         for micro in range(cfg.grad_accum):
             batch = self.batches.next(self.device)
             sync = micro == cfg.grad_accum - 1 or self.world == 1
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            ctx = model.no_sync() if self.parallel == "ddp" and not sync else contextlib.nullcontext()
+            if self.parallel == "fsdp":
+                model.set_requires_gradient_sync(sync)  # reduce-scatter once, after the last micro-batch
             with ctx:
                 with self.autocast():
                     total, count = LossSum(*self.loss_fn(model, batch, **extra))
@@ -436,7 +625,8 @@ class Trainer:
             stats += torch.stack([total.detach().double(), count.double()])
         if self.world > 1:
             dist.all_reduce(stats)
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad.to_local() if is_dtensor(p.grad) else p.grad  # FSDP: this rank's shard
+                 for p in self.params if p.grad is not None]
         if grads:  # sum / S -> sum / N (x1 exactly when every nominal token trained)
             torch._foreach_mul_(grads, (self.step_tokens / stats[1].clamp(min=1)).float())
         return stats
@@ -445,6 +635,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns (loss per item, grad norm)."""
         stats = self.accumulate()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else math.inf)
+        if is_dtensor(gnorm):  # FSDP: the norm of the whole gradient, replicated
+            gnorm = gnorm.full_tensor()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -453,8 +645,8 @@ class Trainer:
     def run_eval(self, final: bool) -> dict[str, Any]:
         if self.evaluate is None:
             return {}
-        with self.autocast():
-            out = self.evaluate(self.raw_model, final)
+        with self.gathered() as model, self.autocast():
+            out = self.evaluate(model, final)
         self.raw_model.train()
         if out:
             elapsed = round(time.perf_counter() - self.t_start, 3)
