@@ -13,10 +13,11 @@ an unmerged adapter) it computes, always on the same held-out items:
 
 - French assistant perplexity: ../shared/data/instruct/oasst_fr_threads.jsonl split by `tree` exactly as
   `llmkit sft` splits it (val fraction 0.1, seed 1337), assistant tokens only (llmkit.train.sft).
-- Preference accuracy on ../shared/data/preference/hh_rlhf_short_heldout.jsonl: the implicit DPO reward
-  beta * (log pi(y|x) - log pi_base(y|x)) ranks chosen above rejected (ties 1/2; the base model scores 50 %
-  against itself), with its 95 % Wilson interval (llmkit.train.preference.preference_accuracy); and the
-  reward model's mean score of the stage's greedy answers to held-out HH prompts when --reward-model is given.
+- Preference accuracy on the first --pairs of ../shared/data/preference/hh_rlhf_short_heldout.jsonl: the
+  implicit DPO reward beta * (log pi(y|x) - log pi_ref(y|x)) ranks chosen above rejected (ties 1/2; the base
+  scores 50 % against itself), 95 % interval (llmkit.train.preference.preference_metrics), with pi_ref = the
+  base and pi_ref = the previous stage (for the DPO row: its own reference, the SFT model). Each stage's
+  answer log-probs are computed once and kept (OUT/<stage>_pairs.pt).
 - Task accuracy: greedy answers to the held-out arithmetic word problems (the `--val 100` of `llmkit grpo
   --arithmetic 600 --seed 1337`: same generator, same split), exact numeric match, 95 % Wilson interval.
 - Two greedy sample answers to fixed French prompts.
@@ -63,11 +64,27 @@ def french_ppl(llm, block_size: int = 512) -> dict:
     return evaluate_loss(llm.model, rows, 8, resolve_device("cpu"))
 
 
-def preference(llm, base, n: int) -> dict:
-    from llmkit.train.preference import load_pairs, preference_accuracy
+def pair_logprobs(llm, n: int) -> torch.Tensor:
+    """(n, 2) summed log-probs of the chosen and rejected answers of the first n held-out HH pairs."""
+    from llmkit.train.preference import encode_pair, load_pairs, pair_scores, truncate_pair
 
     pairs = load_pairs(SHARED / "preference" / "hh_rlhf_short_heldout.jsonl")[:n]
-    return preference_accuracy(llm.model, llm.tokenizer, pairs, ref_model=base.model)
+    enc = [truncate_pair(encode_pair(llm.tokenizer, p), 512)[0] for p in pairs]
+    return pair_scores(llm.model, enc, batch_size=8)
+
+
+def pair_lengths(llm, n: int) -> torch.Tensor:
+    from llmkit.train.preference import _lengths, encode_pair, load_pairs, truncate_pair
+
+    pairs = load_pairs(SHARED / "preference" / "hh_rlhf_short_heldout.jsonl")[:n]
+    return _lengths([truncate_pair(encode_pair(llm.tokenizer, p), 512)[0] for p in pairs])
+
+
+def implicit_accuracy(policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """Accuracy of beta * log(pi / pi_ref) on the held-out pairs (ties 1/2), 95 % interval."""
+    from llmkit.train.preference import preference_metrics
+
+    return preference_metrics(policy, ref, lengths, beta=0.1)
 
 
 def task_accuracy(llm, problems: list[dict]) -> dict:
@@ -80,6 +97,12 @@ def samples(llm) -> list[str]:
     from llmkit.train.sft import greedy_answers
 
     return greedy_answers(llm.model, llm.tokenizer, PROMPTS, 64)
+
+
+def pct(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    return f"{100 * m['reward_acc']:.1f} % [{100 * m['reward_acc_lo']:.1f}, {100 * m['reward_acc_hi']:.1f}]"
 
 
 def load(spec: str):
@@ -108,11 +131,9 @@ def measure(name: str, spec: str, base, args) -> dict:
     rec = {"stage": name, "model": spec}
     rec["fr"] = french_ppl(llm)
     print(f"{name}: French val ppl {rec['fr']['val_ppl']:.3f}", flush=True)
-    if llm is base:  # policy == reference: every implicit reward is 0, each pair a tie (1/2)
-        rec["pref"] = {"reward_acc": 0.5, "reward_acc_lo": 0.5, "reward_acc_hi": 0.5, "pairs": args.pairs}
-    else:
-        rec["pref"] = preference(llm, base, args.pairs)
-    print(f"{name}: preference acc {rec['pref']}", flush=True)
+    logps = pair_logprobs(llm, args.pairs)  # (N, 2)
+    torch.save(logps, Path(args.out) / f"{name}_pairs.pt")
+    rec["pair_logps"] = logps.tolist()
     rec["task"] = task_accuracy(llm, args.heldout)
     print(f"{name}: task {rec['task']}", flush=True)
     rec["samples"] = samples(llm)
@@ -126,7 +147,7 @@ def main() -> None:
     ap.add_argument("--stage", action="append", required=True,
                     help="NAME=MODEL[+ADAPTER]; the first is the base")
     ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR (for the wall time)")
-    ap.add_argument("--pairs", type=int, default=300, help="held-out preference pairs (300 = all)")
+    ap.add_argument("--pairs", type=int, default=120, help="held-out preference pairs (300 = all)")
     ap.add_argument("--arithmetic", type=int, default=600,
                     help="problems generated as `llmkit grpo --arithmetic`")
     ap.add_argument("--val", type=int, default=100, help="of which held out, as `llmkit grpo --val`")
@@ -145,15 +166,24 @@ def main() -> None:
     _, args.heldout = split_problems(problems, args.val, args.seed)
     base = load(args.base_spec)
     recs = [measure(name, spec, base, args) for name, spec in stages]
-    lines = ["| stage | train wall time | French val ppl | pref. acc (implicit reward vs base) | "
-             "arithmetic acc (95 % CI) |", "|---|---|---|---|---|"]
+    lengths = pair_lengths(base, args.pairs)
+    base_lp = torch.tensor(recs[0]["pair_logps"])
+    for i, r in enumerate(recs):  # implicit DPO reward against the base and against the previous stage
+        lp = torch.tensor(r["pair_logps"])
+        r["pref"] = implicit_accuracy(lp, base_lp, lengths)
+        prev = torch.tensor(recs[i - 1]["pair_logps"]) if i else None
+        r["pref_prev"] = implicit_accuracy(lp, prev, lengths) if i else None
+    Path(args.out, "summary.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "pair_logps"} for r in recs], indent=1, ensure_ascii=False))
+    lines = ["| stage | train wall time | French val ppl | pref. acc, implicit reward vs base | "
+             "vs previous stage | arithmetic acc (95 % CI, n) |", "|---|---|---|---|---|---|"]
     for r in recs:
         wt = wall_time(runs.get(r["stage"]))
         p, t = r["pref"], r["task"]
         lines.append(
             f"| {r['stage']} | {'-' if wt is None else f'{wt / 60:.1f} min'} | {r['fr']['val_ppl']:.2f} | "
             f"{100 * p['reward_acc']:.1f} % [{100 * p['reward_acc_lo']:.1f}, "
-            f"{100 * p['reward_acc_hi']:.1f}] | "
+            f"{100 * p['reward_acc_hi']:.1f}] | {pct(r['pref_prev'])} | "
             f"{100 * t['val_accuracy']:.1f} % [{100 * t['val_acc_low']:.1f}, {100 * t['val_acc_high']:.1f}] "
             f"({t['val_n']}) |")
     lines.append("")

@@ -395,10 +395,11 @@ class GroupBatches:
 def truncate_jsonl(path: Path, step: int) -> None:
     """Keep the records of steps <= step (a resumed run rewrites what came after its checkpoint)."""
     from llmkit.io import atomic_write_text
+    from llmkit.train.trainer import parse_jsonl_line
 
     if path.exists():
         keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if (r := parse_jsonl_line(line)) is not None and r.get("step", 0) <= step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -232,6 +232,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def parse_jsonl_line(line: str) -> dict[str, Any] | None:
+    """One record of a JSONL log, or None for a blank line or one torn by a kill mid-write."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def save_checkpoint(obj: Any, path: Path) -> None:
     """`torch.save` atomically; a failed write is a one-line LlmkitError and keeps the old file."""
     try:
@@ -558,7 +566,8 @@ class Trainer:
         path = self.run_dir / METRICS
         if not path.exists():
             return
-        keep = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= self.step]
+        keep = [r for r in map(parse_jsonl_line, path.read_text().splitlines())
+                if r is not None and r.get("step", 0) <= self.step]
         self.history = keep
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
