@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parallel", default="auto", choices=("auto", "ddp", "fsdp"),
+                   help="under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -70,7 +72,7 @@ def _reward_train(args: argparse.Namespace) -> int:
         **({} if args.lr is None else {"lr": args.lr}),  # default: the library's per mode
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=args.save_every,
         time_budget=args.time_budget, dtype=args.dtype, device=args.device, seed=args.seed,
-        threads=args.threads, progress=not args.no_progress,
+        threads=args.threads, parallel=args.parallel, progress=not args.no_progress,
     )
     print(f"run in {out}: reward model in {REWARD_DIR}/")
     return 0

@@ -42,6 +42,8 @@ def _common(p: argparse.ArgumentParser, *, group: int, prompts: int, max_tokens:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parallel", default="auto", choices=("auto", "ddp", "fsdp"),
+                   help="under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--no-progress", action="store_true")
@@ -98,7 +100,7 @@ def _train_kwargs(args: argparse.Namespace) -> dict:
 
     kw = dict(steps=args.steps, grad_accum=args.grad_accum, warmup=args.warmup, eval_every=args.eval_every,
               save_every=args.save_every, time_budget=args.time_budget, dtype=args.dtype, device=args.device,
-              seed=args.seed, threads=args.threads, progress=not args.no_progress)
+              seed=args.seed, threads=args.threads, parallel=args.parallel, progress=not args.no_progress)
     if args.lr is not None:
         kw["lr"] = args.lr
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
