@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from llmkit.cli.common import add_run_args
 from llmkit.lora import TARGETS
 
 
@@ -65,18 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-pairs", type=int, default=128,
                    help="held-out pairs scored at periodic evals (0 = all; the final eval uses all)")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="stop after this many seconds, with the LR schedule run over time")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 CPU, bf16 autocast CUDA) | float32 | bfloat16")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parallel", default="auto", choices=("auto", "ddp", "fsdp"),
-                   help="under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp; --batch-size is global")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_args(p)
     p.set_defaults(func=_dpo)
 
 

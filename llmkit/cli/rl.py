@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from llmkit.cli.common import add_run_args
 from llmkit.lora import TARGETS
 
 
@@ -35,18 +36,7 @@ def _common(p: argparse.ArgumentParser, *, group: int, prompts: int, max_tokens:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evals (0: start + end)")
     p.add_argument("--eval-max", type=int, default=None, help="held-out prompts in periodic evals (all)")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="stop after this many seconds, with the LR schedule run over time")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 CPU, bf16 autocast CUDA) | float32 | bfloat16")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parallel", default="auto", choices=("auto", "ddp", "fsdp"),
-                   help="under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,22 @@
+"""Flags every training verb shares (sft, dpo, reward-train, grpo, rlhf): budget, device, resume, output."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--save-every, --time-budget, --dtype, --device, --seed, --threads, --parallel, --resume, --out,
+    --no-progress (the stage's own flags come before)."""
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="stop after this many seconds, with the LR schedule run over time")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 CPU, bf16 autocast CUDA) | float32 | bfloat16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parallel", default="auto", choices=("auto", "ddp", "fsdp"),
+                   help="under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp; --batch-size is global")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--no-progress", action="store_true")
