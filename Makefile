@@ -24,6 +24,7 @@ demo: setup
 
 test: setup
 	$(PY) -m llmkit pull smollm2-135m-instruct
+	$(PY) -m llmkit pull gemma-3-270m --quiet
 	$(VENV)/bin/ruff check .
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 

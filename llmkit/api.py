@@ -70,6 +70,14 @@ class LLM:
             atomic_write_json(gen_path, {**gen, **to_generation_config(self.generation_defaults)})
         return out
 
+    def save_gguf(self, path: str | os.PathLike[str], type: str = "f16") -> Path:
+        """Write a GGUF file llama.cpp, Ollama and LM Studio run (f32, f16, bf16, q8_0, q4_0, q4_1), with the
+        tokenizer, chat template and generation defaults; see llmkit.checkpoint.gguf_write."""
+        from llmkit.checkpoint.gguf_write import save_gguf
+
+        return save_gguf(self.model, self.tokenizer, path, type=type,
+                         generation_defaults=self.generation_defaults)
+
     # generation: thin methods over llmkit.generate.api (engine area)
     def generate(self, prompt, **kw):
         """Complete `prompt` (str, token ids, or a list of them); see llmkit.generate.api.generate."""

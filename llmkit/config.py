@@ -3,6 +3,28 @@
 Family differences are fields (positions, norm, MLP kind, biases, QK-norm, GQA, MoE...), never class
 names. `from_hf` reads a Hugging Face config.json dict; `to_hf` writes one back for export. The
 `model_type` field only says which HF family to write on export; the model never branches on it.
+
+    cfg = ModelConfig.from_hf(json.load(open("gemma-3-270m/config.json")))
+    cfg.rope_local_theta, cfg.sliding_layers[:5], cfg.attn_scale  # 10000.0, [0, 1, 2, 3, 4], 0.0625
+
+Gemma 2 / Gemma 3 (text) are seven fields on top of Llama's:
+- `norm_weight_offset` (1.0): every RMSNorm (QK-norm included) scales by (offset + weight), computed in
+  float32 then cast, as HF Gemma; the weights are kept as HF files store them (~0 for a unit scale).
+- `sandwich_norm`: four norms per block, HF Gemma names: input_layernorm (before attention),
+  post_attention_layernorm (on the attention output, before the residual add), pre_feedforward_layernorm
+  (before the MLP), post_feedforward_layernorm (on the MLP output). Without it post_attention_layernorm is
+  the Llama pre-MLP norm.
+- `scale_embeddings`: embeddings x sqrt(d_model), the factor rounded to the embeddings' dtype (as HF).
+- `attn_scale`: the softmax scale (Gemma: query_pre_attn_scalar ** -0.5); None = head_dim ** -0.5.
+- `attn_logit_softcap` (Gemma 2: 50): scores -> cap * tanh(scores / cap) before the mask.
+- `final_logit_softcap` (Gemma 2: 30): logits -> cap * tanh(logits / cap).
+- `rope_local_theta` (Gemma 3: rope_local_base_freq, 10000): the RoPE base of the sliding-window layers,
+  which then get their own unscaled table; `rope_theta` and `rope_scaling` apply to the other layers.
+  None: every layer uses the `rope_theta` / `rope_scaling` table.
+Gemma's GeGLU is mlp="swiglu" with activation="gelu_tanh"; which layers slide is `sliding_layers`
+(HF `layer_types`, or the older `sliding_window_pattern`: every 6th layer global in Gemma 3, every 2nd in
+Gemma 2). Gemma 3 ignores `attn_logit_softcapping` (as transformers does). The multimodal `gemma3`
+config (vision + text) is refused with one line: llmkit runs the text-only checkpoints.
 """
 
 from __future__ import annotations
@@ -14,9 +36,14 @@ from typing import Any
 from llmkit.errors import LlmkitError
 
 # HF model_type -> the family defaults that its config.json leaves implicit.
-_HF_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe"}
+_HF_FAMILIES = {
+    "gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe",
+    "gemma2", "gemma3_text",
+}
 _QWEN = ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 _MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
+_GEMMA = ("gemma2", "gemma3_text")
+_LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass
@@ -35,19 +62,26 @@ class ModelConfig:
     pos_encoding: str = "learned"  # "learned" (GPT-2) | "rope"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # e.g. Llama-3: {"rope_type": "llama3", "factor": 8, ...}
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3: 10000); None = rope_theta
 
     # blocks
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight); Gemma: 1.0 (HF stores weight ~ 0)
+    sandwich_norm: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too (4 per block)
     mlp: str = "gelu"  # "gelu" (fc -> act -> proj) | "swiglu" (gate, up, down)
     activation: str = "gelu_tanh"  # "gelu_tanh" | "gelu" | "silu" | "relu"
     attn_qkv_bias: bool = False  # Qwen2 (and GPT-2) biases on q/k/v
     attn_out_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k
+    attn_scale: float | None = None  # softmax scale; None: 1/√head_dim (Gemma: 1/√query_pre_attn_scalar)
+    attn_logit_softcap: float | None = None  # Gemma 2: 50; scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma 2: 30; logits -> cap * tanh(logits / cap)
     sliding_window: int | None = None  # Mistral: each token sees at most this many previous tokens
     sliding_layers: list[int] | None = None  # layers that use sliding_window; None = all (Qwen2: some)
     tie_embeddings: bool = True
+    scale_embeddings: bool = False  # Gemma: embeddings x sqrt(d_model) (in the embeddings' dtype)
     dropout: float = 0.0
 
     # mixture of experts (n_experts == 0: dense MLP everywhere)
@@ -77,6 +111,10 @@ class ModelConfig:
             self.moe_d_ff = self.d_ff
         if self.n_heads % self.n_kv_heads:
             raise LlmkitError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for name in ("attn_scale", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LlmkitError(f"ModelConfig.{name} = {value}; it must be positive (or None)")
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_experts > 0 and i not in self.moe_dense_layers and (i + 1) % self.moe_layer_step == 0
@@ -102,6 +140,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         mt = hf.get("model_type")
+        if mt == "gemma3":
+            raise LlmkitError(
+                f"{source}: model_type 'gemma3' is the multimodal Gemma 3 (vision + text); llmkit runs the "
+                "text-only checkpoints (model_type 'gemma3_text', e.g. gemma-3-270m, gemma-3-1b) and Gemma 3 "
+                "GGUF files: use one of those"
+            )
         if mt not in _HF_FAMILIES:
             raise LlmkitError(
                 f"{source}: unsupported model_type {mt!r}; llmkit loads {', '.join(sorted(_HF_FAMILIES))}"
@@ -133,6 +177,8 @@ class ModelConfig:
                 eos_token_id=hf.get("eos_token_id"),
                 dtype=_hf_dtype(hf),
             )
+        if mt in _GEMMA:
+            return _gemma_from_hf(cls, hf, source)
         n_heads = hf["num_attention_heads"]
         moe = mt in _MOE
         sliding = hf.get("sliding_window")
@@ -151,19 +197,7 @@ class ModelConfig:
                     sliding = sliding_layers = None
                 elif len(sliding_layers) == n:
                     sliding_layers = None
-        rope_scaling = hf.get("rope_scaling")
-        rope_theta = hf.get("rope_theta")
-        rp = hf.get("rope_parameters")  # transformers >= 5 nests rope settings here
-        if isinstance(rp, dict):
-            rope_theta = rp.get("rope_theta", rope_theta)
-            if rp.get("rope_type", "default") != "default":
-                rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
-            rope_scaling = None
-        if (rope_scaling or {}).get("partial_rotary_factor", 1.0) != 1.0:
-            raise LlmkitError(
-                f"{source}: partial rotary embeddings (partial_rotary_factor) are not supported"
-            )
+        rope_theta, rope_scaling = _hf_rope(hf, source)
         qwen_moe = mt in ("qwen3_moe", "qwen2_moe")
         return cls(
             model_type=mt,
@@ -176,7 +210,7 @@ class ModelConfig:
             d_ff=hf.get("intermediate_size", 4 * hf["hidden_size"]),
             max_seq_len=hf.get("max_position_embeddings", 2048),
             pos_encoding="rope",
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -234,6 +268,8 @@ class ModelConfig:
                 "embd_pdrop": self.dropout,
                 "attn_pdrop": self.dropout,
             }
+        if mt in _GEMMA:
+            return self._gemma_to_hf(common)
         arch = {
             "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM",
@@ -295,6 +331,47 @@ class ModelConfig:
             out["shared_expert_intermediate_size"] = self.moe_shared_expert_d_ff
         return out
 
+    def _gemma_to_hf(self, common: dict[str, Any]) -> dict[str, Any]:
+        """config.json of Gemma2ForCausalLM / Gemma3ForCausalLM (transformers 5 keys, plus the rope keys
+        transformers 4 reads)."""
+        g3 = self.model_type == "gemma3_text"
+        scalar = self.attn_scale ** -2 if self.attn_scale is not None else self.head_dim
+        full = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        sliding = [self.is_sliding_layer(i) for i in range(self.n_layers)]
+        out: dict[str, Any] = {
+            "architectures": ["Gemma3ForCausalLM" if g3 else "Gemma2ForCausalLM"],
+            **common,
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.d_ff,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "hidden_activation": _ACT_TO_HF[self.activation],
+            "attention_bias": self.attn_qkv_bias,
+            "attention_dropout": self.dropout,
+            # an int when it is one (HF's field is typed int; Gemma 2 27B: 144 = (1/12) ** -2)
+            "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+            "sliding_window": self.sliding_window,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "final_logit_softcapping": self.final_logit_softcap,
+            "attn_logit_softcapping": self.attn_logit_softcap,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+        }
+        if not g3:
+            out["rope_parameters"] = full
+            return out
+        local = dict(full) if self.rope_local_theta is None else {
+            "rope_type": "default", "rope_theta": self.rope_local_theta
+        }
+        out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+        if self.rope_local_theta is not None:
+            out["rope_local_base_freq"] = self.rope_local_theta
+        return out
+
     def _check_exportable(self) -> None:
         """Refuse to write a config.json whose family cannot express this model (HF would silently
         build a different network)."""
@@ -304,13 +381,25 @@ class ModelConfig:
                 f"cannot export model_type {mt!r}; choose one of {', '.join(sorted(_HF_FAMILIES))}"
             )
         gpt2 = mt == "gpt2"
+        gemma = mt in _GEMMA
+        if not gemma and self.attn_scale is not None and abs(self.attn_scale * self.head_dim**0.5 - 1) > 1e-6:
+            raise LlmkitError(
+                f"cannot export as {mt!r}: that family needs attn_scale = head_dim ** -0.5, this model has "
+                f"{self.attn_scale}"
+            )
         want = {
             "pos_encoding": "learned" if gpt2 else "rope",
             "norm": "layernorm" if gpt2 else "rmsnorm",
             "mlp": "gelu" if gpt2 else "swiglu",
-            "qk_norm": mt in ("qwen3", "qwen3_moe"),
+            "qk_norm": mt in ("qwen3", "qwen3_moe", "gemma3_text"),
             "moe (n_experts > 0)": mt in _MOE,
             "shared expert": mt == "qwen2_moe",
+            "norm_weight_offset": 1.0 if gemma else 0.0,
+            "sandwich_norm": gemma,
+            "scale_embeddings": gemma,
+            "soft-capped attention logits": mt == "gemma2" and self.attn_logit_softcap is not None,
+            "soft-capped final logits": gemma and self.final_logit_softcap is not None,
+            "rope_local_theta set": mt == "gemma3_text" and self.rope_local_theta is not None,
         }
         have = {
             "pos_encoding": self.pos_encoding,
@@ -319,6 +408,12 @@ class ModelConfig:
             "qk_norm": self.qk_norm,
             "moe (n_experts > 0)": self.n_experts > 0,
             "shared expert": self.moe_shared_expert_d_ff > 0,
+            "norm_weight_offset": self.norm_weight_offset,
+            "sandwich_norm": self.sandwich_norm,
+            "scale_embeddings": self.scale_embeddings,
+            "soft-capped attention logits": self.attn_logit_softcap is not None,
+            "soft-capped final logits": self.final_logit_softcap is not None,
+            "rope_local_theta set": self.rope_local_theta is not None,
         }
         if gpt2:
             want["biases (qkv, out, mlp)"] = (True, True, True)
@@ -337,6 +432,117 @@ class ModelConfig:
                 raise LlmkitError(
                     f"cannot export as {mt!r}: that family needs {key} = {value}, this model has {have[key]}"
                 )
+
+
+def _hf_rope(
+    hf: dict[str, Any], source: str, default_theta: float = 10000.0
+) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling or None) from rope_theta / rope_scaling (transformers 4) or a flat
+    rope_parameters dict (transformers 5)."""
+    rope_scaling = hf.get("rope_scaling")
+    rope_theta = hf.get("rope_theta")
+    rp = hf.get("rope_parameters")  # transformers >= 5 nests rope settings here
+    if isinstance(rp, dict):
+        rope_theta = rp.get("rope_theta", rope_theta)
+        if rp.get("rope_type", "default") != "default":
+            rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+        rope_scaling = None
+    if (rope_scaling or {}).get("partial_rotary_factor", 1.0) != 1.0:
+        raise LlmkitError(f"{source}: partial rotary embeddings (partial_rotary_factor) are not supported")
+    return float(rope_theta if rope_theta is not None else default_theta), rope_scaling
+
+
+def _gemma_from_hf(cls: type[ModelConfig], hf: dict[str, Any], source: str) -> ModelConfig:
+    """Gemma 2 / Gemma 3 text config.json -> ModelConfig. Keys the file lacks take transformers 5's
+    Gemma2Config / Gemma3TextConfig defaults."""
+    mt = hf["model_type"]
+    g3 = mt == "gemma3_text"
+    if hf.get("use_bidirectional_attention"):
+        raise LlmkitError(
+            f"{source}: use_bidirectional_attention is set (an encoder-style Gemma); llmkit runs causal "
+            "decoders only"
+        )
+    n = hf.get("num_hidden_layers", 26)
+    types = hf.get("layer_types")
+    if types is None:  # every `step`-th layer global, the others sliding
+        step = (hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6) if g3 else 2
+        types = ["sliding_attention" if (i + 1) % step else "full_attention" for i in range(n)]
+    if len(types) != n or any(t not in _LAYER_TYPES for t in types):
+        raise LlmkitError(
+            f"{source}: layer_types must list {n} entries, each one of {', '.join(_LAYER_TYPES)}"
+        )
+    window = hf.get("sliding_window", 4096)
+    sliding_layers: list[int] | None = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if window is None and sliding_layers:
+        raise LlmkitError(f"{source}: layer_types has sliding layers but sliding_window is null")
+    if not sliding_layers:
+        window = sliding_layers = None
+    elif len(sliding_layers) == n:
+        sliding_layers = None
+    local_theta = None
+    if g3:  # rope per layer type: nested rope_parameters (transformers 5) or rope_theta,
+        # rope_local_base_freq, rope_scaling (transformers 4); rope_scaling applies to global layers only
+        rp = hf.get("rope_parameters")
+        nested = isinstance(rp, dict) and any(k in rp for k in _LAYER_TYPES)
+        full = dict((rp or {}).get("full_attention") or {}) if nested else {}
+        local = dict((rp or {}).get("sliding_attention") or {}) if nested else {}
+        full.update(hf.get("rope_scaling") or {})
+        full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+        local.setdefault("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+        rope_theta, rope_scaling = _hf_rope({"rope_parameters": full}, source)
+        local_theta, local_scaling = _hf_rope({"rope_parameters": local}, source)
+        if local_scaling and (local_theta, local_scaling) == (rope_theta, rope_scaling):
+            local_theta = None  # the sliding layers share the global (scaled) table
+        elif local_scaling:
+            raise LlmkitError(
+                f"{source}: RoPE scaling on the sliding-window layers ({local_scaling}) differs from the "
+                "global layers'; llmkit scales the global layers only"
+            )
+    else:
+        rope_theta, rope_scaling = _hf_rope(hf, source)
+    n_heads = hf.get("num_attention_heads", 8)
+    bias = bool(hf.get("attention_bias", False))
+    return cls(
+        model_type=mt,
+        vocab_size=hf.get("vocab_size", 262_208 if g3 else 256_000),
+        d_model=hf.get("hidden_size", 2304),
+        n_layers=n,
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads", 4),
+        head_dim=hf.get("head_dim", 256),
+        d_ff=hf.get("intermediate_size", 9216),
+        max_seq_len=hf.get("max_position_embeddings", 131_072 if g3 else 8192),
+        pos_encoding="rope",
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        rope_local_theta=local_theta,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_weight_offset=1.0,
+        sandwich_norm=True,
+        mlp="swiglu",
+        activation=_hf_act(hf.get("hidden_activation") or "gelu_pytorch_tanh"),
+        attn_qkv_bias=bias,
+        attn_out_bias=bias,
+        qk_norm=g3,
+        attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+        # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it
+        attn_logit_softcap=None if g3 else _positive(hf.get("attn_logit_softcapping", 50.0)),
+        final_logit_softcap=_positive(hf.get("final_logit_softcapping", None if g3 else 30.0)),
+        sliding_window=window,
+        sliding_layers=sliding_layers,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        scale_embeddings=True,
+        bos_token_id=hf.get("bos_token_id", 2),
+        eos_token_id=hf.get("eos_token_id", 1),
+        dtype=_hf_dtype(hf),
+    )
+
+
+def _positive(x: float | None) -> float | None:
+    """A soft-capping value, None = off; 0 counts as off too (capping at 0 would divide by zero)."""
+    return float(x) if x else None
 
 
 _HF_ACTS = {

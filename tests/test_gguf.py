@@ -2,7 +2,9 @@
 
 Reference: the same weights loaded into transformers from safetensors (for quantised files, the weights as
 they read back from the file, i.e. dequantised by gguf-py), so the logits comparison tests metadata ->
-config, tensor names, llama.cpp's q/k permutation and dequantisation together.
+config, tensor names, llama.cpp's q/k permutation and dequantisation together. GPT-2 files (fused attn_qkv,
+learned positions) likewise, their byte-level BPE vocabulary against the HF `tokenizers` model it came from
+(and llama.cpp itself where llama-cpp-python is installed); merge lists against llama.cpp's BPE rule.
 """
 
 from __future__ import annotations
@@ -202,3 +204,160 @@ def test_gguf_types_listed_are_dequantised_by_gguf():
         block, size = gguf.GGML_QUANT_SIZES[q]
         raw = np.zeros((2, size), dtype=np.uint8)
         assert gguf.quants.dequantize(raw, q).shape == (2, block)
+
+
+# ------------------------------------------------------------------------------------------------ GPT-2
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """(tmp dir, transformers GPT-2, its config, its tensors, its HF `tokenizers` tokenizer)."""
+    from gguf_synth import tiny_gpt2_model
+
+    tmp = tmp_path_factory.mktemp("gpt2")
+    return (tmp, *tiny_gpt2_model(tmp))
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+def test_gpt2_logits_match_transformers(gpt2, tmp_path, qtype):
+    """A GPT-2 written as llama.cpp's converter writes it (fused attn_qkv, position_embd, LayerNorm biases,
+    output_norm.bias, tied output): llmkit's logits against transformers' on the weights as they read back."""
+    import transformers
+    from gguf_synth import write_gpt2_gguf
+
+    _, model, cfg, tensors, tok = gpt2
+    dense = write_gpt2_gguf(tmp_path / "m.gguf", cfg, tensors, tok, qtype)
+    if qtype != "F32":
+        ref = tmp_path / "ref"
+        cfg.save_pretrained(ref)
+        save_file({k: np.ascontiguousarray(v) for k, v in dense.items()}, str(ref / "model.safetensors"),
+                  metadata={"format": "pt"})
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    config, ours, f = load_gguf(tmp_path / "m.gguf")
+    with torch.no_grad():
+        expected, got = model(ids).logits, ours(ids)
+    assert got.shape == expected.shape == (2, 40, cfg.vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert config.max_seq_len == cfg.n_positions == 64 and config.tie_embeddings and f.arch == "gpt2"
+
+
+def test_gpt2_config_and_names_are_llama_cpps(gpt2, tmp_path):
+    """The same ModelConfig as from the source config.json; `gguf_name` gives, for every llmkit parameter,
+    the tensor gguf-py's name map wrote (q/k/v -> the fused attn_qkv, learned positions, final norm bias)."""
+    from gguf_synth import write_gpt2_gguf
+
+    from llmkit.checkpoint.gguf import gguf_name
+    from llmkit.model import Transformer
+
+    tmp, _, cfg, tensors, tok = gpt2
+    write_gpt2_gguf(tmp_path / "m.gguf", cfg, tensors, tok)
+    f = GGUFFile(tmp_path / "m.gguf")
+    from_json = ModelConfig.from_hf(json.loads((tmp / "hf" / "config.json").read_text()))
+    assert f.config().replace(dtype="float32") == from_json.replace(dtype="float32")
+    with torch.device("meta"):
+        names = [n for n, _ in Transformer(f.config()).named_parameters()]
+    assert {gguf_name(n, "gpt2") for n in names} == {i.name for i in f.tensor_infos()}
+    assert gguf_name("model.layers.1.self_attn.k_proj.bias", "gpt2") == "blk.1.attn_qkv.bias"
+    assert gguf_name("model.norm.bias") == "output_norm.bias"
+    assert gguf_name("model.embed_positions.weight") == "position_embd.weight"
+
+
+def test_gpt2_position_table_must_fill_the_context(gpt2, tmp_path):
+    """llama.cpp sizes position_embd by context_length: a file where they differ is refused in one line."""
+    from gguf_synth import write_gpt2_gguf
+
+    _, _, cfg, tensors, tok = gpt2
+    write_gpt2_gguf(tmp_path / "m.gguf", cfg, tensors, tok, context_length=128)
+    msg = _error(tmp_path / "m.gguf")
+    assert "position_embd.weight has shape (64, 64), the metadata implies (128, 64)" in msg
+
+
+def test_gpt2_tokenizer_matches_hf_tokenizers(gpt2, tmp_path, shared_data):
+    """The byte-level BPE with llama.cpp's "gpt-2" pre-tokenizer, against the HF `tokenizers` model the
+    vocabulary came from; the file's token types are kept ([PADn] ids UNUSED, <|endoftext|> CONTROL)."""
+    from gguf_synth import CONTROL, NORMAL, UNUSED, write_gpt2_gguf
+
+    from llmkit.tokenizer import Tokenizer
+
+    _, _, cfg, tensors, hf_tok = gpt2
+    write_gpt2_gguf(tmp_path / "m.gguf", cfg, tensors, hf_tok)
+    tok = Tokenizer.from_gguf(tmp_path / "m.gguf")
+    assert "fast=True" in repr(tok)  # tiktoken's engine (the reference path gives the same ids, slower)
+    novel = sorted((shared_data / "corpus" / "fr-roman19").glob("*.txt"))[1].read_text(encoding="utf-8")
+    texts = [novel[5000:25000], "Bonjour à tous ! Ça va ? 1234 567.89 — «voilà»",
+             "  spaces\ttabs\n\n 🚀 I'VE", "fin<|endoftext|>début"]
+    for text in texts:
+        assert tok.encode(text, allow_special=True) == hf_tok.encode(text).ids
+        assert tok.decode(tok.encode(text)) == text
+    n = hf_tok.get_vocab_size()
+    types = _file_token_types(tmp_path / "m.gguf")
+    assert tok.token_types == tuple(types)
+    assert types[0] == CONTROL and set(types[1:n]) == {NORMAL} and set(types[n:]) == {UNUSED}
+    assert tok.pieces is None and tok.scores is None  # byte-level BPE: vocab + merges
+    assert (tok.eos_id, tok.special_tokens) == (0, {"<|endoftext|>": 0})
+
+
+def test_gpt2_matches_llama_cpp(gpt2, tmp_path, shared_data):
+    """llama.cpp itself on the same file (llama-cpp-python, a bench dependency: skipped where it is not
+    installed): token ids on French text and logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from gguf_synth import write_gpt2_gguf
+
+    from llmkit.tokenizer import Tokenizer
+
+    _, _, cfg, tensors, hf_tok = gpt2
+    write_gpt2_gguf(tmp_path / "m.gguf", cfg, tensors, hf_tok)
+    tok = Tokenizer.from_gguf(tmp_path / "m.gguf")
+    lc = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    try:
+        novel = sorted((shared_data / "corpus" / "fr-roman19").glob("*.txt"))[1].read_text(encoding="utf-8")
+        for text in (novel[5000:9000], "  spaces\ttabs\n\n 🚀 I'VE", "fin<|endoftext|>début"):
+            want = lc.tokenize(text.encode(), add_bos=False, special=True)
+            assert tok.encode(text, allow_special=True) == want
+        ids = tok.encode(novel[9000:9400])[:48]
+        lc.eval(ids)
+        theirs = np.asarray(lc.scores[: len(ids)])  # (T, vocab)
+    finally:
+        lc.close()
+    with torch.no_grad():
+        ours = load_gguf(tmp_path / "m.gguf")[1](torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def _file_token_types(path) -> list[int]:
+    """tokenizer.ggml.token_type as gguf-py's own reader returns it."""
+    return [int(t) for t in gguf.GGUFReader(path).fields["tokenizer.ggml.token_type"].contents()]
+
+
+# ------------------------------------------------------------------------------------------ BPE merges
+def _byte_vocab(extra: list[str], merges: list[str]) -> dict:
+    """GGUF tokenizer metadata of a byte-level BPE: the 256 bytes (GPT-2's spelling), `extra` tokens, then
+    <|endoftext|> (CONTROL)."""
+    from llmkit.tokenizer.core import bytelevel
+
+    tokens = [bytelevel(bytes([b])) for b in range(256)] + extra + ["<|endoftext|>"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [1] * (len(tokens) - 1) + [3], "tokenizer.ggml.merges": merges}
+
+
+def test_a_merge_that_can_never_apply_keeps_the_fast_path(shared_data):
+    """A vocabulary with no real merges carries one placeholder merge (llama.cpp refuses a BPE file without
+    the merges key; llmkit's GGUF export writes "<|no-merges|> <|no-merges|>"): its sides are no byte and no
+    merge's result, so it never applies and the tiktoken engine stays on. Ids: the text's UTF-8 bytes."""
+    from llmkit.tokenizer.loaders import from_gguf
+
+    tok = from_gguf(_byte_vocab([], ["<|no-merges|> <|no-merges|>"]))
+    assert "fast=True" in repr(tok)
+    text = sorted((shared_data / "corpus" / "fr-roman19").glob("*.txt"))[0].read_text(encoding="utf-8")
+    text = text[:20000] + "<|endoftext|> 🚀"
+    assert tok.encode(text) == list(text.encode("utf-8"))
+    assert tok.encode("a<|endoftext|>", allow_special=True) == [97, 256]
+
+
+def test_a_merge_whose_result_is_no_token_still_applies():
+    """Merges "a b" (ab is no token) then "b c" (bc is one): llama.cpp merges a+b first, then spells the
+    non-token "ab" as its bytes, so "abc" -> a, b, c (not a, bc). The reference engine keeps that rule."""
+    from llmkit.tokenizer.loaders import from_gguf
+
+    tok = from_gguf(_byte_vocab(["bc"], ["a b", "b c"]))
+    assert tok.encode("abc") == [97, 98, 99] and tok.encode("xbc") == [120, 256]
+    assert "fast=False" in repr(tok)  # tiktoken cannot express a merge into a non-token

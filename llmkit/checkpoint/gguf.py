@@ -19,6 +19,28 @@ Notable choices:
   own llama3 scaling implies) and write them back as HF `rope_scaling`.
 - MoE experts are stacked in GGUF (`ffn_gate_exps`: (n_expert, d_ff, d_model)); they are split into the
   per-expert HF names.
+- Gemma 2 / Gemma 3 (`gemma2`, `gemma3`): llama.cpp's converter stores every RMSNorm weight as HF's weight + 1
+  (Gemma's norm scales by 1 + weight; llama.cpp's by weight), so 1 is subtracted on load; q/k are not
+  permuted. Four norms per block: attn_norm, post_attention_norm (on the attention output), ffn_norm
+  (before the MLP: HF pre_feedforward_layernorm) and post_ffw_norm. What the file does not store is filled
+  with llama.cpp's own constants (src/models/gemma2.cpp, gemma3.cpp, load_arch_hparams): gemma3 slides on 5
+  layers of each 6 (layer i is global when i % 6 == 5) with RoPE base 10000 and no scaling there, only when
+  the file has a sliding window; gemma2 alternates (even layers slide) with the global RoPE base, window
+  4096, soft-caps 50 (attention) and 30 (logits); both scale queries by head_dim ** -0.5, except the 27B
+  models (gemma2 46 layers, gemma3 62): (d_model / n_head) ** -0.5. What the file does store wins, read as
+  llama.cpp reads it: `{arch}.rope.freq_base_swa` (the sliding layers' RoPE base) and
+  `{arch}.attention.sliding_window_pattern`, one flag per layer (a bool array, as gguf-py writes a list) or
+  an int period n (layer i slides when i % n < n - 1; 0: all) (llama_model_base::load_swa_pattern).
+- GPT-2 (`gpt2`, llama.cpp's names: position_embd, attn_qkv, output_norm.bias, ...): the fused q|k|v
+  weight and bias are split into llmkit's q/k/v projections (the layout of llmkit.checkpoint.hf's GPT-2
+  transform), LayerNorm weights and biases map to input_layernorm / post_attention_layernorm / model.norm.
+  llama.cpp fixes the rest: GELU with the tanh approximation, softmax scale 1/sqrt(head_dim).
+
+Example:
+    >>> f = GGUFFile("gemma-3-270m-q4_k_m.gguf")           # doctest: +SKIP
+    >>> f.hf_config()["layer_types"][:6]                   # doctest: +SKIP
+    ['sliding_attention', ..., 'full_attention']
+    >>> config, model, f = load_gguf("gemma-3-270m-q4_k_m.gguf")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -47,7 +69,13 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
     "qwen3moe": ("qwen3_moe", False),
+    "gemma2": ("gemma2", False),
+    "gemma3": ("gemma3_text", False),
+    "gpt2": ("gpt2", False),  # learned positions, LayerNorm with biases, fused attn_qkv
 }
+_GEMMA = ("gemma2", "gemma3")
+# llama.cpp's LLM_TYPE_27B test (by n_layer): the one size whose queries scale by (d_model / n_head) ** -0.5
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 # What gguf-py dequantises that llmkit accepts: the float types, the legacy block quants and the K-quants.
 # (i-quants and ternary types also dequantise in gguf-py, but slowly and untested here: refused.)
@@ -70,7 +98,9 @@ SUPPORTED_TYPES = (
 # GGUF tensor name (without the block prefix) -> HF name suffix
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
+    "position_embd.weight": "model.embed_positions.weight",  # GPT-2's learned positions
     "output_norm.weight": "model.norm.weight",
+    "output_norm.bias": "model.norm.bias",  # GPT-2's final LayerNorm
     "output.weight": "lm_head.weight",
 }
 _BLOCK_NAMES = {
@@ -91,10 +121,19 @@ _BLOCK_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# Gemma 2/3's sandwich norms: ffn_norm is the norm before the MLP, not the second of two pre-norms
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GLOBAL_INV = {v: k for k, v in _GLOBAL_NAMES.items()}
 _BLOCK_INV = {v: k for k, v in _BLOCK_NAMES.items()}
+_GEMMA_BLOCK_INV = {v: k for k, v in _GEMMA_BLOCK_NAMES.items()}
 _EXPERT_INV = {v: k for k, v in _EXPERT_NAMES.items()}
+_QKV = ("q_proj", "k_proj", "v_proj")  # GPT-2's attn_qkv: these row blocks, in this order
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _CONSUMED = {"rope_freqs.weight"}  # folded into the config (Llama-3 rope scaling)
 
@@ -104,10 +143,11 @@ class TensorInfo:
     """One tensor as stored in the file: its GGUF name, HF name(s), GGML type, numpy-order shape, bytes."""
 
     name: str
-    hf_names: tuple[str, ...]  # several for stacked experts, empty for tensors folded into the config
+    hf_names: tuple[str, ...]  # several for stacked experts / fused q|k|v, empty when folded into the config
     ggml_type: str
     shape: tuple[int, ...]  # numpy order (rows first), i.e. the HF/PyTorch shape
     n_bytes: int
+    fused: bool = False  # hf_names are consecutive row blocks (GPT-2's attn_qkv), not stacked experts
 
 
 @dataclass(frozen=True)
@@ -154,6 +194,9 @@ class GGUFFile:
                 f"{', '.join(ARCHITECTURES)}"
             )
         self.model_type, self.permuted_qk = ARCHITECTURES[self.arch]
+        self._block_names = _GEMMA_BLOCK_NAMES if self.arch in _GEMMA else _BLOCK_NAMES
+        # Gemma: llama.cpp stores every RMSNorm weight as HF's weight + 1
+        self.norm_shift = 1.0 if self.arch in _GEMMA else 0.0
 
     def _stored(self, name: str, ggml_type: int, dims: tuple[int, ...], offset: int, size: int) -> _Stored:
         try:
@@ -199,6 +242,8 @@ class GGUFFile:
         emb = self._tensors.get("token_embd.weight")
         if emb is None:
             raise LlmkitError(f"{self.path}: missing tensor token_embd.weight")
+        if self.arch == "gpt2":
+            return self._gpt2_config(emb.shape[0])
         d_model = int(self._arch_int("embedding_length"))
         n_heads = int(self._arch_int("attention.head_count"))
         head_dim = int(self._arch_int("attention.key_length", d_model // n_heads))
@@ -231,6 +276,8 @@ class GGUFFile:
         if window:
             hf["sliding_window"] = int(window)
             hf["use_sliding_window"] = True
+        if self.arch in _GEMMA:
+            self._gemma_config(hf)
         if self.model_type == "qwen3_moe":
             hf.update(
                 num_experts=int(self._arch_int("expert_count")),
@@ -243,8 +290,98 @@ class GGUFFile:
             )
         return hf
 
+    def _gpt2_config(self, vocab_size: int) -> dict[str, Any]:
+        """HF GPT2Config keys. llama.cpp's gpt2 graph fixes what the file does not say: GELU with the tanh
+        approximation (HF "gelu_new"), LayerNorm with biases, softmax scale 1/sqrt(head_dim); the learned
+        position table has context_length rows."""
+        d_model = int(self._arch_int("embedding_length"))
+        tok_bos, tok_eos = self.get("tokenizer.ggml.bos_token_id"), self.get("tokenizer.ggml.eos_token_id")
+        n_heads = int(self._arch_int("attention.head_count"))
+        n_kv = int(self._arch_int("attention.head_count_kv", n_heads))
+        if n_kv != n_heads:
+            raise LlmkitError(f"{self.path}: gpt2 with {n_kv} kv heads for {n_heads} heads is unsupported")
+        return {
+            "model_type": "gpt2",
+            "vocab_size": vocab_size,
+            "n_embd": d_model,
+            "n_layer": int(self._arch_int("block_count")),
+            "n_head": n_heads,
+            "n_inner": int(self._arch_int("feed_forward_length", 4 * d_model)),
+            "n_positions": int(self._arch_int("context_length")),
+            "layer_norm_epsilon": _f32(self._arch_int("attention.layer_norm_epsilon", 1e-5)),
+            "activation_function": "gelu_new",  # llama.cpp's LLM_FFN_GELU: ggml_gelu, the tanh approximation
+            "tie_word_embeddings": not self.has_tensor("output.weight"),
+            "bos_token_id": _opt_int(tok_bos),
+            "eos_token_id": _opt_int(tok_eos),
+            "torch_dtype": "float32",
+        }
+
+    def _gemma_config(self, hf: dict[str, Any]) -> None:
+        """Gemma 2/3 keys of HF's Gemma2Config / Gemma3TextConfig, with llama.cpp's defaults where the file
+        has no value (see the module docstring)."""
+        n_layers, head_dim = hf["num_hidden_layers"], hf["head_dim"]
+        big = n_layers == _GEMMA_27B_LAYERS[self.arch]
+        window = self._arch_int("attention.sliding_window")
+        final_cap = self._arch_int("final_logit_softcapping")
+        for k in ("hidden_act", "mlp_bias", "use_sliding_window"):
+            hf.pop(k, None)
+        hf.update(
+            hidden_activation="gelu_pytorch_tanh",  # llama.cpp's Gemma graphs: GELU (tanh approximation)
+            query_pre_attn_scalar=hf["hidden_size"] // hf["num_attention_heads"] if big else head_dim,
+            pad_token_id=_opt_int(self.get("tokenizer.ggml.padding_token_id")),
+        )
+        local_base = self.get("{arch}.rope.freq_base_swa")
+        if self.arch == "gemma2":
+            sliding = self._sliding_layers(n_layers, 2)
+            hf.update(
+                sliding_window=int(window or 4096),
+                attn_logit_softcapping=_f32(self._arch_int("attn_logit_softcapping", 50.0)),
+                final_logit_softcapping=_f32(final_cap if final_cap is not None else 30.0),
+            )
+            # llama.cpp: the sliding layers' base defaults to the global one (and share its scaling)
+            if local_base is not None and _f32(local_base) != hf["rope_theta"]:
+                if hf["rope_scaling"]:
+                    raise LlmkitError(
+                        f"{self.path}: RoPE scaling with a separate base for the sliding layers "
+                        f"({self.arch}.rope.freq_base_swa) is unsupported"
+                    )
+                hf["rope_local_base_freq"] = _f32(local_base)  # no Gemma2Config key: config() applies it
+        else:
+            # no window in the file: every layer global (llama.cpp: SWA off, pattern and local base unread)
+            sliding = self._sliding_layers(n_layers, 6) if window else [False] * n_layers
+            hf.update(
+                sliding_window=int(window) if window else None,
+                # llama.cpp: rope_freq_base_train_swa (default 10000), scale 1 (no scaling) on sliding layers
+                rope_local_base_freq=_f32(local_base if local_base is not None else 10000.0),
+                attn_logit_softcapping=None,
+                final_logit_softcapping=_f32(final_cap) if final_cap else None,
+                use_bidirectional_attention=False,
+            )
+        hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+
+    def _sliding_layers(self, n_layers: int, period: int) -> list[bool]:
+        """Which layers slide: `{arch}.attention.sliding_window_pattern` as llama.cpp reads it
+        (llama_model_base::load_swa_pattern): an array of one flag per layer, or an int period n (layer i
+        slides when i % n < n - 1; n = 0: every layer), else the architecture's period."""
+        key = f"{self.arch}.attention.sliding_window_pattern"
+        value = self.get(key, period)
+        if isinstance(value, list):
+            if len(value) != n_layers:
+                raise LlmkitError(
+                    f"{self.path}: {key} lists {len(value)} layers but the model has {n_layers}; "
+                    "the file is inconsistent"
+                )
+            return [bool(v) for v in value]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise LlmkitError(f"{self.path}: {key} = {value!r}; expected a period or one flag per layer")
+        return [value == 0 or i % value < value - 1 for i in range(n_layers)]
+
     def config(self) -> ModelConfig:
-        return ModelConfig.from_hf(self.hf_config(), source=str(self.path))
+        hf = self.hf_config()
+        config = ModelConfig.from_hf(hf, source=str(self.path))
+        if self.arch == "gemma2" and hf.get("rope_local_base_freq") is not None:  # HF Gemma 2 has no such key
+            config = config.replace(rope_local_theta=hf["rope_local_base_freq"])
+        return config
 
     def _rope_scaling(self, head_dim: int) -> dict[str, Any] | None:
         kind = self.get("{arch}.rope.scaling.type")
@@ -280,7 +417,8 @@ class GGUFFile:
         """Every tensor in file order with its HF name(s); raises on names llmkit does not know."""
         n_experts = int(self._arch_int("expert_count", 0) or 0)
         return [
-            TensorInfo(name, self._hf_names(name, n_experts), t.qtype.name, t.shape, t.n_bytes)
+            TensorInfo(name, self._hf_names(name, n_experts), t.qtype.name, t.shape, t.n_bytes,
+                       fused=".attn_qkv." in name)
             for name, t in self._tensors.items()
         ]
 
@@ -293,8 +431,10 @@ class GGUFFile:
         if m:
             layer, kind, suffix = m.groups()
             prefix = f"model.layers.{layer}."
-            if kind in _BLOCK_NAMES:
-                return (f"{prefix}{_BLOCK_NAMES[kind]}.{suffix}",)
+            if kind in self._block_names:
+                return (f"{prefix}{self._block_names[kind]}.{suffix}",)
+            if kind == "attn_qkv" and self.arch == "gpt2":
+                return tuple(f"{prefix}self_attn.{proj}.{suffix}" for proj in _QKV)
             if kind in _EXPERT_NAMES:
                 proj = _EXPERT_NAMES[kind]
                 return tuple(f"{prefix}mlp.experts.{e}.{proj}.{suffix}" for e in range(n_experts))
@@ -327,31 +467,40 @@ class GGUFFile:
         for info in self.tensor_infos():
             if info.ggml_type not in SUPPORTED_TYPES:
                 raise LlmkitError(_type_error(self.path, info.name, info.ggml_type))
-            stacked = len(info.hf_names) > 1
+            if not info.hf_names:
+                continue
             for hf_name in info.hf_names:
                 if hf_name not in expected:
                     raise LlmkitError(
                         f"{self.path}: unexpected tensor {info.name} for a {self.arch} model with "
                         f"{config.n_layers} layers (metadata and tensors disagree)"
                     )
-                got, want = info.shape[1:] if stacked else info.shape, expected[hf_name]
-                if got != want:
-                    raise LlmkitError(
-                        f"{self.path}: tensor {info.name} has shape {got}, the metadata implies {want}"
-                    )
-                provided.add(hf_name)
-        missing = list(dict.fromkeys(gguf_name(n) for n in expected if n not in provided))
+            if info.fused:  # q|k|v rows: (q + k + v rows, ...) against the three parts
+                parts = [expected[n] for n in info.hf_names]
+                got, want = info.shape, (sum(s[0] for s in parts), *parts[0][1:])
+            elif len(info.hf_names) > 1:  # stacked experts: (n_expert, rows, cols)
+                got, want = info.shape[1:], expected[info.hf_names[0]]
+            else:
+                got, want = info.shape, expected[info.hf_names[0]]
+            if got != want:
+                raise LlmkitError(
+                    f"{self.path}: tensor {info.name} has shape {got}, the metadata implies {want}"
+                )
+            provided.update(info.hf_names)
+        missing = list(dict.fromkeys(gguf_name(n, self.arch) for n in expected if n not in provided))
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise LlmkitError(f"{self.path}: missing tensor {', '.join(missing[:3])}{more}; file incomplete")
 
     def iter_tensors(self, origin: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 tensor) pairs, one dequantised tensor at a time, q/k rows unpermuted.
+        """(HF name, float32 tensor) pairs, one dequantised tensor at a time, q/k rows unpermuted, Gemma's
+        norm weights shifted back by -1.
 
         `origin`, when given, is filled with HF name -> "file (tensor GGUF-name)" for error messages.
         """
-        cfg = self.hf_config()
-        n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        if self.permuted_qk:
+            cfg = self.hf_config()
+            n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         for info in self.tensor_infos():
             if not info.hf_names:
                 continue
@@ -362,10 +511,16 @@ class GGUFFile:
                     w = unpermute_qk(w, heads)
                 except ValueError as e:
                     raise LlmkitError(f"{self.path}: tensor {info.name} shape {info.shape}: {e}") from e
+            if self.norm_shift and info.name.endswith("norm.weight"):
+                w -= self.norm_shift  # (d,) float32, our own copy
             if origin is not None:
                 origin.update(dict.fromkeys(info.hf_names, f"{self.path} (tensor {info.name!r})"))
             if len(info.hf_names) == 1:
                 yield info.hf_names[0], torch.from_numpy(w)
+                continue
+            if info.fused:  # GPT-2's attn_qkv: (3 d_model, d_model) or (3 d_model,) -> q, k, v rows
+                for hf_name, part in zip(info.hf_names, np.split(w, 3, axis=0)):
+                    yield hf_name, torch.from_numpy(np.ascontiguousarray(part))
                 continue
             if w.shape[0] != len(info.hf_names):
                 raise LlmkitError(
@@ -381,6 +536,10 @@ def _f32(v: Any) -> float:
     return float(str(np.float32(v)))
 
 
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
 def _type_error(path: Path, name: str, ggml_type: str) -> str:
     return (
         f"{path}: tensor {name} has GGML type {ggml_type}, which llmkit does not dequantise "
@@ -388,14 +547,18 @@ def _type_error(path: Path, name: str, ggml_type: str) -> str:
     )
 
 
-def gguf_name(hf_name: str) -> str:
-    """The GGUF name of an HF parameter name (stacked expert tensors for per-expert names)."""
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
+    """The GGUF name of an HF parameter name in a file of `arch` (the stacked tensor for per-expert names,
+    GPT-2's fused attn_qkv for its q/k/v projections)."""
     if hf_name in _GLOBAL_INV:
         return _GLOBAL_INV[hf_name]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp\.experts\.\d+\.)?(.+)\.(weight|bias)", hf_name)
     if m:
         layer, kind, suffix = m.groups()
-        gname = _EXPERT_INV.get(kind) if ".experts." in hf_name else _BLOCK_INV.get(kind)
+        if arch == "gpt2" and kind.removeprefix("self_attn.") in _QKV:
+            return f"blk.{layer}.attn_qkv.{suffix}"
+        block_inv = _GEMMA_BLOCK_INV if arch in _GEMMA else _BLOCK_INV
+        gname = _EXPERT_INV.get(kind) if ".experts." in hf_name else block_inv.get(kind)
         if gname:
             return f"blk.{layer}.{gname}.{suffix}"
     return hf_name

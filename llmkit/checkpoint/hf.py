@@ -7,7 +7,10 @@ Notable choices:
   tensor in flight (well under 2x the weights).
 - `build_model(config, tensors, ...)` is the one place where names and shapes are checked; the GGUF loader
   feeds it too. Every error is a one-line LlmkitError naming the file and the tensor.
-- llmkit's parameter names are HF Llama names, so most families load with no renaming. Only GPT-2 needs
+- llmkit's parameter names are HF Llama names, so most families load with no renaming. Gemma 2 / Gemma 3
+  (text) files load as they are too: the sandwich norms (pre_/post_feedforward_layernorm) and q_norm/k_norm
+  carry HF's names, the norm weights stay as stored (~0; the "1 +" is ModelConfig.norm_weight_offset) and the
+  tied lm_head is absent from the file, as save_pretrained writes it. Only GPT-2 needs
   transforms (Conv1D weights stored transposed, fused c_attn split into q/k/v; wte/wpe/h.N/ln_f renamed)
   and Mixtral renames its experts (block_sparse_moe.experts.E.w1/w3/w2 = gate/up/down). Files that
   hold experts stacked as 3-D tensors (experts.gate_up_proj (E, 2F, d), experts.down_proj (E, d, F), as

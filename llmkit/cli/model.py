@@ -30,13 +30,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template-lines", type=int, default=8, help="chat template lines to show (default 8)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="write a model as an HF folder (config.json, safetensors, tokenizer)",
-                       description="Load MODEL (GGUF weights are dequantised) and write an HF folder that "
-                                   "transformers.AutoModelForCausalLM and AutoTokenizer load.")
-    p.add_argument("model", help="name, repo id or path")
-    p.add_argument("--to", choices=["hf"], default="hf", help="output format (hf)")
-    p.add_argument("out", metavar="DIR", help="output folder")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p = sub.add_parser(
+        "export", help="write a model as an HF folder or a GGUF file (llama.cpp, Ollama)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load MODEL (GGUF weights are dequantised) and write it out.\n"
+                    "  --to hf    an HF folder (config.json, safetensors, tokenizer) for transformers\n"
+                    "  --to gguf  one GGUF file of --type, with tokenizer, special tokens, chat\n"
+                    "             template and generation defaults, that llama.cpp, Ollama and LM\n"
+                    "             Studio run (llama, SmolLM2, Mistral, qwen2, qwen3, qwen3_moe, gpt2,\n"
+                    "             gemma2, gemma3; norms and biases stay f32)\n"
+                    "--to defaults to gguf when OUT ends in .gguf, else hf.",
+        epilog="examples:\n"
+               "  llmkit export smollm2-135m-instruct smollm2-q8_0.gguf --type q8_0\n"
+               "  llmkit export runs/tiny/hf tiny.gguf               # f16\n"
+               "  llmkit export model.gguf --to hf model-hf/",
+    )
+    p.add_argument("model", metavar="MODEL", help="name, repo id or path")
+    p.add_argument("--to", choices=["hf", "gguf"], default=None,
+                   help="output format (default: gguf if OUT ends in .gguf, else hf)")
+    p.add_argument("out", metavar="OUT", help="output folder (hf) or file (gguf)")
+    p.add_argument("--dtype", default=None, help="hf: float32 (default), bfloat16 or float16")
+    p.add_argument("--type", default=None,
+                   help="gguf: f16 (default), bf16, f32, q8_0, q4_0 or q4_1 (q4 files keep the output "
+                        "matrix in q8_0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter (PEFT folder) into a model; write an HF folder",
@@ -76,11 +93,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llmkit.api import load
+    from pathlib import Path
 
-    llm = load(args.model, device="cpu", dtype=args.dtype)
-    out = llm.save_hf(args.out)
-    print(f"wrote {out} ({llm.config.model_type}, {sum(p.numel() for p in llm.model.parameters()):,} params)")
+    from llmkit.api import load
+    from llmkit.errors import LlmkitError
+
+    to = args.to or ("gguf" if str(args.out).endswith(".gguf") else "hf")
+    if to == "hf" and args.type is not None:
+        raise LlmkitError("--type sets a GGUF type; with --to hf use --dtype (float32, bfloat16, float16)")
+    if to == "gguf" and args.dtype is not None:
+        raise LlmkitError("--dtype sets an HF folder's dtype; with --to gguf use --type (f16, q8_0, ...)")
+    if to == "hf":
+        llm = load(args.model, device="cpu", dtype=args.dtype or "float32")
+        out = llm.save_hf(args.out)
+        n = sum(p.numel() for p in llm.model.parameters())
+        print(f"wrote {out} ({llm.config.model_type}, {n:,} params)")
+        return 0
+    from llmkit.checkpoint.gguf_write import check_type, save_gguf
+
+    check_type(args.type or "f16")  # before the model loads
+    llm = load(args.model, device="cpu", dtype="float32")
+    out = save_gguf(llm.model, llm.tokenizer, args.out, type=args.type or "f16",
+                    generation_defaults=llm.generation_defaults, progress=not args.quiet)
+    n = sum(p.numel() for p in llm.model.parameters())
+    print(f"wrote {out} ({llm.config.model_type}, {args.type or 'f16'}, {n:,} params, "
+          f"{Path(out).stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 

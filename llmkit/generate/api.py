@@ -66,11 +66,23 @@ class GenerationResult:
         return self.text
 
 
-def get_engine(llm, max_batch: int = 1) -> Engine:
-    """The LLM's engine, (re)made with at least `max_batch` rows."""
+MIN_CAPACITY = 4096  # KV slots per row an engine starts with when the caller says how many it needs
+
+
+def get_engine(llm, max_batch: int = 1, tokens: int | None = None) -> Engine:
+    """The LLM's engine, (re)made with at least `max_batch` rows and room for `tokens` tokens per row
+    (None: the model's whole context). The KV cache is sized to the need, rounded up to a power of two
+    (at least MIN_CAPACITY), not to the context: Gemma 3's 32768 positions would cost 1.2 GB per row in
+    float32. A longer request later remakes the engine (its prefix cache is dropped once)."""
+    ctx = llm.model.config.max_seq_len
+    want = ctx if tokens is None else min(ctx, max(MIN_CAPACITY, 1 << max(tokens - 1, 1).bit_length()))
     eng = getattr(llm, "_engine", None)
-    if eng is None or eng.max_batch < max_batch or eng.model is not llm.model:
-        eng = Engine(llm.model, max_batch=max_batch, stop_ids=sorted(llm.tokenizer.stop_ids))
+    if eng is None or eng.max_batch < max_batch or eng.model is not llm.model or eng.capacity < want:
+        if eng is not None and eng.model is llm.model:
+            max_batch, want = max(max_batch, eng.max_batch), max(want, eng.capacity)
+        eng = llm._engine = None  # free the old cache before allocating the new one
+        eng = Engine(llm.model, max_batch=max_batch, max_seq_len=want,
+                     stop_ids=sorted(llm.tokenizer.stop_ids))
         llm._engine = eng
     return eng
 
@@ -218,7 +230,7 @@ def generate(llm, prompt, params: SamplingParams | None = None, *, truncate: boo
                                                 guard=guard)
     if procs is not None and len(prompts) > 1:
         procs = None if logit_bias is None else procs  # only logit_bias applies to a batch of raw prompts
-    eng = get_engine(llm, min(len(prompts) * params.n, 8))
+    eng = get_engine(llm, min(len(prompts) * params.n, 8), max(map(len, prompts)) + params.max_tokens)
     results: dict[int, list[GenerationResult]] = {}
     for i, _, res in run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs, prompt=cp,
                          guard=guard):
@@ -264,5 +276,6 @@ def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool 
         raise LlmkitError("stream produces one sequence; use generate for n > 1")
     if not single:
         raise LlmkitError("stream takes one prompt; use generate for a batch")
-    return Stream(run(get_engine(llm), llm.tokenizer, prompts, params, truncate=truncate, processors=procs,
+    eng = get_engine(llm, 1, len(prompts[0]) + params.max_tokens)
+    return Stream(run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs,
                       prompt=cp, guard=guard))

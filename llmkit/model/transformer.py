@@ -1,9 +1,13 @@
 """The Transformer: one decoder-only model class for every family llmkit runs (GPT-2, Llama, Mistral,
-Qwen2/3, Mixtral, Qwen3-MoE), configured by ModelConfig fields, never by family names.
+Qwen2/3, Mixtral, Qwen3-MoE, Gemma 2/3), configured by ModelConfig fields, never by family names.
 
-    ids -> embed_tokens (+ embed_positions) -> N x Block -> norm -> lm_head -> logits
+    ids -> embed_tokens (x √d) (+ embed_positions) -> N x Block -> norm -> lm_head (softcap) -> logits
     Block: x + Attention(norm(x)), then h + MLP-or-MoE(norm(h))        (pre-norm residual stream)
-    Attention: softmax(Q Kᵀ / √head_dim + M) V, M = causal (+ sliding window) mask, RoPE on Q and K
+           sandwich_norm: x + norm(Attention(norm(x))), then h + norm(MLP(norm(h)))       (Gemma 2/3)
+    Attention: softmax(softcap(Q Kᵀ · scale) + M) V, M = causal (+ sliding window) mask, RoPE on Q and K
+
+    model = Transformer(ModelConfig(model_type="gemma3_text", ...))  # or llmkit.checkpoint.load_hf_dir
+    logits = model(ids)  # (B, T, V)
 
 Notable choices:
 - Parameter names are Hugging Face Llama names (`model.layers.N.self_attn.q_proj` ...), so HF safetensors
@@ -28,7 +32,19 @@ Notable choices:
   host sync, so torch.compile(fullgraph=True) captures it (dense models; MoE routing syncs once per MoE
   layer).
 - RMSNorm computes in float32 and casts back before the weight multiply, exactly as HF does, so fp32 logits
-  match transformers to ~1e-6 and bf16 logits round the same way.
+  match transformers to ~1e-6 and bf16 logits round the same way. With `norm_weight_offset` (Gemma: 1.0)
+  it is OffsetRMSNorm, HF Gemma's order instead: normalise, multiply by (offset + weight) in float32, then
+  cast; the weights stay as HF stores them (~0). QK-norm uses the same norm class.
+- Gemma fields (see llmkit/config.py), each a plain attribute read at construction, so other families pay
+  nothing per token: `sandwich_norm` adds pre_/post_feedforward_layernorm and moves post_attention_layernorm
+  onto the attention output (HF Gemma names); `scale_embeddings` multiplies the embeddings by √d_model
+  rounded to their dtype (HF's normalizer); `attn_scale` is SDPA's `scale`; `final_logit_softcap` is
+  applied in `head()`, so every caller of `head` (engine, scoring, training) gets capped logits;
+  `rope_local_theta` gives sliding layers a second cos/sin table (unscaled), gathered once per forward
+  like the first.
+- Attention-logit soft-capping (Gemma 2) cannot go through SDPA (no score hook), so layers with
+  `attn_logit_softcap` run the eager path: scores = QKᵀ · scale, cap · tanh(scores / cap), + mask,
+  float32 softmax, exactly HF's eager_attention_forward. It materialises (B, H, T, S) scores, as HF does.
 - MoE routes with softmax over all experts, top-k, optional renormalisation (Mixtral: always; Qwen3-MoE:
   norm_topk_prob), and groups tokens by expert with one argsort + bincount (one host sync per MoE layer);
   an optional shared expert with a sigmoid gate is added (Qwen2-MoE). In training mode,
@@ -89,10 +105,36 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm scaling by (offset + weight), HF Gemma's order: x normalised in float32, times
+    (offset + weight) in float32, then cast to x's dtype. Initialised to a unit scale: weight = 1 - offset."""
+
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__(dim, eps)
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # (..., dim) float32
+        return (y * (self.offset + self.weight.float())).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}"
+
+
+def rms_norm(config: ModelConfig, dim: int) -> RMSNorm:
+    """The RMSNorm of this config (OffsetRMSNorm when norm_weight_offset is set): blocks and QK-norm."""
+    if config.norm_weight_offset:
+        return OffsetRMSNorm(dim, config.norm_eps, config.norm_weight_offset)
+    return RMSNorm(dim, config.norm_eps)
+
+
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(dim, config.norm_eps)
+        return rms_norm(config, dim)
     if config.norm == "layernorm":
+        if config.norm_weight_offset:
+            raise LlmkitError("norm_weight_offset applies to norm='rmsnorm' only")
         return nn.LayerNorm(dim, eps=config.norm_eps)
     raise LlmkitError(f"unknown norm {config.norm!r} (expected 'rmsnorm' or 'layernorm')")
 
@@ -192,9 +234,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.attn_out_bias)
         self.qk_norm = config.qk_norm  # a plain flag: hasattr on a Module costs an exception when False
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, config.norm_eps)
-            self.k_norm = RMSNorm(hd, config.norm_eps)
+            self.q_norm = rms_norm(config, hd)
+            self.k_norm = rms_norm(config, hd)
         self.dropout = config.dropout
+        self.scale = config.attn_scale  # None: SDPA's default 1/√head_dim
+        self.softcap = config.attn_logit_softcap
+        self.eager = config.attn_logit_softcap is not None  # SDPA cannot soft-cap scores
 
     def _qkv(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
@@ -236,8 +281,10 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)  # (B, H, T, D)
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if output_attentions:
+        if output_attentions or self.eager:
             y, weights = self._eager(q, k, v, mask, dropout)
+            if not output_attentions:
+                weights = None
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -246,16 +293,21 @@ class Attention(nn.Module):
                 attn_mask=mask,
                 is_causal=mask is None,
                 dropout_p=dropout,
+                scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y), weights
 
     def _eager(self, q, k, v, mask, dropout) -> tuple[torch.Tensor, torch.Tensor]:
-        """softmax(QKᵀ/√d + M) V written out, returning the weights (B, H, T, S)."""
+        """softmax(softcap(QKᵀ · scale) + M) V written out (HF's eager_attention_forward), returning the
+        weights (B, H, T, S)."""
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is None:
             T, S = scores.shape[-2:]
             scores = scores.masked_fill(
@@ -276,18 +328,31 @@ class Block(nn.Module):
         self.mlp = (
             MoE(config) if config.is_moe_layer(layer_idx) else MLP(config, config.d_ff, config.mlp_bias)
         )
+        self.sandwich = config.sandwich_norm  # Gemma: post_attention_layernorm is on the attention output
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(config, config.d_model)
+            self.post_feedforward_layernorm = make_norm(config, config.d_model)
         self.sliding = config.is_sliding_layer(layer_idx)
         self.moe = config.is_moe_layer(layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, masks, cache, positions, output_attentions=False, router_logits=None):
+    def forward(self, x, ropes, masks, cache, positions, output_attentions=False, router_logits=None):
+        """x (B, T, d); ropes and masks: {sliding: table / mask} (this layer picks its kind)."""
         a, weights = self.self_attn(
-            self.input_layernorm(x), rope, masks[self.sliding], cache, positions, output_attentions
+            self.input_layernorm(x), ropes[self.sliding], masks[self.sliding], cache, positions,
+            output_attentions,
         )
         drop = self.training and self.dropout.p > 0  # an identity dropout call still costs a module call
-        x = x + (self.dropout(a) if drop else a)
-        h = self.post_attention_layernorm(x)
+        if self.sandwich:
+            a = self.post_attention_layernorm(a)
+            x = x + (self.dropout(a) if drop else a)
+            h = self.pre_feedforward_layernorm(x)
+        else:
+            x = x + (self.dropout(a) if drop else a)
+            h = self.post_attention_layernorm(x)
         m = self.mlp(h, router_logits) if self.moe else self.mlp(h)
+        if self.sandwich:
+            m = self.post_feedforward_layernorm(m)
         x = x + (self.dropout(m) if drop else m)
         return x, weights
 
@@ -313,6 +378,14 @@ class Transformer(nn.Module):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        # plain attributes, read per forward without touching the config or any hasattr
+        self.final_softcap = config.final_logit_softcap
+        self.local_rope = config.pos_encoding == "rope" and config.rope_local_theta is not None
+        # √d_model rounded to each dtype, as HF multiplies by a tensor in the embeddings' dtype; None = off
+        self.embed_scales = {
+            dt: torch.tensor(config.d_model**0.5, dtype=dt, device="cpu").item()
+            for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        } if config.scale_embeddings else None
         self.tie_weights()
         self.reset_buffers()
         self.init_weights()
@@ -332,6 +405,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim/2) float32
         self.register_buffer("rope_sin", sin, persistent=False)
+        if self.local_rope:  # sliding layers' own base, no scaling (HF Gemma 3)
+            cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_local_theta, None, device=device)
+            self.register_buffer("rope_local_cos", cos, persistent=False)  # (max_seq_len, head_dim/2)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
 
     def init_weights(self) -> None:
         """GPT-2 style init for training from scratch: N(0, 0.02), zero biases, unit norms, and the
@@ -378,6 +455,8 @@ class Transformer(nn.Module):
         elif positions.is_cpu and not torch.compiler.is_compiling():  # on an accelerator a check would
             self._check_positions(positions, cache)  # cost a host sync per step: callers own their positions
         x = self.model.embed_tokens(ids)  # (B, T, d)
+        if self.embed_scales is not None:
+            x = x * self.embed_scales[x.dtype]
         if hasattr(self.model, "embed_positions"):
             x = x + self.model.embed_positions(positions)
         if self.training and self.dropout.p > 0:
@@ -385,6 +464,9 @@ class Transformer(nn.Module):
         rope = None
         if self.config.pos_encoding == "rope":
             rope = rope_for_positions(self.rope_cos, self.rope_sin, positions, x.dtype)  # 2 x (B, T, 1, D)
+        ropes = {False: rope, True: rope}  # {sliding: tables}
+        if self.local_rope:
+            ropes[True] = rope_for_positions(self.rope_local_cos, self.rope_local_sin, positions, x.dtype)
         if segments is not None and (cache is not None or not explicit):
             raise LlmkitError("segments need explicit positions and no KV cache")
         masks = self._masks(positions, cache, explicit, x.dtype, segments)
@@ -393,7 +475,7 @@ class Transformer(nn.Module):
         collect = output_aux and self.training and self.config.n_experts > 0
         routed: list[torch.Tensor] | None = [] if collect else None  # router logits (N, E) per MoE layer
         for layer in self.model.layers:
-            x, w = layer(x, rope, masks, cache, positions, output_attentions, routed)
+            x, w = layer(x, ropes, masks, cache, positions, output_attentions, routed)
             if output_hidden_states:
                 hidden.append(x)
             if w is not None:
@@ -410,8 +492,12 @@ class Transformer(nn.Module):
         return ModelOutput(self.head(x), hidden, attentions, aux)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits (..., V) of final normed hidden states h (..., d): the lm_head."""
-        return self.lm_head(h)
+        """Logits (..., V) of final normed hidden states h (..., d): the lm_head, then the final soft-cap
+        cap * tanh(logits / cap) when the config has one (Gemma 2)."""
+        logits = self.lm_head(h)  # (..., V)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def _check_positions(self, positions: torch.Tensor, cache: KVCache | None) -> None:
         """LlmkitError for a position outside the position table (RoPE / learned) or the cache."""

@@ -8,7 +8,10 @@ Notable choices:
   `strftime_now`, a `tojson` with ensure_ascii=False and indent, a restricted `dict` and `namespace`),
   and the inputs are prepared like `apply_chat_template` (None-valued keys dropped, reasoning aliases,
   special-token strings such as `eos_token` passed to the template), so `text` is the string
-  transformers renders. Tokenizers without a template get the ChatML fallback `CHATML_TEMPLATE`.
+  transformers renders. Tokenizers without a template get the ChatML fallback `CHATML_TEMPLATE` when their
+  vocabulary has ChatML's <|im_start|> / <|im_end|> tokens (e.g. a BPE trained by llmkit); without those
+  (a base model such as Gemma 3 270M) rendering a chat is a one-line LlmkitError: ChatML spelled out in
+  text would only make the model continue a document that looks like markup.
 - Control tokens vs text: the template's own special tokens become control ids, while special-token
   text inside messages/tools stays plain text. As transformers' `sanitize_control_tokens=True` does, we
   wrap special-token strings in the inputs with private-use markers before rendering; the rendered
@@ -373,7 +376,7 @@ def render_chat(
         raise LlmkitError("cannot render an empty conversation; give at least one message")
     if continue_final_message and add_generation_prompt:
         raise LlmkitError("continue_final_message and add_generation_prompt cannot be used together")
-    source = template or getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    source = template or getattr(tokenizer, "chat_template", None) or _chatml_fallback(tokenizer)
     compiled = compile_template(source)
     tool_schemas = None
     if tools is not None:
@@ -420,6 +423,17 @@ def render_chat(
     # a token is trained on when it overlaps an assistant span (transformers' char_to_token rule)
     loss_mask = [int(any(ts < e and s < te for s, e in spans)) for ts, te in token_spans]
     return ChatRender(text=text, ids=ids, loss_mask=loss_mask)
+
+
+def _chatml_fallback(tokenizer: Tokenizer) -> str:
+    """ChatML for a tokenizer without a template if its vocabulary has ChatML's tokens; else an error."""
+    known = {**getattr(tokenizer, "added_tokens", {}), **tokenizer.special_tokens}
+    if "<|im_start|>" in known and "<|im_end|>" in known:
+        return CHATML_TEMPLATE
+    raise LlmkitError(
+        "this model has no chat template and its vocabulary no ChatML tokens (<|im_start|>, <|im_end|>): "
+        "a base model; use `llmkit generate` for plain completion, or give a chat template (template=...)"
+    )
 
 
 def _cut_at_tag(rendered: str, final_text: str | None = None) -> str:

@@ -10,13 +10,20 @@ Notable choices
   rank", which equals the merge-list rule for vocabularies learnt by BPE but not for every merge list: each
   new Tokenizer runs both engines on a sample (`_fast_path_agrees`) and keeps the reference on a difference;
   tests check both id for id against tiktoken, HF `tokenizers` and llama.cpp on real text.
-  `backend="python"` forces the reference.
+  `backend="python"` forces the reference. Merges that can never apply (a side that is neither a byte nor
+  another merge's result, e.g. the placeholder merge a GGUF file without merges carries) are left out of
+  the fast engine, which would otherwise be refused for a merge result that is not a token.
+- The vocabulary is public and read-only where a writer needs it: `pieces` and `scores` (SentencePiece),
+  `token_types` (GGUF's NORMAL/CONTROL/USER_DEFINED/UNUSED/BYTE..., kept as the file stored them).
 - Pre-tokenizers are lists of regexes (see pretokenize.py); a single full-coverage regex runs inside tiktoken,
   a list runs in Python and each piece goes to tiktoken's single-piece BPE (an LRU cache of piece -> ids in
   the Python path).
 - Special tokens: control tokens (<|im_start|>, <|endoftext|>, [INST], BOS/EOS...) become ids only with
   `allow_special=True`; otherwise their text is encoded like any other text. User-defined added tokens that
-  are not special (Qwen's <think>) are always matched, as both HF `tokenizers` and llama.cpp do.
+  are not special (Qwen's <think>, Gemma's "\n", "  ", "<b>") are always matched, as both HF `tokenizers`
+  and llama.cpp do. Where two such tokens could overlap the two disagree: HF takes the leftmost match (the
+  longest at that position), llama.cpp cuts out the longest token everywhere first, then the next longest
+  in what is left (`special_split="longest_first"`, what GGUF vocabularies get).
 - Byte-level vocabularies store each token as raw bytes (GPT-2's printable byte alphabet is undone at load),
   so `id_to_bytes` and decoding never see the Ġ/Ċ spelling; `save` re-applies it for tokenizer.json.
 """
@@ -37,6 +44,9 @@ import regex
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write_json
 from llmkit.tokenizer.pretokenize import PreTokenizer
+
+# token types, as GGUF stores them (llama.cpp's llama_token_type, gguf-py's TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # token texts that end a turn or a document: generation stops on them (with eos)
 END_OF_TURN_TEXTS = (
@@ -164,6 +174,7 @@ class Tokenizer:
     model="bpe": byte-level BPE; `vocab[i]` are the raw bytes of token i, `merges` the merge list in order.
     model="spm": SentencePiece-style BPE; `pieces[i]` the piece text ('▁' for space, '<0x0A>' byte tokens),
     `scores[i]` its score (higher merges first), byte fallback through the <0xNN> tokens.
+    `token_types` (both models): the GGUF type of every token, as read from the file, else derived.
     """
 
     def __init__(
@@ -176,8 +187,9 @@ class Tokenizer:
         special_tokens: dict[str, int] | None = None,
         added_tokens: dict[str, int] | None = None,
         pieces: Sequence[str] | None = None,
-        scores: Sequence[float] | None = None,
+        scores: Sequence[float | None] | None = None,
         byte_tokens: dict[int, int] | None = None,
+        token_types: Sequence[int] | None = None,
         normalizer: str | None = None,
         ignore_merges: bool = False,
         add_space_prefix: bool = False,
@@ -191,9 +203,12 @@ class Tokenizer:
         chat_template: str | None = None,
         pre_name: str | None = None,
         backend: str = "auto",
+        special_split: str = "leftmost",
     ):
         if model not in ("bpe", "spm"):
             raise LlmkitError(f"unknown tokenizer model {model!r}: expected 'bpe' or 'spm'")
+        if special_split not in ("leftmost", "longest_first"):
+            raise LlmkitError(f"unknown special_split {special_split!r} (expected leftmost or longest_first)")
         self.model = model
         self.vocab: list[bytes] = list(vocab)
         self.merges = list(merges)
@@ -212,6 +227,14 @@ class Tokenizer:
         for i in (bos_id, eos_id, pad_id, unk_id):
             if i is not None and not 0 <= i < len(self.vocab):
                 raise LlmkitError(f"special token id {i} is outside the vocabulary (size {len(self.vocab)})")
+        if token_types is not None and len(token_types) != len(self.vocab):
+            raise LlmkitError(
+                f"{len(token_types)} token types for a vocabulary of {len(self.vocab)} tokens; the "
+                "tokenizer metadata is inconsistent"
+            )
+        self._token_types = tuple(int(t) for t in token_types) if token_types is not None else None
+        self._pieces: tuple[str, ...] | None = None
+        self._scores: tuple[float | None, ...] | None = None
         self.stop_ids: set[int] = {i for i in (eos_id, *extra_stop_ids) if i is not None}
         self.stop_ids |= {i for t, i in self.special_tokens.items() if t in END_OF_TURN_TEXTS}
 
@@ -240,13 +263,22 @@ class Tokenizer:
 
             if pieces is None or scores is None:
                 raise LlmkitError("a SentencePiece vocabulary needs pieces and scores")
-            self._spm = SpmModel(list(pieces), list(scores), byte_tokens or {}, unk_id)
+            self._pieces, self._scores = tuple(pieces), tuple(scores)
+            if not len(self._pieces) == len(self._scores) == len(self.vocab):
+                raise LlmkitError(
+                    f"{len(self._pieces)} pieces and {len(self._scores)} scores for a vocabulary of "
+                    f"{len(self.vocab)} tokens; the tokenizer metadata is inconsistent"
+                )
+            self._spm = SpmModel(self._pieces, self._scores, byte_tokens or {}, unk_id)
             self._tiktoken, self._rank_to_id = None, None
         self._piece_cache = lru_cache(maxsize=1 << 16)(self._encode_piece_python)
         specials_re = sorted({*self.special_tokens, *self.added_tokens}, key=len, reverse=True)
         added_re = sorted(self.added_tokens, key=len, reverse=True)
         self._split_all = regex.compile("|".join(map(regex.escape, specials_re))) if specials_re else None
         self._split_added = regex.compile("|".join(map(regex.escape, added_re))) if added_re else None
+        self.special_split = special_split
+        if special_split == "longest_first":  # one alternation per UTF-8 length, longest first (llama.cpp)
+            self._groups_all, self._groups_added = _length_groups(specials_re), _length_groups(added_re)
 
     # ----------------------------------------------------------------------------------------------- builders
     @classmethod
@@ -313,7 +345,7 @@ class Tokenizer:
         import tiktoken
 
         first: dict[bytes, int] = {}  # token bytes -> index of the first merge producing it
-        for r, (a, b) in enumerate(self.merges):
+        for r, (a, b) in _applicable_merges(self.merges):
             first.setdefault(a + b, r)
         merged_ids = [self._bytes_to_id.get(t) for t in first]
         if None in merged_ids:
@@ -349,8 +381,9 @@ class Tokenizer:
         text sample and on the bytes of up to 2000 merge results spread over the list (~50 ms). Real BPE
         vocabularies pass: every GPT-2, Qwen3 and SmolLM2 token is what reference BPE makes of its bytes."""
         pieces = [p.encode("utf-8") for p in self.pre.split(unicodedata.normalize("NFC", _SELF_CHECK_TEXT))]
-        step = max(1, len(self.merges) // 2000)
-        pieces += [a + b for a, b in self.merges[::step]]
+        merges = [m for _, m in _applicable_merges(self.merges)]
+        step = max(1, len(merges) // 2000)
+        pieces += [a + b for a, b in merges[::step]]
         enc = self._tiktoken
         for piece in pieces:
             fast = enc._encode_single_piece(piece)
@@ -364,6 +397,42 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @property
+    def pieces(self) -> tuple[str, ...] | None:
+        """SentencePiece vocabularies: the piece text of every id as the file spells it ('▁le', '<0x0A>',
+        '<start_of_turn>'); None for byte-level BPE (its tokens are `vocab`, raw bytes, and `merges`)."""
+        return self._pieces
+
+    @property
+    def scores(self) -> tuple[float | None, ...] | None:
+        """SentencePiece vocabularies: the score of every piece (higher merges first; None for a piece no
+        merge makes, from an HF tokenizer.json); None for byte-level BPE."""
+        return self._scores
+
+    @property
+    def token_types(self) -> tuple[int, ...]:
+        """The GGUF type of every token (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE in this module):
+        as the GGUF file stored them; for other sources derived from what the tokenizer knows: byte-fallback
+        tokens BYTE, special tokens CONTROL, other added tokens USER_DEFINED, the unknown token UNKNOWN,
+        empty tokens UNUSED, the rest NORMAL."""
+        if self._token_types is not None:
+            return self._token_types
+        byte_ids = set(self._spm.byte_tokens.values()) if self.model == "spm" else set()
+        added = set(self.added_tokens.values())
+        out = []
+        for i, b in enumerate(self.vocab):
+            if i in byte_ids:
+                out.append(BYTE)
+            elif i in self._control_ids:
+                out.append(CONTROL)
+            elif i in added:
+                out.append(USER_DEFINED)
+            elif i == self.unk_id:
+                out.append(UNKNOWN)
+            else:
+                out.append(NORMAL if b else UNUSED)
+        return tuple(out)
 
     def id_to_bytes(self, i: int) -> bytes:
         """Raw bytes of one token (SPM: '▁' -> b' ', <0xAB> -> b'\\xab'); special tokens give their text."""
@@ -429,8 +498,11 @@ class Tokenizer:
             if text:
                 yield text, None
             return
-        pos = 0
         table = {**self.added_tokens, **self.special_tokens} if allow_special else self.added_tokens
+        if self.special_split == "longest_first":
+            yield from self._partition_longest_first(text, table, allow_special)
+            return
+        pos = 0
         for m in rx.finditer(text):
             if m.start() > pos:
                 yield text[pos : m.start()], None
@@ -438,6 +510,32 @@ class Tokenizer:
             pos = m.end()
         if pos < len(text):
             yield text[pos:], None
+
+    def _partition_longest_first(
+        self, text: str, table: dict[str, int], allow_special: bool
+    ) -> Iterable[tuple[str, int | None]]:
+        """llama.cpp's tokenizer_st_partition: for each token, longest (in bytes) first, cut every occurrence
+        out of the text fragments not yet cut; then the next token in what is left."""
+        frags: list[tuple[int, int, int | None]] = [(0, len(text), None)]  # (start, end, token id or None)
+        for group, rx in self._groups_all if allow_special else self._groups_added:
+            if not any(t in text for t in group):  # str.find is much faster than a regex search
+                continue
+            cut: list[tuple[int, int, int | None]] = []
+            for start, end, tid in frags:
+                if tid is not None:
+                    cut.append((start, end, tid))
+                    continue
+                pos = start
+                for m in rx.finditer(text, start, end):
+                    if m.start() > pos:
+                        cut.append((pos, m.start(), None))
+                    cut.append((m.start(), m.end(), table[m.group()]))
+                    pos = m.end()
+                if pos < end:
+                    cut.append((pos, end, None))
+            frags = cut
+        for start, end, tid in frags:
+            yield text[start:end], tid
 
     def _encode_text(self, text: str, at_start: bool) -> list[int]:
         try:
@@ -491,18 +589,24 @@ class Tokenizer:
         return out
 
     def encode_reference(self, text: str) -> list[int]:
-        """The readable Python BPE only (no tiktoken, no cache), to teach and cross-check."""
-        if self.model != "bpe":
-            return self.encode(text)
+        """The readable Python BPE only (no tiktoken, no cache; SPM: one merge loop per fragment, no
+        word cuts), to teach and cross-check."""
         out: list[int] = []
+        at_start = True
         for frag, tid in self._partition(text, False):
             if tid is not None:
                 out.append(tid)
+                at_start = True
                 continue
             if self.normalizer:
                 frag = unicodedata.normalize(self.normalizer, frag)
-            for piece in self.pre.split(frag):
-                out.extend(self._bpe_ids(piece.encode("utf-8")))
+            if self.model == "spm":
+                prefix = " " if self.add_space_prefix and at_start else ""
+                out.extend(self._spm.encode_reference(prefix + frag))
+            else:
+                for piece in self.pre.split(frag):
+                    out.extend(self._bpe_ids(piece.encode("utf-8")))
+            at_start = False
         return out
 
     # ----------------------------------------------------------------------------------------------- decoding
@@ -541,6 +645,38 @@ class Tokenizer:
         tok_json, config = to_hf_json(self)
         atomic_write_json(d / "tokenizer.json", tok_json, indent=1)
         atomic_write_json(d / "tokenizer_config.json", config, indent=2)
+
+
+def _applicable_merges(merges: Sequence[tuple[bytes, bytes]]) -> list[tuple[int, tuple[bytes, bytes]]]:
+    """(rank, merge) for the merges BPE can ever apply: both sides a single byte or the result of another
+    applicable merge. The others never fire (a GGUF writer's placeholder merge for a vocabulary without
+    merges, since llama.cpp needs the key), so leaving them out changes no ids and keeps the tiktoken fast
+    path, which needs every merge result to be a token."""
+    made = {bytes([b]) for b in range(256)}
+    todo = list(enumerate(merges))
+    keep: list[tuple[int, tuple[bytes, bytes]]] = []
+    while True:  # one pass for a learnt merge list (each side made earlier); more for odd orders
+        left = []
+        for r, (a, b) in todo:
+            if a in made and b in made:
+                keep.append((r, (a, b)))
+                made.add(a + b)
+            else:
+                left.append((r, (a, b)))
+        if len(left) == len(todo):
+            break
+        todo = left
+    keep.sort(key=lambda x: x[0])  # already in order after one pass (timsort: linear)
+    return keep
+
+
+def _length_groups(tokens: Sequence[str]) -> list[tuple[list[str], regex.Pattern]]:
+    """(tokens, their alternation) per UTF-8 byte length, longest first (llama.cpp's partition order)."""
+    by_len: dict[int, list[str]] = {}
+    for t in tokens:
+        by_len.setdefault(len(t.encode("utf-8")), []).append(t)
+    return [(by_len[n], regex.compile("|".join(map(regex.escape, by_len[n]))))
+            for n in sorted(by_len, reverse=True)]
 
 
 def _is_token_id(i: Any, n: int) -> bool:

@@ -18,11 +18,19 @@ from typing import Any
 
 from llmkit.errors import LlmkitError
 from llmkit.io import read_gguf, read_json, read_text
-from llmkit.tokenizer.core import Tokenizer, bytelevel, unbytelevel, unbytelevel_many
+from llmkit.tokenizer.core import (  # noqa: F401  (the GGUF token types, re-exported)
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    Tokenizer,
+    bytelevel,
+    unbytelevel,
+    unbytelevel_many,
+)
 from llmkit.tokenizer.pretokenize import GPT2_PATTERN, IGNORE_MERGES, PreTokenizer
-
-# GGUF token types (llama.cpp llama_token_type)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -282,7 +290,10 @@ def from_gguf(source: str | os.PathLike | Mapping[str, Any] | Any) -> Tokenizer:
     if kind is None or tokens is None:
         raise LlmkitError(f"{path} has no tokenizer (tokenizer.ggml.model / tokens missing)")
     n = len(tokens)
-    types = _gguf_value("tokenizer.ggml.token_type") or [NORMAL] * n
+    file_types = _gguf_value("tokenizer.ggml.token_type")  # kept as they are (Tokenizer.token_types)
+    types = file_types or [NORMAL] * n
+    if len(types) != n:
+        raise LlmkitError(f"{path}: {len(types)} token types for {n} tokens; the file is inconsistent")
 
     def tid(key: str) -> int | None:
         v = _gguf_value(f"tokenizer.ggml.{key}")
@@ -298,6 +309,8 @@ def from_gguf(source: str | os.PathLike | Mapping[str, Any] | Any) -> Tokenizer:
         unk_id=tid("unknown_token_id"),
         chat_template=_gguf_value("tokenizer.chat_template"),
         extra_stop_ids=[i for i in (tid("eot_token_id"), tid("eom_token_id")) if i is not None],
+        special_split="longest_first",  # llama.cpp's order of cutting out added/special tokens
+        token_types=file_types,
     )
     if kind == "gpt2":
         merges = _parse_merges(_gguf_value("tokenizer.ggml.merges") or [], path)
@@ -436,15 +449,18 @@ def to_hf_json(tok: Tokenizer) -> tuple[dict, dict]:
 
 def _spm_hf_parts(tok: Tokenizer) -> tuple[dict, None, dict, dict]:
     """SentencePiece as HF's Llama tokenizer.json: BPE with byte fallback, merges ordered by piece score."""
-    spm = tok._spm
-    pieces = {p: i for p, i in spm.piece_to_id.items()}
+    pieces: dict[str, int] = {}
+    for i, p in enumerate(tok.pieces or ()):
+        pieces.setdefault(p, i)
+    scores = tok.scores or ()
+    control = set(tok.special_tokens.values())
     merges = []
     for p, i in pieces.items():
-        if len(p) < 2 or i in tok.special_tokens.values():
+        if len(p) < 2 or i in control or scores[i] is None:  # None: no merge makes the piece
             continue
         for k in range(1, len(p)):
             if p[:k] in pieces and p[k:] in pieces:
-                merges.append((-spm.scores[i], pieces[p[:k]], pieces[p[k:]], p[:k], p[k:]))
+                merges.append((-scores[i], pieces[p[:k]], pieces[p[k:]], p[:k], p[k:]))
     merges.sort()
     model = {
         "type": "BPE",
