@@ -160,13 +160,7 @@ def write_gguf(path: Path, family: str, cfg, tensors: dict[str, np.ndarray], qty
             q = gguf.GGMLQuantizationType[override_type[name]]
             w.add_tensor(name, random_blocks(q.name, data.shape), raw_dtype=q)
             continue
-        if q == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, data)
-            back = data
-        else:
-            raw = gguf.quants.quantize(data, q)
-            w.add_tensor(name, raw, raw_dtype=q)
-            back = gguf.quants.dequantize(raw, q)
+        back = add_tensor(w, name, data, q)
         if family == "llama" and ".attn_q." in name:  # the reference is in HF row order
             back = _unpermute_ref(back, cfg.num_attention_heads)
         if family == "llama" and ".attn_k." in name:
@@ -180,6 +174,18 @@ def write_gguf(path: Path, family: str, cfg, tensors: dict[str, np.ndarray], qty
     w.write_tensors_to_file()
     w.close()
     return dense
+
+
+def add_tensor(w, name: str, data: np.ndarray, q) -> np.ndarray:
+    """Write `data` as GGML type `q` (F32 or a quantized type) and return what a reader gets back."""
+    import gguf
+
+    if q == gguf.GGMLQuantizationType.F32:
+        w.add_tensor(name, data)
+        return data
+    raw = gguf.quants.quantize(data, q)
+    w.add_tensor(name, raw, raw_dtype=q)
+    return gguf.quants.dequantize(raw, q)
 
 
 def _unpermute_ref(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -370,13 +376,7 @@ def write_gemma_gguf(path: Path, cfg, tensors: dict[str, np.ndarray], qtype: str
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
         q = gguf.GGMLQuantizationType[qtype if t.ndim >= 2 else "F32"]
-        if q == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, t)
-            back = t
-        else:
-            raw = gguf.quants.quantize(t, q)
-            w.add_tensor(name, raw, raw_dtype=q)
-            back = gguf.quants.dequantize(raw, q)
+        back = add_tensor(w, name, t, q)
         dense[hf_name] = back - shift
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -487,13 +487,7 @@ def write_gpt2_gguf(path: Path, cfg, tensors: dict[str, np.ndarray], tok, qtype:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
         q = gguf.GGMLQuantizationType[qtype if t.ndim >= 2 and name != "position_embd.weight" else "F32"]
-        if q == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, t)
-            back = t
-        else:
-            raw = gguf.quants.quantize(t, q)
-            w.add_tensor(name, raw, raw_dtype=q)
-            back = gguf.quants.dequantize(raw, q)
+        back = add_tensor(w, name, t, q)
         dense[hf_name] = np.ascontiguousarray(back.T) if conv1d else back
     w.write_header_to_file()
     w.write_kv_data_to_file()
