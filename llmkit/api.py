@@ -62,6 +62,11 @@ class LLM:
         from llmkit.generate.defaults import to_generation_config
         from llmkit.io import atomic_write_json, read_json
 
+        qc = getattr(self.model, "quantization", None)
+        if qc:
+            raise LlmkitError(f"{self.name}: this model runs quantized ({qc['mode']}); an HF folder holds "
+                              "floats: load it with dtype='float32' (CLI: --dtype float32) to save one, or "
+                              "keep the quantized weights with llmkit.quant.save_quantized (llmkit quantize)")
         out = save_hf_dir(self.model, self.config, self.tokenizer, Path(out_dir),
                           chat_template=self.tokenizer.chat_template)
         if self.generation_defaults:
@@ -98,16 +103,26 @@ class LLM:
         return stream(self, prompt, **kw)
 
     def __repr__(self) -> str:
-        n = sum(p.numel() for p in self.model.parameters())
-        return (f"LLM(name={self.name!r}, model_type={self.config.model_type!r}, params={n:,}, "
-                f"device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})")
+        from llmkit.quant import weight_count
+
+        qc = getattr(self.model, "quantization", None)
+        quant = f", quantized={qc['mode']}" if qc else ""
+        return (f"LLM(name={self.name!r}, model_type={self.config.model_type!r}, "
+                f"params={weight_count(self.model):,}, device={self.device}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')}{quant})")
 
 
 def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, quantize: str | None = None,
-         adapter: str | os.PathLike[str] | None = None) -> LLM:
+         adapter: str | os.PathLike[str] | None = None, context: int | None = None) -> LLM:
     """Load a model by known name, HF repo id, GGUF file or HF folder; pulls it into the cache if needed.
-    `adapter`: a LoRA adapter folder in PEFT's format, applied on top (after `quantize`: QLoRA)."""
+    `adapter`: a LoRA adapter folder in PEFT's format, applied on top (after `quantize`: QLoRA).
+
+    Precision: a block-quantized GGUF runs at its own precision on CPU unless `dtype` or `quantize` says
+    otherwise ("auto": Q4 matrices as int4, Q5-Q8 as int8); `quantize="none"` or a dtype asks for floats.
+    Before any weight is read, the memory the model needs (weights + KV cache for `context` tokens, default
+    4096 + runtime) is compared with what this machine has (llmkit.memory.check_fits): one clear error instead
+    of the OOM killer."""
     from llmkit.generate.defaults import model_defaults
     from llmkit.hub import named_model_at, resolve
     from llmkit.tokenizer import Tokenizer
@@ -115,11 +130,26 @@ def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | tor
     path = resolve(name_or_path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    split = device == "auto" and dev.type == "cuda" and not _fits_gpu(path, dt)
+    if split:  # the GPU is too small: load on the CPU, then put as many layers on the GPU as fit
+        dev = torch.device("cpu")
+    if quantize == "none":
+        quantize = None
+    elif quantize is not None and quantize not in ("int8", "int4"):
+        raise LlmkitError(f"quantize={quantize!r}: choose int8, int4 or none")
     gguf_metadata = None
+
+    def fits(config: ModelConfig, precision: Any) -> None:
+        from llmkit.memory import check_fits
+
+        check_fits(config, precision, context, dev, name_or_path)
+
     if path.is_file():
         from llmkit.checkpoint.gguf import load_gguf
 
-        config, model, gguf_file = load_gguf(path, device=dev, dtype=dt)
+        if quantize is None and dtype is None and dev.type == "cpu" and not split:
+            quantize = "auto"  # a quantized file runs at its own precision (a float file stays float)
+        config, model, gguf_file = load_gguf(path, device=dev, dtype=dt, quantize=quantize, before=fits)
         tokenizer = Tokenizer.from_gguf(gguf_file)
         gguf_metadata = gguf_file.metadata
     else:
@@ -127,24 +157,42 @@ def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, device: str | tor
         from llmkit.quant import is_quantized_dir, load_quantized
 
         if is_quantized_dir(path):  # written by `llmkit quantize` (engine area)
-            config, model = load_quantized(path, device=dev)
+            config, model = load_quantized(path, device=dev, before=fits)
         else:
-            config, model = load_hf_dir(path, device=dev, dtype=dt)
+            record = {"mode": quantize, "group_size": 32} if quantize else None
+            config, model = load_hf_dir(path, device=dev, dtype=dt, quantize=record, before=fits)
         tokenizer = Tokenizer.load(path)
-    if quantize:
-        try:
-            from llmkit.quant import quantize_model
-        except ModuleNotFoundError as e:
-            if e.name != "llmkit.quant":
-                raise
-            raise LlmkitError(f"quantize={quantize!r} needs llmkit.quant, which this installation lacks"
-                              ) from None
-        model = quantize_model(model, quantize) or model
+    if split:
+        from llmkit.placement import auto_place
+
+        auto_place(model)
     if adapter is not None:
         from llmkit.lora import load_adapter
 
         load_adapter(model, adapter)
     model.eval()
+    from llmkit.checkpoint.hf import _return_freed_memory
+
+    _return_freed_memory(trim=True)  # what parsing the header and building the tokenizer left on the heap
     defaults, _ = model_defaults(path, known=named_model_at(path), gguf_metadata=gguf_metadata)
     return LLM(model, tokenizer, config, name=os.fspath(name_or_path), path=path,
                generation_defaults=defaults)
+
+
+def _fits_gpu(path: Path, dtype: torch.dtype) -> bool:
+    """Whether the whole model's weights fit the GPU's budget (llmkit.placement.gpu_budget), planned on the
+    meta device from the config alone (no weight is read)."""
+    from llmkit.config import ModelConfig
+    from llmkit.io import read_json
+    from llmkit.placement import gpu_budget, plan_layers
+
+    if path.is_file():
+        from llmkit.checkpoint.gguf import GGUFFile
+
+        config = GGUFFile(path).config()
+    else:
+        hf = read_json(path / "config.json")
+        hf.pop("quantization_config", None)
+        config = ModelConfig.from_hf(hf, source=str(path / "config.json"))
+    budget = gpu_budget()
+    return budget is None or set(plan_layers(config, budget, dtype=dtype).values()) == {"cuda"}

@@ -1,14 +1,17 @@
 """What a model file holds, read without loading its weights (`llmkit inspect`).
 
 The course's "model files" slide: architecture and config, parameter counts by component, bytes per dtype,
-vocabulary size, special tokens, chat template, context length, and the generation defaults (sampling
-settings the model comes with; llmkit.generate.defaults).
+vocabulary size, special tokens, chat template, context length, the generation defaults (sampling
+settings the model comes with; llmkit.generate.defaults), and the memory a load needs at each precision
+against what this machine has (llmkit.memory).
 
 Notable choices:
 - Nothing is dequantised or read from the tensor data: GGUF files are memory-mapped and only their metadata
   and tensor table are read; safetensors files only their JSON headers. Parameter counts come from a
   Transformer built on the meta device (no memory), counted by `llmkit.model.param_counts`.
 - Bytes are reported as stored: per GGML type for GGUF (Q4_1, Q8_0, F32, ...), per dtype for safetensors.
+- Memory is estimated for float32, bfloat16, int8 and int4 on the device a load would pick; a quantized GGUF's
+  own precision (what it loads at by default: Q2-Q4 types int4, Q5-Q8 int8) is marked.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from llmkit.errors import LlmkitError
 _COMPONENTS = ("embeddings", "attention", "mlp", "experts", "norms", "lm_head")
 
 
-def model_info(path: str | os.PathLike[str], known: Any = None) -> dict[str, Any]:
+def model_info(path: str | os.PathLike[str], known: Any = None, context: int | None = None) -> dict[str, Any]:
     """A JSON-able description of the GGUF file or HF folder at `path` (see module docstring); `known`: the
-    hub's NamedModel when `path` is a known model's file (its generation defaults fill the file's gaps)."""
+    hub's NamedModel when `path` is a known model's file (its generation defaults fill the file's gaps);
+    `context`: the tokens the memory estimate is sized for (None: llmkit.memory.default_context)."""
     from llmkit.generate.defaults import model_defaults
 
     p = Path(path)
@@ -73,6 +77,7 @@ def model_info(path: str | os.PathLike[str], known: Any = None) -> dict[str, Any
         parameters=count_parameters(config),
         storage=storage,
     )
+    info["memory"] = memory_info(config, context, native=_native_precision(info))
     info.update(_tokenizer_info(tokenizer_source))
     defaults, source = model_defaults(p, known=known, gguf_metadata=gguf_metadata)
     info.update(generation_defaults=defaults, generation_defaults_from=source or None)
@@ -81,13 +86,41 @@ def model_info(path: str | os.PathLike[str], known: Any = None) -> dict[str, Any
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
     """Parameter counts by component for `config`, from a Transformer on the meta device (no memory)."""
-    import torch
-
     from llmkit.model import Transformer, param_counts
+    from llmkit.model.layers import empty_weights
 
-    with torch.device("meta"):
+    with empty_weights():
         model = Transformer(config)
     return param_counts(model)
+
+
+def memory_info(config: ModelConfig, context: int | None = None, native: str | None = None,
+                device: Any = None) -> dict[str, Any]:
+    """llmkit.memory.estimate at each precision on `device` (None: where a load would go), with what is
+    available here: {"device", "context", "kv_slots", "kv_per_token", "available", "native", "precisions":
+    {precision: {"weights", "kv_cache", "runtime", "total", "kv_per_token", "fits"}}}. `native`: the file's
+    own precision (a quantized GGUF's int4 / int8), marked in the text view."""
+    from llmkit.device import resolve_device
+    from llmkit.memory import available_memory, estimate
+
+    dev = resolve_device(device).type
+    have = available_memory(dev)
+    rows = {}
+    for p in ("float32", "bfloat16", "int8", "int4"):
+        e = estimate(config, p, context, device=dev)
+        rows[p] = {k: e[k] for k in ("weights", "kv_per_token", "kv_cache", "runtime", "total")}
+        rows[p]["fits"] = None if have is None else e["total"] <= have
+    return {"device": dev, "context": e["context"], "kv_slots": e["kv_slots"], "available": have,
+            "native": native, "precisions": rows}
+
+
+def _native_precision(info: dict[str, Any]) -> str | None:
+    """int4 / int8 for a block-quantized GGUF (by its file type, else its largest stored type), else None."""
+    if info["format"] != "gguf":
+        return None
+    kind = info.get("file_type") or max(info["storage"].items(), key=lambda kv: kv[1]["bytes"])[0]
+    return "int4" if kind.startswith(("Q2", "Q3", "Q4")) else "int8" if kind.startswith(("Q5", "Q6", "Q8")) \
+        else None
 
 
 def _storage_gguf(f: Any) -> dict[str, dict[str, int]]:
@@ -208,6 +241,18 @@ def format_info(info: dict[str, Any], template_lines: int = 8) -> str:
         bits = 8 * d["bytes"] / max(d["params"], 1)
         n = f"{d['tensors']:4d} tensor" + ("s," if d["tensors"] != 1 else ",")
         row(f"  {dt:<14} {_size(d['bytes']):>14}  {n:<13} {bits:.2f} bits/param")
+    mem = info.get("memory")
+    if mem:
+        have = "unknown" if mem["available"] is None else _size(mem["available"])
+        row(f"memory           for a {mem['context']}-token context ({mem['kv_slots']} KV slots) on "
+            f"{mem['device']}; available here: {have}")
+        row(f"  {'precision':<14} {'weights':>10} {'KV/token':>10} {'KV cache':>10} {'runtime':>10} "
+            f"{'total':>10}")
+        for prec, e in mem["precisions"].items():
+            name = prec + (" (file)" if prec == mem["native"] else "")
+            fits = "" if e["fits"] is None else "  fits" if e["fits"] else "  too big"
+            row(f"  {name:<14} {_size(e['weights']):>10} {_size(e['kv_per_token']):>10} "
+                f"{_size(e['kv_cache']):>10} {_size(e['runtime']):>10} {_size(e['total']):>10}{fits}")
     if "tokenizer_error" in info:
         row(f"tokenizer        unavailable: {info['tokenizer_error']}")
     else:

@@ -7,19 +7,28 @@ Notable choices:
 - int8: symmetric, w ≈ q * s with s = max|w_row| / 127. int4: asymmetric per group of `group_size` inputs
   (default 32, like llama.cpp's Q4_1), w ≈ (q - 8) * s + z with q in 0..15, the convention of PyTorch's
   int4 kernels (gpt-fast / torchao).
-- Decode (a few rows of activations) uses PyTorch's own CPU kernels, which read the packed weights directly:
-  `torch.ops.aten._weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (weights packed once with
-  `_convert_weight_to_int4pack_for_cpu`). Their fast paths take bfloat16 activations, so the module computes
-  the matmul in bfloat16 (fp32 accumulation inside the kernel) and returns the caller's dtype.
-- Prefill (many rows) dequantizes the weight to the activations' dtype once per call and uses the dense GEMM,
-  which beats the weight-only kernels from about 16 rows on (the dequantisation is amortised over the rows).
-  Not bfloat16 for a float32 model: rounding every weight to bfloat16 flipped SmolLM2 int4's first answer
-  token ("L'Étoile" instead of "The capital of France is Paris").
+- On CPU every matmul (decode and prefill) uses PyTorch's own weight-only kernels, which read the packed
+  weights directly: `torch.ops.aten._weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`. Their fast paths
+  take bfloat16 activations (fp32 accumulation inside); the module returns the caller's dtype. Measured on
+  this 2-core machine, SmolLM2 shapes: the kernels beat dequantize + dense GEMM up to ~256 rows and tie at
+  512 (the engine prefills in chunks of 256), and one path for every row count makes a sequence's logits
+  independent of how it was batched. (An earlier dense prefill with fp32 activations flipped SmolLM2 int4's
+  first answer token to "L'Étoile"; through the kernels it says "The capital of France is Paris.")
+- int4 storage is one copy: the nibbles in the CPU kernel's layout (`pack_int4`, checked once per process
+  against ATen's own packing op), scale and zero per group in bfloat16, the kernel's dtype: 0.625 bytes per
+  weight, vs 0.5625 for GGUF Q4_0. State dicts and saved folders hold the portable layout (two nibbles per
+  byte along K), so files do not depend on the CPU.
+- Loading streams (llmkit.checkpoint.hf.build_model with a quantization record, `swap_quantized`): modules
+  are created empty and filled weight by weight, a few MB of floats at a time (`set_weight`); GGUF blocks
+  that already are llmkit's layout are copied (Q4_0 / Q4_1 / Q4_K -> int4, Q8_0 -> the int8 embedding).
+  "auto" keeps each matrix at its file's class (4-bit types -> int4, 5-8-bit -> int8).
 - CUDA: int8 is F.linear on the int8 weight cast to the activation dtype, then the scales; int4 dequantizes.
 - int4 mode keeps the lm_head in int8 (as llama.cpp keeps its output matrix at 6-8 bits): on SmolLM2 the
-  int4 head alone raised French perplexity from 54.0 to 57.5, int8 head 54.0.
-- Tied embeddings: the lm_head gets its own quantized copy; the embedding table stays in floating point
-  (a lookup reads one row per token, it costs no bandwidth).
+  int4 head alone raised French perplexity from 54.0 to 57.5, int8 head 54.0. A head the file itself stores
+  in 4 bits stays int4 under "auto" (no loss beyond the file's).
+- Embedding tables of quantized models: Int8Embedding (blocks of 32, float16 scales: GGUF Q8_0's layout) or
+  Int4Embedding when the file's table is 4-bit; a lookup dequantizes the rows it reads. A tied lm_head gets
+  its own quantized copy. (`quantize_model`, the post-hoc swap, leaves the table in floating point.)
 - Projections of the same input (q/k/v, gate/up) run as one matmul: `fuse_projections` replaces the
   members of each group by `FusedPart`s (llmkit/model/layers.py) of one module over their concatenated
   rows; Attention / MLP compute `project(x, q_proj, k_proj, v_proj)`, which sees one group and makes one
@@ -28,10 +37,10 @@ Notable choices:
 - Quantized modules are differentiable w.r.t. their input (a matmul with a constant weight), so a LoRA on
   a quantized base trains (QLoRA): with an input that requires grad the dequantized GEMM runs, since the
   CPU weight-only kernels have no backward.
+- Saved folders hold config.json (+ "quantization_config": {"quant_method": "llmkit", "mode", "group_size",
+  "kinds", "embedding"}), model.safetensors with the quantized tensors in the portable layout, and the
+  tokenizer. (The load cache, llmkit/checkpoint/cache.py, keeps the packed layout instead.)
 - The MoE router (`mlp.gate` of a MoE layer) stays in floating point: routing decisions are fragile.
-- Saved folders hold config.json (+ "quantization_config": {"quant_method": "llmkit", "mode", "group_size"}),
-  model.safetensors with the quantized tensors in a portable layout (int4 as two nibbles per byte; the
-  CPU-kernel packing is redone at load) and the tokenizer.
 """
 
 from __future__ import annotations
@@ -46,14 +55,30 @@ import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_path, atomic_write_json, read_json
-from llmkit.model.layers import FusedPart, module_tensors, out_dim
+from llmkit.model.layers import FusedPart, empty_weights, module_tensors, out_dim
 
 MODES = ("int8", "int4")
-DENSE_ROWS = 16  # from this many activation rows on, dequantize + dense GEMM
+DENSE_ROWS = 1 << 30  # CPU: the weight-only kernels for every row count (see the module notes)
 LOW = torch.bfloat16  # activation dtype of the CPU weight-only kernels' fast paths
 # The ops looked up once: `torch.ops.aten.name` is three Python attribute lookups per call otherwise.
 _INT8_MM = torch.ops.aten._weight_int8pack_mm
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
+CHUNK = 1 << 22  # values quantized at a time: float copies stay ~16 MB whatever the tensor's size
+
+
+def _float_rows(src, a: int, b: int) -> torch.Tensor:
+    """Rows a..b of a float tensor or of GGUF blocks (dequantized), as float32."""
+    if hasattr(src, "rows"):
+        return src.rows(a, b).dequantize()
+    return src[a:b].float()
+
+
+def _chunks(n: int, k: int):
+    step = max(64, CHUNK // max(k, 1) // 64 * 64)  # whole blocks of the int4 kernel's rows (32 or 64)
+    for a in range(0, n, step):
+        yield a, min(n, a + step)
 
 
 class QuantLinear(nn.Module):
@@ -73,8 +98,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x.is_cpu and x2.shape[0] < DENSE_ROWS and not x.requires_grad:  # the kernels have no backward
             y = self._kernel(x2.to(LOW)).to(x.dtype)  # (M, N)
-        else:  # many rows: dequantize once, dense GEMM in the caller's dtype (a bfloat16 copy of the weights
-            # rounds each one to 8 bits of mantissa: on SmolLM2 int4 that flipped the first answer token)
+        else:  # training (QLoRA) or beyond DENSE_ROWS: dequantize once, dense GEMM in the caller's dtype
             y = F.linear(x2, self.dequantize(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -86,7 +110,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() move the buffers: drop the kernel-layout copies made from them (remade on next
         # use), so the hot path checks only `is None`, not devices.
-        self._low = self._packed = self._sz_low = None
+        self._low = self._sz_low = None
         return super()._apply(fn, recurse)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -112,13 +136,24 @@ class Int8Linear(QuantLinear):
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.device)
-        w = lin.weight.detach().float()  # (N, K)
-        s = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)  # (N,)
-        m.qweight.copy_(torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8))
-        m.scales.copy_(s)
+        m.set_weight(lin.weight.detach())
         if lin.bias is not None:
             m.bias.copy_(lin.bias.detach().float())
         return m
+
+    def set_weight(self, src) -> None:
+        """Fill from a float (N, K) weight, or from anything with `.dequantize()` (a GGUF tensor's blocks,
+        dequantized for this one tensor only), symmetric per row."""
+        n, k = self.out_features, self.in_features
+        q = torch.empty(n, k, dtype=torch.int8)
+        s = torch.empty(n)
+        for a, b in _chunks(n, k):
+            w = _float_rows(src, a, b)  # (rows, K) float32
+            s[a:b] = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+            q[a:b] = torch.round(w / s[a:b, None]).clamp(-127, 127).to(torch.int8)
+        dev = self.qweight.device if self.qweight.device.type != "meta" else torch.device("cpu")
+        self.qweight, self.scales = q.to(dev), s.to(dev)
+        self._low = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.to(dtype) * self.scales[:, None].to(dtype)).to(dtype)  # (N, K)
@@ -149,27 +184,69 @@ class Int4Linear(QuantLinear):
         self.group_size = group_size
         n, k, g = out_features, in_features, in_features // group_size
         self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))  # 2 nibbles
-        self.register_buffer("scales_and_zeros", torch.zeros(g, n, 2, device=device))  # (K/G, N, 2) float32
-        self._packed: torch.Tensor | None = None  # the CPU kernel's layout, made on first use
+        # (K/G, N, 2): scale and zero per group, in the CPU kernel's dtype (one copy, no float32 twin)
+        self.register_buffer("scales_and_zeros", torch.zeros(g, n, 2, dtype=LOW, device=device))
+        self.packed = False  # qweight in the CPU kernel's layout (see pack_int4), not the portable one
         self._sz_low: torch.Tensor | None = None
+        self._register_state_dict_hook(_portable_state)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = 32) -> Int4Linear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size, lin.weight.device)
-        n, k = lin.out_features, lin.in_features
-        w = lin.weight.detach().float().reshape(n, k // group_size, group_size)  # (N, G, gs)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
-        s = ((hi - lo) / 15).clamp(min=1e-10)
-        q = torch.round((w - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
-        m.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
-        m.scales_and_zeros.copy_(torch.stack([s, lo + 8 * s], dim=-1).transpose(0, 1))  # zero = w at q=8
+        m.set_weight(lin.weight.detach())
         if lin.bias is not None:
             m.bias.copy_(lin.bias.detach().float())
         return m
 
+    def set_weight(self, src) -> None:
+        """Fill from a float (N, K) weight (min/max per group) or from blocks that are already 4-bit affine
+        groups of this size (`src.int4()` -> nibbles (N, K) uint8, scale, zero-at-q=0 (N, K/G)): a GGUF
+        Q4_0 / Q4_1 / Q4_K tensor is repacked, not dequantized."""
+        n, k, gs = self.out_features, self.in_features, self.group_size
+        pack = self.qweight.device.type in ("cpu", "meta") and n % 16 == 0  # this module will run on the CPU
+        qw = torch.empty(n, k // 2, dtype=torch.uint8)  # two nibbles per byte
+        sz = torch.empty(k // gs, n, 2, dtype=LOW)  # (K/G, N, 2): scale, zero
+        for a, b in _chunks(n, k):  # a few MB at a time, whatever the tensor's size
+            part = src.rows(a, b) if hasattr(src, "rows") else src[a:b]
+            exact = part.int4(gs) if hasattr(part, "int4") else None
+            if exact is not None:
+                q, sc, lo = exact
+            else:
+                w = (part.dequantize() if hasattr(part, "dequantize") else part).float().view(b - a, -1, gs)
+                wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)  # (rows, G)
+                sc = ((wmax - wmin) / 15).clamp(min=1e-10).to(LOW).float()  # the grid in the stored precision
+                z = (wmin + 8 * sc).to(LOW).float()
+                q = torch.round((w - z[..., None]) / sc[..., None] + 8).clamp(0, 15).to(torch.uint8)
+                q, lo = q.view(b - a, k), z - 8 * sc
+            sz[:, a:b, 0], sz[:, a:b, 1] = sc.t(), (lo + 8 * sc).t()
+            if pack:  # straight into the CPU kernel's layout (chunks start on whole row blocks)
+                qw[a:b] = pack_int4(q)
+            else:
+                qw[a:b] = q[:, 0::2] | (q[:, 1::2] << 4)
+        dev = self.qweight.device if self.qweight.device.type != "meta" else torch.device("cpu")
+        self.qweight, self.scales_and_zeros = qw.to(dev), sz.to(dev)
+        self.packed = pack
+        self._sz_low = None
+
     def _unpacked(self) -> torch.Tensor:
+        """The nibbles as (N, K) uint8 in 0..15, from either layout."""
+        if self.packed:
+            return unpack_int4(self.qweight, self.out_features, self.in_features)
         q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1)  # (N, K/2, 2)
-        return q.reshape(self.out_features, self.in_features)  # (N, K) uint8 in 0..15
+        return q.reshape(self.out_features, self.in_features)
+
+    def unpack_(self) -> None:
+        """Back to the portable layout (two nibbles per byte along K), e.g. before concatenating rows."""
+        if self.packed:
+            q = self._unpacked()
+            self.qweight = q[:, 0::2] | (q[:, 1::2] << 4)
+            self.packed = False
+
+    def pack_(self) -> None:
+        """To the CPU kernel's layout, in place: one copy of the weights, never two."""
+        if not self.packed and self.qweight.is_cpu:
+            self.qweight = pack_int4(self._unpacked())
+            self.packed = True
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k, gs = self.out_features, self.in_features, self.group_size
@@ -181,29 +258,253 @@ class Int4Linear(QuantLinear):
         return self.qweight.numel() + 2 * self.scales_and_zeros.numel()
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            q = self._unpacked().to(torch.int32)  # (N, K) in 0..15
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            self._sz_low = self.scales_and_zeros.to(LOW)
-        return _INT4_MM(x, self._packed, self.group_size, self._sz_low)
+        if not self.packed:
+            self.pack_()
+        if self._sz_low is None:
+            sz = self.scales_and_zeros
+            self._sz_low = sz if sz.dtype == LOW else sz.to(LOW)
+        return _INT4_MM(x, self.qweight, self.group_size, self._sz_low)
+
+    def _apply(self, fn, recurse=True):
+        self.unpack_()  # moves and casts see the portable layout; the kernel repacks on its next call
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kw):
+        self.unpack_()  # state dicts hold the portable layout
+        super()._load_from_state_dict(*args, **kw)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table in int8, symmetric per block of `group_size` values of a row, float16 scales (GGUF
+    Q8_0's layout: that tensor is copied, not converted). A lookup dequantizes the rows it reads; a quantized
+    model's table costs ~1.06 bytes per value instead of 4."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if embedding_dim % group_size:
+            raise LlmkitError(f"int8 embedding: dim {embedding_dim} is not a multiple of {group_size}")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        g = embedding_dim // group_size
+        q = torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", torch.ones(num_embeddings, g, dtype=torch.float16, device=device))
+        self.out_dtype = dtype  # what lookups return (the model's compute dtype; follows .to(dtype))
+
+    def set_weight(self, src) -> None:
+        """Fill from a float (V, d) table or blocks with `.int8(group_size)` -> (q (V, d) int8, scales)."""
+        v, d, gs = self.num_embeddings, self.embedding_dim, self.group_size
+        q, s = torch.empty(v, d, dtype=torch.int8), torch.empty(v, d // gs, dtype=torch.float16)
+        for a, b in _chunks(v, d):
+            part = src.rows(a, b) if hasattr(src, "rows") else src[a:b]
+            exact = part.int8(gs) if hasattr(part, "int8") else None
+            if exact is not None:
+                q[a:b], s[a:b] = exact
+                continue
+            w = (part.dequantize() if hasattr(part, "dequantize") else part).float().view(b - a, -1, gs)
+            s[a:b] = (w.abs().amax(dim=-1) / 127).clamp(min=1e-7).to(torch.float16)  # (rows, G)
+            q[a:b] = torch.round(w / s[a:b].float()[..., None]).clamp(-127, 127).to(torch.int8).view(b - a, d)
+        dev = self.qweight.device if self.qweight.device.type != "meta" else torch.device("cpu")
+        self.qweight, self.scales = q.to(dev), s.to(torch.float16).to(dev)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        v, d, gs = self.num_embeddings, self.embedding_dim, self.group_size
+        return (self.qweight.view(v, d // gs, gs).to(dtype) * self.scales.to(dtype)[..., None]).view(v, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        gs = self.group_size
+        q = self.qweight[ids]  # (..., d) int8
+        s = self.scales[ids].to(self.out_dtype)  # (..., G)
+        return (q.view(*q.shape[:-1], -1, gs).to(self.out_dtype) * s[..., None]).flatten(-2)
+
+    def _apply(self, fn, recurse=True):
+        self.out_dtype = fn(torch.zeros((), dtype=self.out_dtype)).dtype  # model.to(dtype) changes outputs
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
+
+
+class Int4Embedding(nn.Module):
+    """An embedding table kept in 4 bits when the file stores it so (GGUF Q4_0 / Q4_1 / Q4_K: repacked, the
+    file's values up to bfloat16 scales): two nibbles per byte, a (scale, zero) pair per group of 32, as
+    Int4Linear. A lookup dequantizes the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if embedding_dim % group_size:
+            raise LlmkitError(f"int4 embedding: dim {embedding_dim} is not a multiple of {group_size}")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        g = embedding_dim // group_size
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales_and_zeros", torch.zeros(num_embeddings, g, 2, dtype=LOW, device=device))
+        self.out_dtype = dtype
+
+    def set_weight(self, src) -> None:
+        v, d, gs = self.num_embeddings, self.embedding_dim, self.group_size
+        qw = torch.empty(v, d // 2, dtype=torch.uint8)
+        sz = torch.empty(v, d // gs, 2, dtype=LOW)
+        for a, b in _chunks(v, d):
+            part = src.rows(a, b) if hasattr(src, "rows") else src[a:b]
+            exact = part.int4(gs) if hasattr(part, "int4") else None
+            if exact is not None:
+                q, sc, lo = exact
+            else:
+                w = (part.dequantize() if hasattr(part, "dequantize") else part).float().view(b - a, -1, gs)
+                lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+                sc = ((hi - lo) / 15).clamp(min=1e-10).to(LOW).float()
+                z = (lo + 8 * sc).to(LOW).float()
+                q = torch.round((w - z[..., None]) / sc[..., None] + 8).clamp(0, 15).to(torch.uint8)
+                q, lo = q.view(b - a, d), z - 8 * sc
+            qw[a:b] = q[:, 0::2] | (q[:, 1::2] << 4)
+            sz[a:b] = torch.stack([sc, lo + 8 * sc], dim=-1).to(LOW)
+        self.qweight, self.scales_and_zeros = qw, sz
+
+    def _rows(self, q: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        gs = self.group_size
+        nib = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)  # (..., d) in 0..15
+        nib = nib.view(*q.shape[:-1], -1, gs).to(dtype)
+        sz = sz.to(dtype)
+        return ((nib - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._rows(self.qweight, self.scales_and_zeros, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(self.qweight[ids], self.scales_and_zeros[ids], self.out_dtype)
+
+    def _apply(self, fn, recurse=True):
+        self.out_dtype = fn(torch.zeros((), dtype=self.out_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
+
+
+def _portable_state(module: Int4Linear, state: dict, prefix: str, local_metadata: dict) -> None:
+    """State dicts always hold the portable layout (files stay valid on any CPU)."""
+    key = prefix + "qweight"
+    if module.packed and key in state:
+        q = module._unpacked()
+        state[key] = q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+# ---------------------------------------------------------------- the CPU int4 kernel's weight layout
+# `_convert_weight_to_int4pack_for_cpu` (ATen int4mm_kernel.cpp) stores the nibbles of N rows x K in
+# blocks of BLOCK_N rows (64 with AVX-512, 32 otherwise), each block k-major: a full vectorised block
+# puts rows [0, BLOCK_N/2) in the low nibbles, [BLOCK_N/2, BLOCK_N) in the high ones (BLOCK_N/2 bytes per k);
+# a partial block (and the non-vectorised build) pairs neighbouring rows (n | n+1 << 4). We pack and unpack
+# that layout with tensor ops (no int32 copy of the weights, as the ATen op needs), after checking once per
+# process against the ATen op which of the known layouts this build uses.
+_LAYOUTS = ((64, True), (32, True), (32, False))  # (BLOCK_N, full blocks split in halves)
+_layout: tuple[int, bool] | None = None
+
+
+def _cpu_layout() -> tuple[int, bool]:
+    global _layout
+    if _layout is None:
+        probe = torch.randint(0, 16, (144, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1).flatten()
+        for cand in _LAYOUTS:
+            if torch.equal(_pack(probe, *cand).flatten(), want):
+                _layout = cand
+                break
+        else:
+            raise LlmkitError("this PyTorch build packs int4 weights in an unknown layout; "
+                              "report it with `python -c 'import torch; print(torch.__config__.show())'`")
+    return _layout
+
+
+def _pack(q: torch.Tensor, block: int, halves: bool) -> torch.Tensor:
+    n, k = q.shape
+    full = n // block * block
+    parts = []
+    if full:
+        b = q[:full].view(full // block, block, k).transpose(1, 2)  # (NB, K, BLOCK_N)
+        if halves:
+            h = block // 2
+            parts.append((b[..., :h] | (b[..., h:] << 4)).flatten())
+        else:
+            parts.append((b[..., 0::2] | (b[..., 1::2] << 4)).flatten())
+    if full < n:
+        t = q[full:].t()  # (K, nb)
+        parts.append((t[:, 0::2] | (t[:, 1::2] << 4)).flatten())
+    return torch.cat(parts).view(n, k // 2) if len(parts) > 1 else parts[0].view(n, k // 2)
+
+
+def int4_layout_name() -> str:
+    """This build's int4 kernel layout, e.g. "32h" (AVX2) or "64h" (AVX-512): part of the load cache's key."""
+    block, halves = _cpu_layout()
+    return f"{block}{'h' if halves else 'p'}"
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 nibbles -> (N, K/2) uint8 in the CPU kernel's layout."""
+    return _pack(q, *_cpu_layout())
+
+
+def unpack_int4(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of pack_int4: (N, K/2) kernel layout -> (N, K) uint8 nibbles."""
+    block, halves = _cpu_layout()
+    flat = p.reshape(-1)
+    full = n // block * block
+    out = torch.empty(n, k, dtype=torch.uint8, device=p.device)
+    if full:
+        b = flat[: full * k // 2].view(full // block, k, block // 2)
+        lo, hi = b & 15, b >> 4
+        rows = torch.cat([lo, hi], dim=-1) if halves else torch.stack([lo, hi], dim=-1).flatten(-2)
+        out[:full] = rows.transpose(1, 2).reshape(full, k)  # (NB, BLOCK_N, K)
+    if full < n:
+        t = flat[full * k // 2:].view(k, (n - full) // 2)
+        out[full:] = torch.stack([t & 15, t >> 4], dim=-1).flatten(-2).t()
+    return out
+
+
+def weight_count(model: nn.Module) -> int:
+    """Parameters of the model as trained: floats plus the weights the quantized modules hold (shared
+    tensors and fused groups once)."""
+    n, seen = 0, set()
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        seen.add(id(getattr(model, "lm_head", None)))  # a tied head's own quantized copy: the table's weights
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, Int8Embedding, Int4Embedding)) and id(m) not in seen:
+            seen.add(id(m))
+            n += m.out_features * m.in_features if isinstance(m, QuantLinear) else \
+                m.num_embeddings * m.embedding_dim
+    return n + sum(p.numel() for p in model.parameters())
+
+
 def _kind(model: nn.Module, parent: nn.Module, lin: nn.Linear, mode: str, group_size: int) -> str:
-    """Which module a Linear becomes: int8 for the head in int4 mode and for shapes groups do not divide."""
-    if mode == "int4" and parent is not model and lin.in_features % group_size == 0:
-        return "int4"
-    return "int8"
+    """Which module a Linear becomes: int8 for the head in int4 mode and for shapes int4 cannot take."""
+    return "int4" if mode == "int4" and _int4_ok(model, parent, lin, group_size) else "int8"
+
+
+def _int4_shape(lin: nn.Linear, group_size: int) -> bool:
+    return lin.in_features % group_size == 0 and lin.out_features % 16 == 0
+
+
+def _int4_ok(model: nn.Module, parent: nn.Module, lin: nn.Linear, group_size: int) -> bool:
+    """int4 needs whole groups along K and rows in multiples of 16 (the CPU kernel packs so); not the head."""
+    return parent is not model and lin.in_features % group_size == 0 and lin.out_features % 16 == 0
 
 
 def _concat(members: list[nn.Module]) -> nn.Module:
     """One module of the members' kind over their output rows concatenated (tensors joined along their
     output dimension)."""
     first = members[0]
+    if isinstance(first, Int4Linear):  # packed rows concatenate when every member is whole row blocks
+        block = _cpu_layout()[0]
+        packed = all(m.packed for m in members) and all(m.out_features % block == 0 for m in members)
+        for m in members:
+            if not packed:
+                m.unpack_()
     n, bias = sum(m.out_features for m in members), first.bias is not None
-    with torch.device("meta"):  # shapes only: the tensors are assigned below
+    with empty_weights():  # shapes only: the tensors are assigned below
         if type(first) is Int4Linear:
             f: nn.Module = Int4Linear(first.in_features, n, bias, first.group_size)
         elif type(first) is Int8Linear:
@@ -212,10 +513,18 @@ def _concat(members: list[nn.Module]) -> nn.Module:
             f = nn.Linear(first.in_features, n, bias)
     parts = [module_tensors(m) for m in members]
     for name, t in parts[0].items():
-        joined = torch.cat([p[name] for p in parts], dim=out_dim(first, name)).detach()
+        dim = out_dim(first, name)
+        if t.is_meta:  # shapes only (the load cache's skeleton): meta torch.cat would import torch._dynamo
+            shape = list(t.shape)
+            shape[dim] = sum(p[name].shape[dim] for p in parts)
+            joined = torch.empty(shape, dtype=t.dtype, device="meta")
+        else:
+            joined = torch.cat([p[name] for p in parts], dim=dim).detach()
         if isinstance(t, nn.Parameter):
             joined = nn.Parameter(joined, requires_grad=t.requires_grad)
         setattr(f, name, joined)
+    if isinstance(first, Int4Linear):
+        f.packed = packed
     return f
 
 
@@ -236,7 +545,8 @@ def fuse_projections(model: nn.Module) -> list[nn.Module]:
     LoRA wrappers at their `base_layer`): each member becomes a FusedPart of one shared module. Returns
     the fused modules. Floating-point groups fuse too when asked, but quantize_model is the usual caller."""
     fused = []
-    for mod in list(model.modules()):
+    for name in [n for n, _ in model.named_modules()]:  # names, not modules: a list of the modules would keep
+        mod = model.get_submodule(name)  # every replaced member alive until the end (2x the weights' peak)
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             slots = []  # (owner, attribute) of each member: the module itself or its wrapper's base_layer
             for n in names:
@@ -285,16 +595,101 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32) -> nn.Modu
     return model
 
 
-def _empty_quantized(model: nn.Module, qc: dict) -> None:
-    """Swap in quantized modules of the right shapes (values come from a state dict)."""
+# GGML types -> the llmkit module a matrix of that type becomes at the file's own precision ("auto")
+INT4_SOURCES = {"Q4_0", "Q4_1", "Q4_K", "Q2_K", "Q3_K"}
+INT8_SOURCES = {"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"}
+
+
+def auto_precision(types: dict[str, str]) -> str | None:
+    """The precision a file's own quantization maps to: "int4" when most matrix bytes are <= 4.5-bit types,
+    "int8" for 5-8-bit types, None for a float file. `types`: weight name -> GGML type name."""
+    kinds = [_source_kind(t) for t in types.values()]
+    if "int4" in kinds:
+        return "int4"
+    return "int8" if "int8" in kinds else None
+
+
+def _source_kind(ggml_type: str | None) -> str | None:
+    if ggml_type in INT4_SOURCES:
+        return "int4"
+    return "int8" if ggml_type in INT8_SOURCES else None
+
+
+def swap_quantized(model: nn.Module, record: dict, dtype: torch.dtype = torch.float32
+                   ) -> dict[str, nn.Module]:
+    """Swap the Linear layers of a (meta) model for empty quantized modules as `record` says, and the
+    embedding table for an Int8Embedding when asked; return weight name -> module, for the loader to fill.
+
+    record: {"mode": "int4" | "int8" | "auto", "group_size": 32, "embedding": "int8" | "int4" | False (absent:
+    the mode decides), and either "kinds"
+    (module name -> "int4" / "int8", as saved) or, for "auto", "types" (weight name -> GGML type: each matrix
+    keeps its file's precision class; a 4-bit head stays int4, others int8)}. model.quantization gets the
+    record
+    with "kinds" filled in (what save_quantized and the load cache write)."""
+    mode, gs = record["mode"], record.get("group_size", 32)
+    if mode not in (*MODES, "auto"):
+        raise LlmkitError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    types = record.get("types") or {}
+    kinds: dict[str, str] = dict(record.get("kinds") or {})
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, nn.Module] = {}
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     for parent, attr, lin in _targets(model):
-        bias = lin.bias is not None
-        if _kind(model, parent, lin, qc["mode"], qc["group_size"]) == "int4":
-            q: nn.Module = Int4Linear(lin.in_features, lin.out_features, bias, qc["group_size"])
-        else:
-            q = Int8Linear(lin.in_features, lin.out_features, bias)
+        name = f"{names[id(parent)]}.{attr}".lstrip(".")
+        if "kinds" not in record:
+            if mode == "auto":
+                head_src = "model.embed_tokens.weight" if name == "lm_head" and tied else name + ".weight"
+                src = types.get(head_src)
+                kind = _source_kind(src)
+                head = parent is model  # a 4-bit head in the file stays 4-bit (repacked, no loss added)
+                fits = _int4_ok(model, parent, lin, gs) or (head and _int4_shape(lin, gs))
+                if kind == "int4" and not fits:
+                    kind = "int8"
+                if kind is None:
+                    continue
+            else:
+                kind = _kind(model, parent, lin, mode, gs)
+            kinds[name] = kind
+        kind = kinds.get(name)
+        if kind is None:
+            continue
+        with empty_weights():
+            if kind == "int4":
+                q: nn.Module = Int4Linear(lin.in_features, lin.out_features, lin.bias is not None, gs)
+            else:
+                q = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
         setattr(parent, attr, q)
-    model.quantization = dict(qc)
+        out[name + ".weight"] = q
+    emb = record.get("embedding")
+    if emb is True:  # records written before 4-bit tables existed
+        emb = "int8"
+    if emb is None:  # "auto": the table's class (4 / 8 bits) when the file quantizes it; int4 / int8: int8
+        emb = _source_kind(types.get("model.embed_tokens.weight")) if mode == "auto" else "int8"
+    table = model.model.embed_tokens
+    if emb and table.embedding_dim % gs == 0 and (not tied or "lm_head" in kinds):
+        cls = Int4Embedding if emb == "int4" else Int8Embedding
+        with empty_weights():
+            emb_q = cls(table.num_embeddings, table.embedding_dim, gs, dtype=dtype)
+        model.model.embed_tokens = emb_q
+        out["model.embed_tokens.weight"] = model.model.embed_tokens
+    else:
+        emb = False
+    model.quantization = {"quant_method": "llmkit", "mode": mode, "group_size": gs, "kinds": kinds,
+                          "embedding": emb or False}
+    return out
+
+
+def finish_quantized(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """After the weights are in: move to `device`, fuse q/k/v and gate/up, pack int4 for the CPU kernel."""
+    device = torch.device(device or "cpu")
+    if device.type != "cpu":
+        model.to(device)
+    fuse_projections(model)
+    if device.type == "cpu":
+        for m in model.modules():
+            if isinstance(m, Int4Linear):
+                m.pack_()
+    return model
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str]) -> Path:
@@ -326,7 +721,7 @@ def is_quantized_dir(path: str | os.PathLike[str]) -> bool:
     return qc.get("quant_method") == "llmkit"
 
 
-def load_quantized(path: str | os.PathLike[str], device=None):
+def load_quantized(path: str | os.PathLike[str], device=None, before=None):
     """(config, model) from a folder written by save_quantized."""
     from safetensors.torch import load_file
 
@@ -337,9 +732,14 @@ def load_quantized(path: str | os.PathLike[str], device=None):
     hf = read_json(path / "config.json")
     qc = hf.pop("quantization_config")
     config = ModelConfig.from_hf(hf, source=str(path / "config.json"))
-    with torch.device("meta"):
+    if before is not None:  # e.g. the memory check, before any weight is read
+        kinds = set((qc.get("kinds") or {}).values())
+        before(config, qc["mode"] if qc["mode"] != "auto" else ("int4" if "int4" in kinds else "int8"))
+    with empty_weights():
         model = Transformer(config)
-    _empty_quantized(model, qc)
+    if "kinds" not in qc:  # written before per-module kinds were recorded: the mode's rule
+        qc = {**qc, "embedding": qc.get("embedding") or False}
+    swap_quantized(model, qc)
     expected = set(model.state_dict())
     state = load_file(path / "model.safetensors", device=str(device or "cpu"))
     missing = sorted(expected - set(state) - {"lm_head.weight"})
@@ -349,5 +749,5 @@ def load_quantized(path: str | os.PathLike[str], device=None):
     if config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.tie_weights()
     model.reset_buffers(device)
-    fuse_projections(model)
+    finish_quantized(model, device)
     return config, model.eval()

@@ -494,3 +494,54 @@ def write_gpt2_gguf(path: Path, cfg, tensors: dict[str, np.ndarray], tok, qtype:
     w.write_tensors_to_file()
     w.close()
     return dense
+
+
+def synthetic_q4_0(path: Path, d: int, layers: int, ff: int, vocab: int, heads: int, kv_heads: int) -> None:
+    """A Llama-architecture GGUF of random Q4_0 blocks (scales set to small float16s) and a byte-fallback
+    SentencePiece vocabulary: the shape of a big model without its weights, for llmkit's and llama.cpp's
+    memory at scale (tests/test_quant_stream.py, bench/bigmodel.py). gguf's writer holds the blocks until it
+    writes them."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    # a byte-fallback SentencePiece vocabulary: <unk> <s> </s>, the 256 bytes, then filler pieces
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    pieces += [f"\u2581w{i}" for i in range(vocab - len(pieces))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3, *[6] * 256, *[1] * (vocab - 259)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    q = gguf.GGMLQuantizationType.Q4_0
+    rng = np.random.default_rng(0)
+
+    def q4(n: int, k: int) -> np.ndarray:
+        raw = rng.integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
+        raw[..., 0:2] = np.full((n, k // 32), 0.002, dtype=np.float16).view(np.uint8).reshape(n, k // 32, 2)
+        return raw.reshape(n, -1)
+
+    hd = d // heads
+    w.add_tensor("token_embd.weight", q4(vocab, d), raw_dtype=q)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, dtype=np.float32))
+        for name, (n, k) in {"attn_q": (d, d), "attn_k": (kv_heads * hd, d), "attn_v": (kv_heads * hd, d),
+                             "attn_output": (d, d), "ffn_gate": (ff, d), "ffn_up": (ff, d),
+                             "ffn_down": (d, ff)}.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", q4(n, k), raw_dtype=q)
+    w.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
+    w.add_tensor("output.weight", q4(vocab, d), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

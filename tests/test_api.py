@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 from gguf_synth import tiny_hf_model, write_gguf
@@ -55,18 +52,26 @@ def test_load_dtype(tiny, stub_tokenizer):
         llmkit.load(tmp / "m.gguf", device="cpu", dtype="int3")
 
 
-def test_quantize_hook_calls_llmkit_quant(tiny, stub_tokenizer, monkeypatch):
-    tmp, _ = tiny
-    calls = []
-    fake = types.ModuleType("llmkit.quant")
-    fake.quantize_model = lambda model, mode: calls.append((type(model).__name__, mode, model.training))
-    monkeypatch.setitem(sys.modules, "llmkit.quant", fake)
-    llm = llmkit.load(tmp / "m.gguf", device="cpu", quantize="int8")
-    assert calls == [("Transformer", "int8", False)] and not llm.model.training
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_streams_into_quantized_modules(tiny, stub_tokenizer, mode):
+    """quantize= fills quantized modules while loading (no float Linear is ever built), GGUF and HF folders;
+    logits stay near the float model's (the transformers reference)."""
+    from llmkit.quant import Int4Linear, Int8Embedding, Int8Linear
+
+    tmp, ref = tiny
+    for src in (tmp / "m.gguf", tmp / "hf"):
+        llm = llmkit.load(src, device="cpu", quantize=mode)
+        kinds = {type(m) for m in llm.model.modules()}
+        assert torch.nn.Linear not in kinds and Int8Linear in kinds and Int8Embedding in kinds
+        assert (Int4Linear in kinds) == (mode == "int4") and not llm.model.training
+        assert llm.model.quantization["mode"] == mode
+        with torch.no_grad():
+            assert (llm.model(IDS) - ref).abs().max() < (0.1 if mode == "int8" else 0.35) * ref.abs().max()
+    with pytest.raises(LlmkitError, match="quantize='int3': choose int8, int4 or none"):
+        llmkit.load(tmp / "m.gguf", device="cpu", quantize="int3")
 
 
-def test_quantize_without_quant_module(tiny, stub_tokenizer, monkeypatch):
+def test_float_gguf_stays_float_by_default(tiny, stub_tokenizer):
     tmp, _ = tiny
-    monkeypatch.setitem(sys.modules, "llmkit.quant", None)
-    with pytest.raises(LlmkitError, match="quantize='int8' needs llmkit.quant"):
-        llmkit.load(tmp / "m.gguf", device="cpu", quantize="int8")
+    llm = llmkit.load(tmp / "m.gguf", device="cpu")  # an F32 file: its own precision is float
+    assert getattr(llm.model, "quantization", None) is None and llm.dtype == torch.float32

@@ -1,7 +1,6 @@
 """generate / chat / stream on the real default model (SmolLM2-135M-Instruct): stop strings across token
 boundaries, streaming = generate, batches = alone, prefix reuse in chat, quantized answers and logits."""
 
-import copy
 
 import pytest
 import torch
@@ -17,7 +16,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def llm(smollm2_gguf):
     import llmkit
 
-    return llmkit.load(smollm2_gguf, device="cpu")
+    # floats, as asked: these tests pin the engine's semantics (batching, streaming, seeds), which the
+    # default int4 load keeps but its bfloat16 activations make near-ties fragile (tests/test_quant_stream.py)
+    return llmkit.load(smollm2_gguf, device="cpu", dtype="float32")
 
 
 def test_chat_answers_paris(llm):
@@ -93,13 +94,15 @@ def test_bad_parameters_and_context(llm):
 
 
 @pytest.mark.parametrize("mode, max_ppl_ratio", [("int8", 1.03), ("int4", 1.02)])
-def test_quantized_logits_close_and_answers_paris(llm, mode, max_ppl_ratio, shared_data):
-    from llmkit.api import LLM
-    from llmkit.quant import quantize_model
+def test_quantized_logits_close_and_answers_paris(llm, mode, max_ppl_ratio, shared_data, smollm2_gguf):
+    """What a user runs: the Q4_1 file loaded straight into int8 / int4 (the int4 nibbles are the file's own),
+    against the float32 model. (Quantizing the float32 copy again with min/max groups lands on an exact tie
+    between "The" and "L" for the first answer token: the float model's own margin is 0.08 nats.)"""
+    import llmkit
 
     text = sorted((shared_data / "corpus" / "fr-nouvelles19").glob("*.txt"))[0].read_text()[:4000]
     ids = torch.tensor([llm.tokenizer.encode(text)[:256]])
-    q = LLM(quantize_model(copy.deepcopy(llm.model), mode), llm.tokenizer, llm.config, "q", llm.path)
+    q = llmkit.load(smollm2_gguf, device="cpu", quantize=mode)
     with torch.inference_mode():
         ref, got = llm.model(ids)[0], q.model(ids)[0]  # (T, V)
     nll = [torch.nn.functional.cross_entropy(x[:-1], ids[0, 1:]).item() for x in (ref, got)]

@@ -49,18 +49,19 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.io import read_gguf
+from llmkit.model.layers import empty_weights
 from llmkit.model.rope import rope_inv_freq
 
 # GGUF general.architecture -> (HF model_type, q/k rows permuted by llama.cpp)
@@ -160,6 +161,68 @@ class _Stored:
     n_bytes: int
 
 
+@dataclass
+class GGUFBlocks:
+    """One weight matrix still in its GGML blocks (rows of `raw` bytes, as read from the file), so the
+    quantized modules can take it as it is: `int4(group_size)` for Q4_0 / Q4_1 / Q4_K (4-bit affine groups
+    of 32, repacked exactly), `int8(group_size)` for Q8_0, `dequantize()` (float32) / `rows(a, b)` else."""
+
+    qtype: GGMLQuantizationType
+    raw: np.ndarray | None  # (rows, bytes per row) uint8; None: read rows from the file when asked
+    shape: tuple[int, int]  # (rows, cols), PyTorch order
+    read: Any = None  # (a, b) -> rows a..b of raw, for a tensor taken as stored (no row reordering)
+
+    def _raw(self) -> np.ndarray:
+        return self.raw if self.raw is not None else self.read(0, self.shape[0])
+
+    def dequantize(self) -> torch.Tensor:
+        w = dequantize(self._raw(), self.qtype).reshape(self.shape)
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+
+    def _blocks(self) -> np.ndarray:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return np.asarray(self._raw()).reshape(self.shape[0], self.shape[1] // block, size)  # (N, blocks, B)
+
+    def int4(self, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(nibbles (N, K) uint8 in 0..15, scale (N, K/32), value at nibble 0 (N, K/32)) float32, or None."""
+        name = self.qtype.name
+        if group_size != 32 or name not in ("Q4_0", "Q4_1", "Q4_K"):
+            return None
+        n, k = self.shape
+        b = self._blocks()
+        f16 = lambda a: np.ascontiguousarray(a).view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+        if name == "Q4_K":  # 256 values: d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+            d, dmin = f16(b[..., 0:2])[..., None], f16(b[..., 2:4])[..., None]  # (N, B, 1)
+            sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+            scale = (d * sc.reshape(n, -1, 8)).reshape(n, -1)  # (N, K/32)
+            low = (-dmin * mn.reshape(n, -1, 8)).reshape(n, -1)
+            qs = b[..., 16:].reshape(n, -1, 4, 1, 32)  # chunks of 64 values: low nibbles, then high
+        else:  # Q4_0: d, 16 bytes (w = d (q - 8)); Q4_1: d, m, 16 bytes (w = d q + m)
+            off = 2 if name == "Q4_0" else 4
+            scale = f16(b[..., 0:2])  # (N, K/32)
+            low = -8 * scale if name == "Q4_0" else f16(b[..., 2:4])
+            qs = b[..., off:].reshape(n, -1, 1, 16)  # values 0..15 in the low nibbles, 16..31 in the high
+        q = np.concatenate([qs & 15, qs >> 4], axis=-2).reshape(n, k)
+        return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(low)
+
+    def int8(self, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Q8_0 as (values (N, K) int8, scales (N, K/32) float16), or None."""
+        if group_size != 32 or self.qtype.name != "Q8_0":
+            return None
+        b = self._blocks()
+        d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0]
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(self.shape)
+        return torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(d))
+
+    def rows(self, a: int, b: int) -> GGUFBlocks:
+        """Rows a..b (the blocks of a row never straddle rows), read from the file alone if not in memory."""
+        raw = self.raw[a:b] if self.raw is not None else self.read(a, b)
+        return GGUFBlocks(self.qtype, raw, (b - a, self.shape[1]))
+
+    def is_floating_point(self) -> bool:
+        return False
+
+
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's `permute(w, n_head)` on q/k rows (weights (n_head*head_dim, d) or biases).
 
@@ -217,9 +280,22 @@ class GGUFFile:
             )
         return _Stored(qtype, tuple(reversed(dims)), offset, n_bytes)
 
-    @cached_property
-    def _data(self) -> np.memmap:
-        return np.memmap(self.path, dtype=np.uint8, mode="r")
+    def _read_rows(self, t: _Stored, a: int, b: int) -> np.ndarray:
+        """Rows a..b of a 2-D tensor's bytes, (b - a, bytes per row)."""
+        row = t.n_bytes // t.shape[0]
+        return self._read(t, a * row, (b - a) * row).reshape(b - a, row)
+
+    def _read(self, t: _Stored, start: int = 0, n: int | None = None) -> np.ndarray:
+        """A tensor's bytes, read into memory of our own (not a memory map: mapped pages stay in the process's
+        resident set after use, so a map would add the whole file to the loader's peak)."""
+        n = t.n_bytes if n is None else n
+        out = np.empty(n, dtype=np.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(t.offset + start)
+            if fh.readinto(memoryview(out)) != n:
+                raise LlmkitError(f"{self.path}: short read at byte {t.offset}; the file changed while "
+                                  "loading")
+        return out
 
     # ------------------------------------------------------------------ metadata
     def get(self, key: str, default: Any = None) -> Any:
@@ -440,19 +516,23 @@ class GGUFFile:
                 return tuple(f"{prefix}mlp.experts.{e}.{proj}.{suffix}" for e in range(n_experts))
         raise LlmkitError(f"{self.path}: tensor {name} has no llmkit equivalent (architecture {self.arch})")
 
+    def weight_types(self) -> dict[str, str]:
+        """HF weight name -> GGML type name (what `quantize="auto"` maps to llmkit's int4 / int8)."""
+        return {n: info.ggml_type for info in self.tensor_infos() for n in info.hf_names}
+
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as float32 numpy in PyTorch order (rows first); raises on unsupported GGML types."""
         t = self._tensors[name]
         qtype, shape = t.qtype, t.shape
         if qtype.name not in SUPPORTED_TYPES:
             raise LlmkitError(_type_error(self.path, name, qtype.name))
-        raw = self._data[t.offset : t.offset + t.n_bytes]  # (n_bytes,) uint8, read-only
+        raw = self._read(t)  # (n_bytes,) uint8
         try:
             w = dequantize(raw.reshape(*shape[:-1], -1), qtype).reshape(shape)
         except Exception as e:
             raise LlmkitError(f"{self.path}: tensor {name} ({qtype.name}, {shape}) is corrupt: {e}") from e
         w = np.asarray(w, dtype=np.float32)
-        return w if w.flags.writeable else w.copy()  # F32 data is a read-only view of the memory map
+        return w if w.flags.writeable else w.copy()
 
     def check(self, config: ModelConfig) -> None:
         """Names and shapes of the tensor table against `config`, before any data is read.
@@ -461,7 +541,7 @@ class GGUFFile:
         """
         from llmkit.model import Transformer
 
-        with torch.device("meta"):
+        with empty_weights():
             expected = {n: tuple(p.shape) for n, p in Transformer(config).named_parameters()}
         provided = set()
         for info in self.tensor_infos():
@@ -492,11 +572,14 @@ class GGUFFile:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise LlmkitError(f"{self.path}: missing tensor {', '.join(missing[:3])}{more}; file incomplete")
 
-    def iter_tensors(self, origin: dict[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, origin: dict[str, str] | None = None, blocks: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
         """(HF name, float32 tensor) pairs, one dequantised tensor at a time, q/k rows unpermuted, Gemma's
         norm weights shifted back by -1.
 
-        `origin`, when given, is filled with HF name -> "file (tensor GGUF-name)" for error messages.
+        `blocks=True`: block-quantized matrices come as GGUFBlocks (their bytes, rows reordered and split like
+        the floats) for the quantized modules to take without a float32 copy. `origin`, when given, is filled
+        with HF name -> "file (tensor GGUF-name)" for error messages.
         """
         if self.permuted_qk:
             cfg = self.hf_config()
@@ -504,7 +587,24 @@ class GGUFFile:
         for info in self.tensor_infos():
             if not info.hf_names:
                 continue
-            w = self.dequantize(info.name)
+            t = self._tensors[info.name]
+            raw = blocks and len(t.shape) >= 2 and t.qtype.name not in ("F32", "F16", "BF16")
+            permuted = self.permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", info.name)
+            if raw and len(info.hf_names) == 1 and len(t.shape) == 2 and not permuted:
+                if t.qtype.name not in SUPPORTED_TYPES:
+                    raise LlmkitError(_type_error(self.path, info.name, t.qtype.name))
+                if origin is not None:
+                    origin[info.hf_names[0]] = f"{self.path} (tensor {info.name!r})"
+                # as stored: the modules read it a few rows at a time (an embedding table or a head is the
+                # biggest tensor of a model, never in memory whole)
+                yield info.hf_names[0], GGUFBlocks(t.qtype, None, t.shape, partial(self._read_rows, t))
+                continue
+            if raw:
+                if t.qtype.name not in SUPPORTED_TYPES:
+                    raise LlmkitError(_type_error(self.path, info.name, t.qtype.name))
+                w = self._read(t).reshape(*t.shape[:-1], -1)  # rows of bytes
+            else:
+                w = self.dequantize(info.name)
             if self.permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", info.name):
                 heads = n_heads if ".attn_q." in info.name else n_kv
                 try:
@@ -515,12 +615,18 @@ class GGUFFile:
                 w -= self.norm_shift  # (d,) float32, our own copy
             if origin is not None:
                 origin.update(dict.fromkeys(info.hf_names, f"{self.path} (tensor {info.name!r})"))
+
+            def out(a: np.ndarray) -> torch.Tensor | GGUFBlocks:
+                if raw:
+                    return GGUFBlocks(t.qtype, a, (a.shape[0], t.shape[-1]))
+                return torch.from_numpy(np.ascontiguousarray(a))
+
             if len(info.hf_names) == 1:
-                yield info.hf_names[0], torch.from_numpy(w)
+                yield info.hf_names[0], out(w)
                 continue
             if info.fused:  # GPT-2's attn_qkv: (3 d_model, d_model) or (3 d_model,) -> q, k, v rows
                 for hf_name, part in zip(info.hf_names, np.split(w, 3, axis=0)):
-                    yield hf_name, torch.from_numpy(np.ascontiguousarray(part))
+                    yield hf_name, out(part)
                 continue
             if w.shape[0] != len(info.hf_names):
                 raise LlmkitError(
@@ -528,7 +634,7 @@ class GGUFFile:
                     f"expected {len(info.hf_names)} experts"
                 )
             for e, hf_name in enumerate(info.hf_names):  # stacked experts -> one tensor per expert
-                yield hf_name, torch.from_numpy(np.ascontiguousarray(w[e]))
+                yield hf_name, out(w[e])
 
 
 def _f32(v: Any) -> float:
@@ -565,16 +671,37 @@ def gguf_name(hf_name: str, arch: str = "llama") -> str:
 
 
 def load_gguf(
-    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    quantize: str | None = None, before: Any = None,
 ) -> tuple[ModelConfig, torch.nn.Module, GGUFFile]:
-    """Read a GGUF file into a Transformer (weights dequantised, streamed). Returns (config, model, file)."""
+    """Read a GGUF file into a Transformer, streamed tensor by tensor. Returns (config, model, file).
+
+    quantize None: every weight dequantised to `dtype`. "int4" / "int8": llmkit's quantized modules, filled
+    from the blocks (Q4_0 / Q4_1 / Q4_K repacked into int4, Q8_0 copied into the int8 embedding; other types
+    converted one tensor at a time). "auto": each matrix at its own file's precision class (see
+    llmkit.quant.swap_quantized). `before(config, precision)` runs before any weight is read."""
     from llmkit.checkpoint.hf import build_model
 
     f = GGUFFile(path)
     config = f.config()
     f.check(config)
     origin: dict[str, str] = {}
-    model = build_model(
-        config, f.iter_tensors(origin), device=device, dtype=dtype, source=str(f.path), files=origin
-    )
+    record = None
+    if quantize:
+        from llmkit.quant import auto_precision
+
+        types = f.weight_types()
+        if quantize != "auto" or auto_precision(types):
+            record = {"mode": quantize, "group_size": 32, "types": types}
+    if before is not None:  # e.g. the memory check, once the config and precision are known
+        before(config, (auto_precision(types) if quantize == "auto" else quantize) if record else dtype)
+    from llmkit.checkpoint.cache import cached_load
+
+    def build() -> torch.nn.Module:
+        tensors = f.iter_tensors(origin, blocks=record is not None)
+        return build_model(config, tensors, device=device, dtype=dtype, source=str(f.path), files=origin,
+                           quantize=record)
+
+    key = {**record, "dtype": str(dtype)} if record else None
+    model = cached_load(f.path, config, key, torch.device(device or "cpu"), build)
     return config, model, f

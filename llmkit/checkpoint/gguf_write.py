@@ -64,6 +64,7 @@ from llmkit.checkpoint.gguf import gguf_name
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_path
+from llmkit.model.layers import empty_weights
 
 log = logging.getLogger("llmkit")
 
@@ -195,7 +196,7 @@ def _weights(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Ten
     """The model's weights under llmkit's canonical names (fused projections split back)."""
     from llmkit.model import Transformer
 
-    with torch.device("meta"):
+    with empty_weights():
         expected = [n for n, _ in Transformer(config).named_parameters()]
     state = model.state_dict()
     if any(".lora_A." in k for k in state):

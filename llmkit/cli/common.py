@@ -1,4 +1,5 @@
-"""Flags every training verb shares (sft, dpo, reward-train, grpo, rlhf): budget, device, resume, output."""
+"""Flags several verbs share: the training verbs' run flags (sft, dpo, reward-train, grpo, rlhf: budget,
+device, resume, output) and the inference verbs' --kv-cache (generate, chat, serve)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,21 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    """--kv-cache auto|bf16|fp16|int8: the KV cache's storage (llmkit.model.kv_cache)."""
+    p.add_argument("--kv-cache", default=None, metavar="auto|bf16|fp16|int8",
+                   help="KV cache storage: auto = the model's dtype (default), bf16 / fp16 (half of fp32), "
+                        "int8 (a scale per head and position: about a quarter of fp32)")
+
+
+def kv_cache_arg(args: argparse.Namespace) -> str | None:
+    """The --kv-cache value, checked before any model loads (a bad one is a one-line LlmkitError)."""
+    if args.kv_cache is not None:
+        import torch
+
+        from llmkit.model.kv_cache import resolve_kv_dtype
+
+        resolve_kv_dtype(args.kv_cache, torch.float32)
+    return args.kv_cache

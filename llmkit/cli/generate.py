@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Any
 
+from llmkit.cli.common import add_kv_cache_arg, kv_cache_arg
 from llmkit.errors import LlmkitError
 
 FALLBACK = {"temperature": 0.7, "max_tokens": 256}  # when neither a flag nor the model says
@@ -45,11 +46,17 @@ def _sampling_args(p: argparse.ArgumentParser, interactive: bool) -> None:
                    help="subtract this from tokens already in the answer (default: 0 = off)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); never printed")
     p.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization at load")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU)")
+    p.add_argument("--quantize", choices=("int8", "int4", "none"), default=None,
+                   help="weight-only quantization at load (default: a quantized GGUF runs at its own "
+                        "precision on CPU, e.g. Q4_1 -> int4; none: floats)")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: cuda when available; auto "
+                   "also splits layers between GPU and CPU when the GPU is too small)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU; giving it "
+                   "loads a quantized GGUF as floats)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="longest conversation, in tokens, for the memory check at load (default: 4096)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT folder)")
+    add_kv_cache_arg(p)
 
 
 def _explicit(args) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def _load(model: str | None, args):
     from llmkit.hub import DEFAULT_MODEL
 
     return llmkit.load(model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       adapter=getattr(args, "adapter", None))
+                       adapter=getattr(args, "adapter", None), context=args.context)
 
 
 def cmd_generate(args) -> int:
@@ -86,8 +93,9 @@ def cmd_generate(args) -> int:
     if prompt == "-":
         prompt = sys.stdin.read()
     explicit = _explicit(args)
+    kv = kv_cache_arg(args)
     llm = _load(model, args)
-    s = llm.stream(prompt, params=_params(llm, explicit, interactive=False))
+    s = llm.stream(prompt, params=_params(llm, explicit, interactive=False), kv_dtype=kv)
     for delta in s:
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -100,10 +108,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from llmkit.generate.api import get_engine
     from llmkit.generate.repl import run_chat
 
     explicit = _explicit(args)
+    kv = kv_cache_arg(args)
     llm = _load(args.model, args)
+    if kv is not None:
+        get_engine(llm, kv_dtype=kv, tokens=1)  # the engine every answer then uses (kv_dtype sticks)
     return run_chat(llm, _params(llm, explicit, interactive=True), system=args.system)
 
 

@@ -23,11 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Describe a model without loading its weights: architecture and config, "
                                    "parameter counts by component, bytes per stored dtype, vocabulary, "
                                    "special tokens, chat template, context length, generation defaults "
-                                   "(the sampling settings used when a request leaves them unset).")
+                                   "(the sampling settings used when a request leaves them unset), and the "
+                                   "memory a load needs at float32, bfloat16, int8 and int4 (weights, KV "
+                                   "cache, runtime) against what this machine has.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"name, repo id or path (default: {DEFAULT_MODEL})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--template-lines", type=int, default=8, help="chat template lines to show (default 8)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="tokens the memory estimate is sized for (default 4096, capped by the model's)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
@@ -83,7 +87,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from llmkit.info import format_info, model_info
 
     path = resolve(args.model)
-    info = model_info(path, known=named_model_at(path))
+    info = model_info(path, known=named_model_at(path), context=args.context)
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         print()

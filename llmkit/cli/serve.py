@@ -8,6 +8,8 @@ import logging
 import os
 from collections.abc import Sequence
 
+from llmkit.cli.common import add_kv_cache_arg, kv_cache_arg
+
 DEFAULT_CONTEXT = 4096  # SmolLM2 has 8192: 8 rows x 8192 positions would hold 2.7 GB of fp32 KV cache
 
 
@@ -28,9 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-batch", type=int, default=8, help="rows in the running batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--max-seq-len", "--context", type=int, default=None,
                    help=f"context per row (default: the model's, at most {DEFAULT_CONTEXT}); the KV cache "
                         "holds max-batch x this many positions")
+    add_kv_cache_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU: CUDA graphs)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--store", default=None, help="SQLite file for stored responses (default: in the cache)")
@@ -123,11 +126,14 @@ def serve(args: argparse.Namespace) -> int:
         keys.append(os.environ["LLMKIT_API_KEY"])
     name = args.model or DEFAULT_MODEL
     plain, named = parse_adapter_args(args.adapter, name)  # every --adapter checked before anything loads
-    llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=plain)
+    kv = kv_cache_arg(args)
+    llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=plain,
+                      context=args.max_seq_len)
     context = args.max_seq_len or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
                      max_seq_len=context, compile=args.compile, max_queue=args.max_queue,
-                     request_timeout=args.timeout, adapters=named, **guardrails(args))
+                     request_timeout=args.timeout, adapters=named, **guardrails(args),
+                     **({} if kv is None else {"kv_dtype": kv}))
     url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(banner(url, name, bool(keys), list(named)), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

@@ -9,7 +9,8 @@ Notable choices:
 - `generate` returns a GenerationResult whose str() is the text, so `print(llm.generate(...))` shows text
   while `.token_ids`, `.logprobs`, `.finish_reason`, `.usage` are at hand; with n > 1 (or a list of
   prompts) it returns a list (prompt-major: all samples of prompt 0, then prompt 1, ...).
-- One Engine per LLM (made on first use, rebuilt only to grow its batch), so a chat that continues a
+- One Engine per LLM (made on first use, rebuilt only to grow its batch or context, or for another
+  `kv_dtype=`: "bf16" / "fp16" / "int8" KV cache storage, sticky once chosen), so a chat that continues a
   conversation reuses the cached keys/values of everything said so far (`usage["cached_tokens"]`).
 - Prompts longer than the engine's batch are queued: rows are refilled as sequences finish.
 - Raw prompts are encoded as /v1/completions encodes them (`encode_prompt`): BOS where the model wants one,
@@ -33,6 +34,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from llmkit.errors import LlmkitError
 from llmkit.generate.defaults import resolve_params
 from llmkit.generate.engine import Engine
@@ -48,6 +51,7 @@ from llmkit.generate.request import (
     usage,
 )
 from llmkit.generate.sampling import SamplingParams, TokenLogprob
+from llmkit.model.kv_cache import resolve_kv_dtype
 
 
 @dataclass
@@ -66,23 +70,32 @@ class GenerationResult:
         return self.text
 
 
-MIN_CAPACITY = 4096  # KV slots per row an engine starts with when the caller says how many it needs
+MIN_CAPACITY = 256  # KV slots per row an engine starts with when the caller says how many it needs (the
+# default model: 11 MB in float32; grown by doubling, a remake drops the prefix cache once per doubling)
 
 
-def get_engine(llm, max_batch: int = 1, tokens: int | None = None) -> Engine:
+def get_engine(llm, max_batch: int = 1, tokens: int | None = None,
+               kv_dtype: str | torch.dtype | None = None) -> Engine:
     """The LLM's engine, (re)made with at least `max_batch` rows and room for `tokens` tokens per row
     (None: the model's whole context). The KV cache is sized to the need, rounded up to a power of two
     (at least MIN_CAPACITY), not to the context: Gemma 3's 32768 positions would cost 1.2 GB per row in
-    float32. A longer request later remakes the engine (its prefix cache is dropped once)."""
+    float32. A longer request later remakes the engine (its prefix cache is dropped once).
+    `kv_dtype`: the cache's storage ("auto", "bf16", "fp16", "int8"; see Engine); None keeps the current
+    engine's ("auto" for a first engine), so a choice made once (the CLI's --kv-cache) sticks, and a
+    different one remakes the engine."""
     ctx = llm.model.config.max_seq_len
     want = ctx if tokens is None else min(ctx, max(MIN_CAPACITY, 1 << max(tokens - 1, 1).bit_length()))
     eng = getattr(llm, "_engine", None)
-    if eng is None or eng.max_batch < max_batch or eng.model is not llm.model or eng.capacity < want:
-        if eng is not None and eng.model is llm.model:
+    same = eng is not None and eng.model is llm.model
+    if same and kv_dtype is None:
+        kv_dtype = eng.cache.dtype
+    if (not same or eng.max_batch < max_batch or eng.capacity < want
+            or resolve_kv_dtype(kv_dtype, eng.dtype) != eng.cache.dtype):
+        if same:
             max_batch, want = max(max_batch, eng.max_batch), max(want, eng.capacity)
         eng = llm._engine = None  # free the old cache before allocating the new one
         eng = Engine(llm.model, max_batch=max_batch, max_seq_len=want,
-                     stop_ids=sorted(llm.tokenizer.stop_ids))
+                     stop_ids=sorted(llm.tokenizer.stop_ids), kv_dtype=kv_dtype)
         llm._engine = eng
     return eng
 
@@ -218,19 +231,21 @@ def _start(llm, prompt, params, kw, *, tools=None, tool_choice=None, response_fo
 
 
 def generate(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
-             guard=None, tool_choice=None, response_format=None, logit_bias=None, **kw
+             guard=None, tool_choice=None, response_format=None, logit_bias=None, kv_dtype=None, **kw
              ) -> GenerationResult | list[GenerationResult]:
     """Complete a prompt (str, token ids, chat messages) or a list of prompts (one batch).
 
     Sampling keywords left unset take the model's generation defaults (`llm.generation_defaults`). For chat
     messages, `tools` / `tool_choice` / `response_format` work as in the OpenAI API; `logit_bias` maps token
-    ids to biases in [-100, 100]; `guard` (llmkit.generate.guard) moderates the input and the outputs."""
+    ids to biases in [-100, 100]; `guard` (llmkit.generate.guard) moderates the input and the outputs;
+    `kv_dtype` the KV cache's storage ("auto", "bf16", "fp16", "int8"; None: as the LLM's engine has it)."""
     params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
                                                 response_format=response_format, logit_bias=logit_bias,
                                                 guard=guard)
     if procs is not None and len(prompts) > 1:
         procs = None if logit_bias is None else procs  # only logit_bias applies to a batch of raw prompts
-    eng = get_engine(llm, min(len(prompts) * params.n, 8), max(map(len, prompts)) + params.max_tokens)
+    eng = get_engine(llm, min(len(prompts) * params.n, 8), max(map(len, prompts)) + params.max_tokens,
+                     kv_dtype)
     results: dict[int, list[GenerationResult]] = {}
     for i, _, res in run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs, prompt=cp,
                          guard=guard):
@@ -267,8 +282,9 @@ class Stream:
 
 
 def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
-           guard=None, tool_choice=None, response_format=None, logit_bias=None, **kw) -> Stream:
-    """Text deltas of one completion (prompt: str, token ids or chat messages)."""
+           guard=None, tool_choice=None, response_format=None, logit_bias=None, kv_dtype=None, **kw
+           ) -> Stream:
+    """Text deltas of one completion (prompt: str, token ids or chat messages); keywords as `generate`."""
     params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
                                                 response_format=response_format, logit_bias=logit_bias,
                                                 guard=guard)
@@ -276,6 +292,6 @@ def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool 
         raise LlmkitError("stream produces one sequence; use generate for n > 1")
     if not single:
         raise LlmkitError("stream takes one prompt; use generate for a batch")
-    eng = get_engine(llm, 1, len(prompts[0]) + params.max_tokens)
+    eng = get_engine(llm, 1, len(prompts[0]) + params.max_tokens, kv_dtype)
     return Stream(run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs,
                       prompt=cp, guard=guard))

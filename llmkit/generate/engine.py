@@ -21,6 +21,10 @@ Notable choices:
 - Attention reads only the filled prefix of the cache (`KVCache.select`), so a step costs what the sequences
   hold, not what the cache can hold. compile=True runs decode steps through torch.compile (CUDA graphs on a
   GPU) over fixed shapes: the whole cache is attended (masked), so one graph serves each batch size.
+- `kv_dtype` picks the cache's storage: "auto" (the model's dtype), "bf16" / "fp16", or "int8" (a float32
+  scale per head and position: 68 bytes instead of 256 per fp32 head vector of 64); the model computes in
+  its own dtype either way. A model placed across devices (llmkit.placement) gets each layer's cache on
+  that layer's device, and its logits are brought back to the engine's device (the embeddings') to sample.
 - Prefix reuse: each row remembers the token ids whose keys/values it holds (`ids`). A new request goes to
   the free row sharing the longest prefix with it; if another row (even a running one) shares a longer
   prefix, those slots are copied over; if that row is still prefilling the shared part (n samples of one
@@ -53,6 +57,7 @@ import torch.nn as nn
 from llmkit.errors import LlmkitError
 from llmkit.generate.sampling import Processor, Sampler, SamplingParams, TokenLogprob, logprob_infos
 from llmkit.model import KVCache
+from llmkit.model.kv_cache import resolve_kv_dtype
 
 
 @dataclass
@@ -91,7 +96,10 @@ class Request:
 
 class Engine:
     def __init__(self, model: nn.Module, max_batch: int = 8, max_seq_len: int | None = None,
-                 stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 256):
+                 stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 256,
+                 kv_dtype: str | torch.dtype | None = None):
+        """kv_dtype: the KV cache's storage dtype, "auto" / None (the model's dtype), "bf16", "fp16", "int8"
+        (llmkit.model.kv_cache.resolve_kv_dtype)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         cfg = model.config
@@ -103,8 +111,11 @@ class Engine:
         self.stop_ids = set(stop_ids)  # the tokenizer's eos / end-of-turn ids
         p = next(model.parameters())
         self.device = p.device
-        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-        self.cache = KVCache(cfg, max_batch, self.capacity, device=p.device, dtype=dtype)
+        self.dtype = p.dtype if p.dtype.is_floating_point else torch.float32  # compute dtype
+        dtype = resolve_kv_dtype(kv_dtype, self.dtype)
+        devices = getattr(model, "layer_devices", None)  # placed across devices (llmkit.placement)
+        self.cache = KVCache(cfg, max_batch, self.capacity, device=p.device, dtype=dtype,
+                             devices=devices[:-1] if devices else None)
         self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)
         self.requests: list[Request | None] = [None] * max_batch
         self.ids: list[list[int]] = [[] for _ in range(max_batch)]  # token ids whose K/V each row holds
@@ -219,7 +230,7 @@ class Engine:
             if len(feed) == 1:
                 return {feed[0]: e}
             return {r: err for one in feed for r, err in self._decode([one]).items()}
-        logits = logits.float()
+        logits = logits.float().to(self.device)  # the head may sit on another device (placement)
         self._decoded = (feed, logits)
         for r, lg in zip(feed, logits):
             self.requests[r].logits = lg
@@ -370,7 +381,7 @@ class Engine:
                 last.append((i, r, len(c) - 1))
         if last:
             at = torch.tensor([(i, p) for i, _, p in last], device=h.device)  # (k, 2): batch row, position
-            logits = self.model.head(h[at[:, 0], at[:, 1]]).float()  # (k, V)
+            logits = self.model.head(h[at[:, 0], at[:, 1]]).float().to(self.device)  # (k, V)
             self._decoded = None  # these rows' logits no longer come from the last decode
             for (_, r, _), lg in zip(last, logits):
                 self.requests[r].logits = lg

@@ -27,10 +27,33 @@ tensor under the part's prefix, and loading copies a part's tensors into its sli
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_")
+
+
+@contextmanager
+def empty_weights():
+    """Build modules on the meta device without running their initialisers (shapes only, no memory). On meta,
+    nn.init's in-place randoms go through torch._refs, which imports torch._dynamo: 70 MB and ~1 s that a
+    loader does not need (HF transformers' `no_init_weights` skips them the same way)."""
+    saved = {n: getattr(nn.init, n) for n in _INITS}
+    for n in _INITS:
+        setattr(nn.init, n, _keep)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
 
 
 def out_dim(module: nn.Module, name: str) -> int:

@@ -48,6 +48,10 @@ def rope_tables(
     head_dim: int, max_seq_len: int, theta: float, scaling: dict[str, Any] | None = None, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (max_seq_len, head_dim/2) float32 on `device`."""
+    if torch.device(device or "cpu").type == "meta":  # shapes only (meta math would import torch._dynamo)
+        with torch.device("meta"):
+            shape = (max_seq_len, head_dim // 2)
+            return torch.empty(shape), torch.empty(shape)
     inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)  # (D/2,)
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)  # (S,)
     freqs = torch.outer(t, inv_freq)  # (S, D/2)

@@ -51,6 +51,10 @@ Notable choices:
   `model(ids, output_aux=True).aux_loss` is the Switch / Mixtral load-balancing loss (transformers'
   load_balancing_loss_func) over router logits collected through the forward call (a list passed down the
   blocks, never stored on a module); the trainer adds `config.router_aux_loss_coef * aux_loss`.
+- Layers may sit on different devices (llmkit.placement, accelerate's device_map="auto"): `layer_devices`
+  lists each layer's device and the final norm + head's, and the forward moves the hidden state (and the
+  positions, RoPE tables and masks) when the next layer sits elsewhere. None (one device) costs one
+  `is not None` per layer; a later `model.to(...)` re-reads the devices from the weights.
 - Explicit positions are checked against the RoPE / learned-position table and the cache (one min/max
   read per forward, skipped under torch.compile): an out-of-range position is a LlmkitError, not a
   silent wrap-around or a device-side assert.
@@ -380,6 +384,8 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # plain attributes, read per forward without touching the config or any hasattr
         self.final_softcap = config.final_logit_softcap
+        # llmkit.placement: each layer's device, then the final norm + head's; None = one device for all
+        self.layer_devices: list[torch.device] | None = None
         self.local_rope = config.pos_encoding == "rope" and config.rope_local_theta is not None
         # √d_model rounded to each dtype, as HF multiplies by a tensor in the embeddings' dtype; None = off
         self.embed_scales = {
@@ -391,6 +397,16 @@ class Transformer(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
+    def _apply(self, fn, recurse=True):
+        # model.to(...) / .half() on a placed model: re-read where the layers now are (None: one device)
+        module = super()._apply(fn, recurse)
+        if self.layer_devices is not None:
+            devs = [layer.input_layernorm.weight.device for layer in self.model.layers]
+            devs.append(self.model.norm.weight.device)
+            one = set(devs) == {self.model.embed_tokens.weight.device}
+            self.layer_devices = None if one else devs
+        return module
+
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -474,12 +490,17 @@ class Transformer(nn.Module):
         attentions: list[torch.Tensor] = []
         collect = output_aux and self.training and self.config.n_experts > 0
         routed: list[torch.Tensor] | None = [] if collect else None  # router logits (N, E) per MoE layer
-        for layer in self.model.layers:
+        hops = self.layer_devices
+        for i, layer in enumerate(self.model.layers):
+            if hops is not None and hops[i] != x.device:  # placed model: follow the layer to its device
+                x, ropes, masks, positions = _to_device(hops[i], x, ropes, masks, positions)
             x, w = layer(x, ropes, masks, cache, positions, output_attentions, routed)
             if output_hidden_states:
                 hidden.append(x)
             if w is not None:
                 attentions.append(w)
+        if hops is not None:
+            x = x.to(hops[-1])
         x = self.model.norm(x)  # (B, T, d)
         if output_hidden_states:
             hidden[-1] = x
@@ -544,6 +565,15 @@ class Transformer(nn.Module):
         if window is not None:
             masks[True] = torch.where(full & (qpos - kpos < window), zero, hidden)[:, None]
         return masks
+
+
+def _to_device(device: torch.device, x: torch.Tensor, ropes: dict, masks: dict, positions: torch.Tensor):
+    """x, ropes, masks and positions moved to `device` (a placed model's next layer)."""
+    def move(t):
+        return None if t is None else t.to(device)
+
+    ropes = {k: None if r is None else (r[0].to(device), r[1].to(device)) for k, r in ropes.items()}
+    return x.to(device), ropes, {k: move(m) for k, m in masks.items()}, positions.to(device)
 
 
 def param_counts(model: Transformer) -> dict[str, int]:
