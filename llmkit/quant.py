@@ -81,6 +81,22 @@ def _chunks(n: int, k: int):
         yield a, min(n, a + step)
 
 
+def _int4_rows(src, a: int, b: int, gs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows a..b of a weight as 4-bit affine groups: (nibbles (rows, K) uint8, scale, value at nibble 0 (rows,
+    K/gs) float32). Blocks that already are such groups (`.int4(gs)`: GGUF Q4_0 / Q4_1 / Q4_K) are taken as
+    they are; floats get min/max groups on the grid the stored bfloat16 scale and zero can express."""
+    part = src.rows(a, b) if hasattr(src, "rows") else src[a:b]
+    exact = part.int4(gs) if hasattr(part, "int4") else None
+    if exact is not None:
+        return exact
+    w = (part.dequantize() if hasattr(part, "dequantize") else part).float().view(b - a, -1, gs)
+    wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)  # (rows, G)
+    sc = ((wmax - wmin) / 15).clamp(min=1e-10).to(LOW).float()
+    z = (wmin + 8 * sc).to(LOW).float()
+    q = torch.round((w - z[..., None]) / sc[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    return q.view(b - a, -1), sc, z - 8 * sc
+
+
 class QuantLinear(nn.Module):
     """Common part of Int8Linear / Int4Linear: shapes, bias, the decode/prefill dispatch."""
 
@@ -207,17 +223,7 @@ class Int4Linear(QuantLinear):
         qw = torch.empty(n, k // 2, dtype=torch.uint8)  # two nibbles per byte
         sz = torch.empty(k // gs, n, 2, dtype=LOW)  # (K/G, N, 2): scale, zero
         for a, b in _chunks(n, k):  # a few MB at a time, whatever the tensor's size
-            part = src.rows(a, b) if hasattr(src, "rows") else src[a:b]
-            exact = part.int4(gs) if hasattr(part, "int4") else None
-            if exact is not None:
-                q, sc, lo = exact
-            else:
-                w = (part.dequantize() if hasattr(part, "dequantize") else part).float().view(b - a, -1, gs)
-                wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)  # (rows, G)
-                sc = ((wmax - wmin) / 15).clamp(min=1e-10).to(LOW).float()  # the grid in the stored precision
-                z = (wmin + 8 * sc).to(LOW).float()
-                q = torch.round((w - z[..., None]) / sc[..., None] + 8).clamp(0, 15).to(torch.uint8)
-                q, lo = q.view(b - a, k), z - 8 * sc
+            q, sc, lo = _int4_rows(src, a, b, gs)
             sz[:, a:b, 0], sz[:, a:b, 1] = sc.t(), (lo + 8 * sc).t()
             if pack:  # straight into the CPU kernel's layout (chunks start on whole row blocks)
                 qw[a:b] = pack_int4(q)
@@ -277,22 +283,40 @@ class Int4Linear(QuantLinear):
         return super().extra_repr() + f", group_size={self.group_size}"
 
 
-class Int8Embedding(nn.Module):
-    """An embedding table in int8, symmetric per block of `group_size` values of a row, float16 scales (GGUF
-    Q8_0's layout: that tensor is copied, not converted). A lookup dequantizes the rows it reads; a quantized
-    model's table costs ~1.06 bytes per value instead of 4."""
+class QuantEmbedding(nn.Module):
+    """Common part of Int8Embedding / Int4Embedding: shapes, the output dtype (the model's compute dtype,
+    following .to(dtype)), repr. A lookup dequantizes only the rows it reads."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32, device=None,
+    bits = 8
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         if embedding_dim % group_size:
-            raise LlmkitError(f"int8 embedding: dim {embedding_dim} is not a multiple of {group_size}")
+            raise LlmkitError(f"int{self.bits} embedding: dim {embedding_dim} is not a multiple of "
+                              f"{group_size}")
         self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.out_dtype = dtype
+
+    def _apply(self, fn, recurse=True):
+        self.out_dtype = fn(torch.zeros((), dtype=self.out_dtype)).dtype  # model.to(dtype) changes outputs
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
+
+
+class Int8Embedding(QuantEmbedding):
+    """An embedding table in int8, symmetric per block of `group_size` values of a row, float16 scales (GGUF
+    Q8_0's layout: that tensor is copied, not converted); ~1.06 bytes per value instead of 4."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(num_embeddings, embedding_dim, group_size, dtype)
         g = embedding_dim // group_size
         q = torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", torch.ones(num_embeddings, g, dtype=torch.float16, device=device))
-        self.out_dtype = dtype  # what lookups return (the model's compute dtype; follows .to(dtype))
 
     def set_weight(self, src) -> None:
         """Fill from a float (V, d) table or blocks with `.int8(group_size)` -> (q (V, d) int8, scales)."""
@@ -320,47 +344,27 @@ class Int8Embedding(nn.Module):
         s = self.scales[ids].to(self.out_dtype)  # (..., G)
         return (q.view(*q.shape[:-1], -1, gs).to(self.out_dtype) * s[..., None]).flatten(-2)
 
-    def _apply(self, fn, recurse=True):
-        self.out_dtype = fn(torch.zeros((), dtype=self.out_dtype)).dtype  # model.to(dtype) changes outputs
-        return super()._apply(fn, recurse)
 
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
-
-
-class Int4Embedding(nn.Module):
+class Int4Embedding(QuantEmbedding):
     """An embedding table kept in 4 bits when the file stores it so (GGUF Q4_0 / Q4_1 / Q4_K: repacked, the
-    file's values up to bfloat16 scales): two nibbles per byte, a (scale, zero) pair per group of 32, as
-    Int4Linear. A lookup dequantizes the rows it reads."""
+    file's values up to bfloat16 scales): two nibbles per byte, a (scale, zero) per group, as Int4Linear."""
+
+    bits = 4
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32, device=None,
                  dtype: torch.dtype = torch.float32):
-        super().__init__()
-        if embedding_dim % group_size:
-            raise LlmkitError(f"int4 embedding: dim {embedding_dim} is not a multiple of {group_size}")
-        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        super().__init__(num_embeddings, embedding_dim, group_size, dtype)
         g = embedding_dim // group_size
-        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
-                                                    device=device))
+        q = torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("qweight", q)
         self.register_buffer("scales_and_zeros", torch.zeros(num_embeddings, g, 2, dtype=LOW, device=device))
-        self.out_dtype = dtype
 
     def set_weight(self, src) -> None:
         v, d, gs = self.num_embeddings, self.embedding_dim, self.group_size
         qw = torch.empty(v, d // 2, dtype=torch.uint8)
         sz = torch.empty(v, d // gs, 2, dtype=LOW)
         for a, b in _chunks(v, d):
-            part = src.rows(a, b) if hasattr(src, "rows") else src[a:b]
-            exact = part.int4(gs) if hasattr(part, "int4") else None
-            if exact is not None:
-                q, sc, lo = exact
-            else:
-                w = (part.dequantize() if hasattr(part, "dequantize") else part).float().view(b - a, -1, gs)
-                lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-                sc = ((hi - lo) / 15).clamp(min=1e-10).to(LOW).float()
-                z = (lo + 8 * sc).to(LOW).float()
-                q = torch.round((w - z[..., None]) / sc[..., None] + 8).clamp(0, 15).to(torch.uint8)
-                q, lo = q.view(b - a, d), z - 8 * sc
+            q, sc, lo = _int4_rows(src, a, b, gs)
             qw[a:b] = q[:, 0::2] | (q[:, 1::2] << 4)
             sz[a:b] = torch.stack([sc, lo + 8 * sc], dim=-1).to(LOW)
         self.qweight, self.scales_and_zeros = qw, sz
@@ -377,13 +381,6 @@ class Int4Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(self.qweight[ids], self.scales_and_zeros[ids], self.out_dtype)
-
-    def _apply(self, fn, recurse=True):
-        self.out_dtype = fn(torch.zeros((), dtype=self.out_dtype)).dtype
-        return super()._apply(fn, recurse)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
 
 
 def _portable_state(module: Int4Linear, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -472,7 +469,7 @@ def weight_count(model: nn.Module) -> int:
     if getattr(getattr(model, "config", None), "tie_embeddings", False):
         seen.add(id(getattr(model, "lm_head", None)))  # a tied head's own quantized copy: the table's weights
     for m in model.modules():
-        if isinstance(m, (QuantLinear, Int8Embedding, Int4Embedding)) and id(m) not in seen:
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and id(m) not in seen:
             seen.add(id(m))
             n += m.out_features * m.in_features if isinstance(m, QuantLinear) else \
                 m.num_embeddings * m.embedding_dim
