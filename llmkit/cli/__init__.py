@@ -15,7 +15,7 @@ import sys
 from llmkit.errors import LlmkitError
 
 VERB_MODULES = ("tokenizer", "tokenizer_train", "model", "generate", "train", "sft", "dpo", "reward", "rl",
-                "serve", "eval", "bench")
+                "serve", "eval", "bench", "lab")
 
 
 def build_parser() -> argparse.ArgumentParser:

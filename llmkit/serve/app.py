@@ -22,6 +22,9 @@ Notable choices:
   with `responses=` (protocol.py's response models, the OpenAI error body on each real error status, SSE as
   `text/event-stream`, /metrics as text). FastAPI's 422 entries are dropped (validation errors are 400s here).
   `HTTPBearer(auto_error=False)` only documents the key: the Auth middleware does the checking.
+- POST /v1/inside (llmkit extension) feeds the chat page's "look inside" panel: attention, logit lens and
+  next-token logits of the last answer, computed on a thread of its own that shares the lane's weights
+  (llmkit.serve.inside), never on the event loop or the engine thread.
 - Request/response logging is opt-in (`log_requests`): method, path, status, time and the JSON bodies
   with any field that looks like a secret masked; headers (and so keys) are never logged.
 """
@@ -54,6 +57,7 @@ from llmkit.serve import schemas as S
 from llmkit.serve import tokens
 from llmkit.serve.chat import chat_completions
 from llmkit.serve.completions import completions as run_completions
+from llmkit.serve.inside import InsideReply, InsideRequest, Inspector
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.protocol import error_body
 from llmkit.serve.ratelimit import RateLimit
@@ -298,6 +302,9 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
         services.append(svc)
     router = Router(services)
     service, scheduler = router.base, router.base.scheduler
+    # the "look inside" panel's models: each lane's own (shared with its engine; llmkit.serve.inside)
+    inspector = Inspector({lane_id: getattr(llm, "model", None) if model is None else model
+                           for lane_id, model, *_ in lanes})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -308,6 +315,7 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
         finally:
             for sched in router.schedulers:
                 sched.shutdown()
+            inspector.close()
 
     app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   description="OpenAI-compatible API for one model and its LoRA adapters (llmkit serve).")
@@ -315,7 +323,7 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
     bearer = HTTPBearer(auto_error=False, description="API key (when the server has keys): Bearer KEY")
     key = [Depends(bearer)]  # documentation only: the Auth middleware checks the key
     app.state.service, app.state.scheduler, app.state.metrics = service, scheduler, metrics  # the base's
-    app.state.router = router
+    app.state.router, app.state.inspector = router, inspector
 
     @app.exception_handler(LlmkitError)
     async def _llmkit_error(request: Request, exc: LlmkitError):
@@ -396,6 +404,12 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
                 responses=_replies(S.ResponseDeleted, 401, 404, 500))
     async def delete_response(response_id: str):
         return await run_delete_response(service, response_id)
+
+    @app.post("/v1/inside", response_model=None, dependencies=key,
+              responses=_replies(InsideReply, 400, 401, 404, 413, 429, 500))
+    async def inside(req: InsideRequest, request: Request):
+        """llmkit extension: the chat page's "look inside" panel for a conversation's last answer."""
+        return await run(request, inspector.inside(router.pick(req.model), req))
 
     @app.post("/tokenize", response_model=None, dependencies=key,
               responses=_replies(S.TokenizeResponse, *TOKENIZER))
