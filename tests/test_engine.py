@@ -371,3 +371,31 @@ def test_cuda_compiled_decode_equals_eager():
         got = drain(eng)
         outs.append([got[r] for r in rows])
     assert outs[0] == outs[1] == [greedy_reference(model.cpu(), p, 12) for p in prompts]
+
+
+def test_padding_rows_of_the_embedding_are_never_sampled():
+    """A model whose embedding has rows beyond the tokenizer (Qwen2 pads 151,665 tokens to 151,936) must never
+    produce those ids: the tokenizer could not decode them. The padding rows' logits are forced highest."""
+    import types
+
+    from serve_utils import tiny_tokenizer
+
+    import llmkit.generate.api as gen
+    from llmkit.config import ModelConfig
+    from llmkit.model import Transformer
+
+    tok = tiny_tokenizer()
+    n = tok.vocab_size
+    cfg = ModelConfig(vocab_size=n + 8, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_seq_len=64, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", activation="silu")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[n:] = model.lm_head.weight[:n].abs().sum(0) * 10  # padding rows win every argmax
+    ids = tok.encode("hello")
+    assert model(torch.tensor([ids]))[0, -1].argmax().item() >= n  # without the mask a padding id comes out
+    llm = types.SimpleNamespace(model=model, tokenizer=tok, config=cfg, name="padded", generation_defaults={})
+    for temperature in (0.0, 1.0):
+        r = gen.generate(llm, ids, max_tokens=6, temperature=temperature, seed=0, logprobs=3)
+        assert r.token_ids and max(r.token_ids) < n
+        assert all(i < n for t in r.logprobs for i, _ in t.top)

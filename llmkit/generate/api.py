@@ -95,7 +95,8 @@ def get_engine(llm, max_batch: int = 1, tokens: int | None = None,
             max_batch, want = max(max_batch, eng.max_batch), max(want, eng.capacity)
         eng = llm._engine = None  # free the old cache before allocating the new one
         eng = Engine(llm.model, max_batch=max_batch, max_seq_len=want,
-                     stop_ids=sorted(llm.tokenizer.stop_ids), kv_dtype=kv_dtype)
+                     stop_ids=sorted(llm.tokenizer.stop_ids), kv_dtype=kv_dtype,
+                     vocab_size=llm.tokenizer.vocab_size)
         llm._engine = eng
     return eng
 

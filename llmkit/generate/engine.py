@@ -48,6 +48,7 @@ Notable choices:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -97,9 +98,11 @@ class Request:
 class Engine:
     def __init__(self, model: nn.Module, max_batch: int = 8, max_seq_len: int | None = None,
                  stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 256,
-                 kv_dtype: str | torch.dtype | None = None):
+                 kv_dtype: str | torch.dtype | None = None, vocab_size: int | None = None):
         """kv_dtype: the KV cache's storage dtype, "auto" / None (the model's dtype), "bf16", "fp16", "int8"
-        (llmkit.model.kv_cache.resolve_kv_dtype)."""
+        (llmkit.model.kv_cache.resolve_kv_dtype). vocab_size: the tokenizer's size when the model's
+        embedding has padding rows beyond it (Qwen2: 151,936 rows for 151,665 tokens); ids at or above it
+        are never sampled, since no tokenizer could decode them."""
         if max_batch < 1 or prefill_chunk < 1:
             raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
         cfg = model.config
@@ -117,6 +120,7 @@ class Engine:
         self.cache = KVCache(cfg, max_batch, self.capacity, device=p.device, dtype=dtype,
                              devices=devices[:-1] if devices else None)
         self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)
+        self.n_tokens = vocab_size if vocab_size is not None and vocab_size < cfg.vocab_size else None
         self.requests: list[Request | None] = [None] * max_batch
         self.ids: list[list[int]] = [[] for _ in range(max_batch)]  # token ids whose K/V each row holds
         self._weights = [None] * max_batch  # weight version each row's K/V was computed with
@@ -194,6 +198,8 @@ class Engine:
         logits = batch[1] if batch is not None and batch[0] == rows else \
             torch.stack([self.requests[r].logits for r in rows])  # (B, V)
         self._decoded = None
+        if self.n_tokens is not None:  # the embedding's padding rows: never a token
+            logits[:, self.n_tokens:] = -math.inf
         errors: dict[int, Exception] = {}
         tokens, infos = self.sampler.sample(rows, logits, [self.requests[r].output_ids for r in rows], errors)
         feed: list[int] = []

@@ -292,7 +292,8 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
 
             extra = {"compile": True} if compile else {}  # torch.compile'd decode steps (CUDA graphs on GPU)
             engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len,
-                            stop_ids=sorted(llm.tokenizer.stop_ids), kv_dtype=kv_dtype, **extra)
+                            stop_ids=sorted(llm.tokenizer.stop_ids), kv_dtype=kv_dtype,
+                            vocab_size=llm.tokenizer.vocab_size, **extra)
             lane_backend = EngineBackend(engine)
         scheduler = Scheduler(lane_backend, max_queue=max_queue, metrics=metrics,
                               lane=lane_id if parent else "")

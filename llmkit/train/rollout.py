@@ -126,7 +126,7 @@ def sample_groups(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequenc
     results: list[list[Any]] = [[] for _ in prompt_ids]
     with eval_mode(model):
         engine = Engine(model, max_batch=min(rows, max_batch), max_seq_len=longest + max_tokens,
-                        stop_ids=sorted(tokenizer.stop_ids))
+                        stop_ids=sorted(tokenizer.stop_ids), vocab_size=tokenizer.vocab_size)
         for i, _, res in run(engine, tokenizer, [list(p) for p in prompt_ids], params):
             if res is not None:
                 results[i].append(res)
