@@ -220,3 +220,20 @@ def test_header_heuristic_other_families(family, tmp_path):
                                  return_assistant_tokens_mask=True)
     assert r.loss_mask == out["assistant_masks"]
     assert masked_text(tok, r)[-1].strip().startswith("To be")
+
+
+def test_terminal_chat_on_a_base_model_fails_before_its_banner():
+    """`llmkit chat` on a model with neither a chat template nor ChatML tokens (GPT-2's vocabulary): the
+    one-line error, and nothing printed before it (no banner promising a chat)."""
+    import io
+    import types
+
+    from llmkit.generate.repl import run_chat
+    from llmkit.generate.sampling import SamplingParams
+
+    tok = Tokenizer.load(shared_path("tokenizers/gpt2"))
+    llm = types.SimpleNamespace(tokenizer=tok, name="gpt2-base", generation_defaults={})
+    out = io.StringIO()
+    with pytest.raises(LlmkitError, match="no chat template.*llmkit generate"):
+        run_chat(llm, SamplingParams(), inp=io.StringIO("hello\n"), out=out)
+    assert out.getvalue() == ""

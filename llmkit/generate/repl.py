@@ -92,6 +92,10 @@ class ChatSession:
 
 def run_chat(llm, params: SamplingParams, system: str | None = None, inp: TextIO = sys.stdin,
              out: TextIO = sys.stdout) -> int:
+    from llmkit.tokenizer.chat import render_chat
+
+    # a base model without a chat template fails here, in one line, before the banner promises a chat
+    render_chat(llm.tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     session = ChatSession(llm, params, system)
     tty = inp.isatty()
     print(f"llmkit chat with {llm.name} — /help for commands, /quit to leave", file=out)
