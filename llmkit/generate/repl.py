@@ -90,8 +90,10 @@ class ChatSession:
         return res.text
 
 
-def run_chat(llm, params: SamplingParams, system: str | None = None, inp: TextIO = sys.stdin,
-             out: TextIO = sys.stdout) -> int:
+def run_chat(llm, params: SamplingParams, system: str | None = None, inp: TextIO | None = None,
+             out: TextIO | None = None) -> int:
+    inp = inp if inp is not None else sys.stdin  # read at call time: a replaced sys.stdin is honoured
+    out = out if out is not None else sys.stdout
     from llmkit.tokenizer.chat import render_chat
 
     # a base model without a chat template fails here, in one line, before the banner promises a chat
