@@ -96,7 +96,7 @@ def get_engine(llm, max_batch: int = 1, tokens: int | None = None,
         eng = llm._engine = None  # free the old cache before allocating the new one
         eng = Engine(llm.model, max_batch=max_batch, max_seq_len=want,
                      stop_ids=sorted(llm.tokenizer.stop_ids), kv_dtype=kv_dtype,
-                     vocab_size=llm.tokenizer.vocab_size)
+                     vocab_size=getattr(llm.tokenizer, "vocab_size", None))
         llm._engine = eng
     return eng
 
