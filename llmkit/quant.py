@@ -7,17 +7,23 @@ Notable choices:
 - int8: symmetric, w ≈ q * s with s = max|w_row| / 127. int4: asymmetric per group of `group_size` inputs
   (default 32, like llama.cpp's Q4_1), w ≈ (q - 8) * s + z with q in 0..15, the convention of PyTorch's
   int4 kernels (gpt-fast / torchao).
-- On CPU every matmul (decode and prefill) uses PyTorch's own weight-only kernels, which read the packed
-  weights directly: `torch.ops.aten._weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`. Their fast paths
-  take bfloat16 activations (fp32 accumulation inside); the module returns the caller's dtype. Measured on
-  this 2-core machine, SmolLM2 shapes: the kernels beat dequantize + dense GEMM up to ~256 rows and tie at
-  512 (the engine prefills in chunks of 256), and one path for every row count makes a sequence's logits
-  independent of how it was batched. (An earlier dense prefill with fp32 activations flipped SmolLM2 int4's
-  first answer token to "L'Étoile"; through the kernels it says "The capital of France is Paris.")
-- int4 storage is one copy: the nibbles in the CPU kernel's layout (`pack_int4`, checked once per process
-  against ATen's own packing op), scale and zero per group in bfloat16, the kernel's dtype: 0.625 bytes per
-  weight, vs 0.5625 for GGUF Q4_0. State dicts and saved folders hold the portable layout (two nibbles per
-  byte along K), so files do not depend on the CPU.
+- On CPU every matmul (decode and prefill) runs a weight-only kernel that reads the packed weights directly:
+  llmkit's own (llmkit/kernels, built on first use by the C compiler). The activations are rounded to
+  integers per block of 32 (as llama.cpp does) so each block's dot product is an integer one and the weights
+  stream at memory speed: int4 matmuls of SmolLM2 ~1.6x faster than PyTorch's kernel here, the head 2x. By
+  default each activation keeps two int8 parts (~15 bits; `kernels.ACTIVATIONS`, LLMKIT_ACTIVATIONS=int8
+  for llama.cpp's one part), at the same speed (the weights' memory traffic sets it). French perplexity of
+  SmolLM2 Q4_1 as loaded (8 x 512 tokens): fp32 44.20, llmkit 44.24 (one int8 part: 45.0 before the offsets'
+  fix in quant.c, then ~44.3), llama.cpp 44.37; and "What is the capital of France?" gets "The capital of
+  France is Paris." where llama.cpp (and one int8 part) says "L'Étoile, la Marseillaise,".
+  Without a compiler (or with LLMKIT_NO_KERNELS=1): PyTorch's `_weight_int8pack_mm` and
+  `_weight_int4pack_mm_for_cpu`, with bfloat16 activations. One path for every row count, and a row's result
+  does not depend on the batch, so a sequence's logits are the same however it was batched.
+- int4 storage is one copy: the nibbles in the CPU kernel's layout (`pack_int4`: llmkit's is GGUF Q4_1's
+  nibble order, row by row; ATen's is checked once per process against its own packing op), scale and zero
+  per group in bfloat16 ((K/G, N, 2), read by both kernels): 0.625 bytes per weight, vs 0.5625 for GGUF
+  Q4_0. State dicts and saved folders hold the portable layout (two nibbles per byte along K), so files do
+  not depend on the CPU.
 - Loading streams (llmkit.checkpoint.hf.build_model with a quantization record, `swap_quantized`): modules
   are created empty and filled weight by weight, a few MB of floats at a time (`set_weight`); GGUF blocks
   that already are llmkit's layout are copied (Q4_0 / Q4_1 / Q4_K -> int4, Q8_0 -> the int8 embedding).
@@ -53,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmkit import kernels
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_path, atomic_write_json, read_json
 from llmkit.model.layers import FusedPart, empty_weights, module_tensors, out_dim
@@ -113,7 +120,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x.is_cpu and x2.shape[0] < DENSE_ROWS and not x.requires_grad:  # the kernels have no backward
-            y = self._kernel(x2.to(LOW)).to(x.dtype)  # (M, N)
+            y = self._kernel(x2)  # (M, N) in x's dtype
         else:  # training (QLoRA) or beyond DENSE_ROWS: dequantize once, dense GEMM in the caller's dtype
             y = F.linear(x2, self.dequantize(x.dtype))
         if self.bias is not None:
@@ -178,9 +185,11 @@ class Int8Linear(QuantLinear):
         return self.qweight.numel() + 2 * self.out_features
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernels() and self.in_features % 32 == 0:
+            return kernels.q8_mm(x, self.qweight, self.scales).to(x.dtype)
         if self._low is None:
             self._low = self.scales.to(LOW)
-        return _INT8_MM(x, self.qweight, self._low)
+        return _INT8_MM(x.to(LOW), self.qweight, self._low).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # GPU: weight cast fused by the GEMM caller, then per-channel scales
@@ -219,7 +228,7 @@ class Int4Linear(QuantLinear):
         groups of this size (`src.int4()` -> nibbles (N, K) uint8, scale, zero-at-q=0 (N, K/G)): a GGUF
         Q4_0 / Q4_1 / Q4_K tensor is repacked, not dequantized."""
         n, k, gs = self.out_features, self.in_features, self.group_size
-        pack = self.qweight.device.type in ("cpu", "meta") and n % 16 == 0  # this module will run on the CPU
+        pack = self.qweight.device.type in ("cpu", "meta") and _packable(n, k)  # it will run on the CPU
         qw = torch.empty(n, k // 2, dtype=torch.uint8)  # two nibbles per byte
         sz = torch.empty(k // gs, n, 2, dtype=LOW)  # (K/G, N, 2): scale, zero
         for a, b in _chunks(n, k):  # a few MB at a time, whatever the tensor's size
@@ -250,7 +259,7 @@ class Int4Linear(QuantLinear):
 
     def pack_(self) -> None:
         """To the CPU kernel's layout, in place: one copy of the weights, never two."""
-        if not self.packed and self.qweight.is_cpu:
+        if not self.packed and self.qweight.is_cpu and _packable(self.out_features, self.in_features):
             self.qweight = pack_int4(self._unpacked())
             self.packed = True
 
@@ -266,10 +275,16 @@ class Int4Linear(QuantLinear):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             self.pack_()
+            if not self.packed:  # a shape no CPU kernel takes
+                return F.linear(x, self.dequantize(x.dtype))
         if self._sz_low is None:
             sz = self.scales_and_zeros
             self._sz_low = sz if sz.dtype == LOW else sz.to(LOW)
-        return _INT4_MM(x, self.qweight, self.group_size, self._sz_low)
+        if _cpu_layout() == LLMKIT_LAYOUT:
+            if self.group_size not in kernels.GSHIFT:  # a group size quant.c does not take
+                return F.linear(x, self.dequantize(x.dtype))
+            return kernels.q4_mm(x, self.qweight, self._sz_low, self.group_size).to(x.dtype)
+        return _INT4_MM(x.to(LOW), self.qweight, self.group_size, self._sz_low).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         self.unpack_()  # moves and casts see the portable layout; the kernel repacks on its next call
@@ -399,22 +414,45 @@ def _portable_state(module: Int4Linear, state: dict, prefix: str, local_metadata
 # that layout with tensor ops (no int32 copy of the weights, as the ATen op needs), after checking once per
 # process against the ATen op which of the known layouts this build uses.
 _LAYOUTS = ((64, True), (32, True), (32, False))  # (BLOCK_N, full blocks split in halves)
-_layout: tuple[int, bool] | None = None
+LLMKIT_LAYOUT = (1, None)  # llmkit's own kernel (llmkit/kernels): rows whole, GGUF's nibble order per block
+_layout: tuple[int, bool | None] | None = None  # this process's layout
 
 
-def _cpu_layout() -> tuple[int, bool]:
+def _packable(n: int, k: int) -> bool:
+    """Whether an (n, k) int4 weight fits this process's kernel layout."""
+    return k % 32 == 0 if _use_kernels() else n % 16 == 0
+
+
+def _use_kernels() -> bool:
+    return _cpu_layout() == LLMKIT_LAYOUT
+
+
+def _cpu_layout() -> tuple[int, bool | None]:
+    """This process's int4 kernel layout: llmkit's own when its kernels are built (llmkit.kernels), else
+    the ATen op's, probed once."""
     global _layout
     if _layout is None:
+        _layout = LLMKIT_LAYOUT if kernels.available() else _aten_layout()
+    return _layout
+
+
+_aten: tuple[int, bool] | None = None
+
+
+def _aten_layout() -> tuple[int, bool]:
+    """The layout of ATen's `_weight_int4pack_mm_for_cpu` in this build (probed once)."""
+    global _aten
+    if _aten is None:
         probe = torch.randint(0, 16, (144, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1).flatten()
         for cand in _LAYOUTS:
             if torch.equal(_pack(probe, *cand).flatten(), want):
-                _layout = cand
+                _aten = cand
                 break
         else:
             raise LlmkitError("this PyTorch build packs int4 weights in an unknown layout; "
                               "report it with `python -c 'import torch; print(torch.__config__.show())'`")
-    return _layout
+    return _aten
 
 
 def _pack(q: torch.Tensor, block: int, halves: bool) -> torch.Tensor:
@@ -435,19 +473,29 @@ def _pack(q: torch.Tensor, block: int, halves: bool) -> torch.Tensor:
 
 
 def int4_layout_name() -> str:
-    """This build's int4 kernel layout, e.g. "32h" (AVX2) or "64h" (AVX-512): part of the load cache's key."""
+    """This process's int4 kernel layout: "q4" (llmkit's kernels), or ATen's "32h" (AVX2) / "64h" (AVX-512):
+    part of the load cache's key."""
+    if _use_kernels():
+        return "q4"
     block, halves = _cpu_layout()
     return f"{block}{'h' if halves else 'p'}"
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N, K) uint8 nibbles -> (N, K/2) uint8 in the CPU kernel's layout."""
+    if _use_kernels():
+        return kernels.pack_q4(q)
     return _pack(q, *_cpu_layout())
 
 
 def unpack_int4(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Inverse of pack_int4: (N, K/2) kernel layout -> (N, K) uint8 nibbles."""
-    block, halves = _cpu_layout()
+    if _use_kernels():
+        return kernels.unpack_q4(p, n, k)
+    return _unpack(p, n, k, *_cpu_layout())
+
+
+def _unpack(p: torch.Tensor, n: int, k: int, block: int, halves: bool) -> torch.Tensor:
     flat = p.reshape(-1)
     full = n // block * block
     out = torch.empty(n, k, dtype=torch.uint8, device=p.device)

@@ -55,15 +55,18 @@ def stub_load(tiny, monkeypatch):
 def test_bench_decode_reports_speeds_and_perplexity_of_the_text(tiny, stub_load, tmp_path, capsys):
     tmp, hf = tiny
     out = tmp_path / "report.json"
-    rc = main(["bench", "decode", "tiny", "--threads", "1", "--modes", "fp32,bf16,int8", "--rounds", "1",
-               "--new-tokens", "4", "--prefill-tokens", "40", "--text", str(tmp / "text.txt"),
-               "--ppl-windows", "1", "--out", str(out)])
+    rc = main(["bench", "decode", "tiny", "--threads", "1", "--modes", "fp32,bf16,int8,int8+compile",
+               "--rounds", "1", "--new-tokens", "4", "--prefill-tokens", "40",
+               "--text", str(tmp / "text.txt"), "--ppl-windows", "1", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
-    assert set(report["systems"]) == {"llmkit fp32", "llmkit bf16", "llmkit int8"}
+    assert set(report["systems"]) == {"llmkit fp32", "llmkit bf16", "llmkit int8", "llmkit int8+compile"}
     for row in report["systems"].values():
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["bytes_per_token"] > 0
         assert len(row["decode_rounds"]) == 1 and row["x"] == {}
+        ms = row["ms_per_token"]  # the step split: matmuls and head timed alone, the rest by difference
+        assert ms["matmuls"] > 0 and ms["head"] > 0
+        assert ms["matmuls"] + ms["head"] + ms["rest"] == pytest.approx(1e3 / row["decode_tok_s"])
     assert report["prefill_tokens"] == 40
     fp32 = report["systems"]["llmkit fp32"]["bytes_per_token"]
     assert report["systems"]["llmkit int8"]["bytes_per_token"] < fp32 / 2
@@ -73,11 +76,25 @@ def test_bench_decode_reports_speeds_and_perplexity_of_the_text(tiny, stub_load,
         logp = hf(ids).logits[0, :-1].log_softmax(-1)  # (511, V)
     want = math.exp(-float(logp.gather(1, ids[0, 1:, None]).mean()))
     ppl = report["perplexity"]
-    assert set(ppl) == {"llmkit fp32", "llmkit int8"}  # bf16 skipped
+    assert set(ppl) == {"llmkit fp32", "llmkit int8"}  # bf16 and the compiled twin skipped
     assert ppl["llmkit fp32"] == pytest.approx(want, rel=1e-5)
     assert ppl["llmkit int8"] == pytest.approx(want, rel=0.05)
     printed = capsys.readouterr().out
     assert "% roofline" in printed and "perplexity of text.txt" in printed
+    assert "ms per decode token" in printed
+
+
+def test_the_split_times_each_matmul_of_a_step_once(tiny):
+    """A float model runs 7 projections per layer; quantized, q/k/v and gate/up are fused: 4 calls."""
+    from llmkit.generate.timing import _linears
+    from llmkit.quant import quantize_model
+
+    tmp, _ = tiny
+    config, model = load_hf_dir(tmp / "hf")
+    mats, head = _linears(model)
+    assert len(mats) == 7 * config.n_layers and head is model.lm_head
+    mats, head = _linears(quantize_model(model, "int8"))
+    assert len(mats) == 4 * config.n_layers and head is model.lm_head
 
 
 def test_bench_decode_errors_in_one_line(tiny, stub_load, tmp_path, capsys):

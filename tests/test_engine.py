@@ -373,6 +373,30 @@ def test_cuda_compiled_decode_equals_eager():
     assert outs[0] == outs[1] == [greedy_reference(model.cpu(), p, 12) for p in prompts]
 
 
+def test_cpu_compiled_decode_equals_eager_across_attention_buckets():
+    """The compiled decode step (fixed shapes; the attended length rounded up to 256, 512, ...) gives the
+    eager tokens, for a quantized model (llmkit's kernels as opaque ops) as for a float one, while the
+    sequences cross the 256 bucket."""
+    from llmkit.generate.engine import attention_bucket
+    from llmkit.quant import quantize_model
+
+    assert [attention_bucket(n) for n in (1, 256, 257, 600)] == [256, 256, 512, 1024]
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                      max_seq_len=400, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", activation="silu")
+    model = Transformer(cfg).eval()
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [prompt(240, 50), prompt(7, 51)]
+    for m in (model, quantize_model(Transformer(cfg).eval(), "int4")):
+        outs = []
+        for compile in (False, True):
+            eng = Engine(m, max_batch=2, max_seq_len=300, compile=compile)
+            rows = [eng.add(p, params) for p in prompts]
+            got = drain(eng)
+            outs.append([got[r] for r in rows])
+        assert outs[0] == outs[1]
+
+
 def test_padding_rows_of_the_embedding_are_never_sampled():
     """A model whose embedding has rows beyond the tokenizer (Qwen2 pads 151,665 tokens to 151,936) must never
     produce those ids: the tokenizer could not decode them. The padding rows' logits are forced highest."""

@@ -19,7 +19,17 @@ from gguf_synth import random_blocks, synthetic_q4_0, tiny_hf_model, write_gguf
 
 import llmkit
 from llmkit.checkpoint.gguf import GGUFBlocks
-from llmkit.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, pack_int4, unpack_int4
+from llmkit.quant import (
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    _aten_layout,
+    _pack,
+    _unpack,
+    pack_int4,
+    unpack_int4,
+)
 
 gguf = pytest.importorskip("gguf")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +51,23 @@ def blocks(qtype: str, n: int, k: int, seed: int = 0) -> tuple[GGUFBlocks, np.nd
 def test_int4_packing_matches_atens_op(n, k):
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
     want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    got = pack_int4(q)
+    got = _pack(q, *_aten_layout())  # the layout used when llmkit's own kernels are not built
     assert torch.equal(got.flatten(), want.flatten())
-    assert torch.equal(unpack_int4(got, n, k), q)
+    assert torch.equal(_unpack(got, n, k, *_aten_layout()), q)
+    assert torch.equal(unpack_int4(pack_int4(q), n, k), q)  # this process's layout, whichever it is
+
+
+def test_llmkit_int4_layout_is_ggufs_q4_1_bytes():
+    """llmkit's kernel layout is GGUF Q4_1's nibble order: the `qs` bytes gguf-py writes for a row."""
+    from llmkit import kernels
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1).reshape(8, 4, 20)  # (rows, blocks, bytes)
+    qs = torch.from_numpy(raw[..., 4:].copy())  # after d and m (float16 each): 16 bytes of nibbles
+    nibbles = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(8, 128)  # low nibbles are q[0:16]
+    assert torch.equal(kernels.pack_q4(nibbles).view(8, 4, 16), qs)
+    assert torch.equal(kernels.unpack_q4(kernels.pack_q4(nibbles), 8, 128), nibbles)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])

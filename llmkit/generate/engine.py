@@ -20,7 +20,8 @@ Notable choices:
   train/eval mode either: give it a model in eval mode (the loaders do).
 - Attention reads only the filled prefix of the cache (`KVCache.select`), so a step costs what the sequences
   hold, not what the cache can hold. compile=True runs decode steps through torch.compile (CUDA graphs on a
-  GPU) over fixed shapes: the whole cache is attended (masked), so one graph serves each batch size.
+  GPU) over fixed shapes: the attended length is rounded up to a power of two (at least 256, masked beyond
+  the filled slots), so a handful of graphs serve each batch size.
 - `kv_dtype` picks the cache's storage: "auto" (the model's dtype), "bf16" / "fp16", or "int8" (a float32
   scale per head and position: 68 bytes instead of 256 per fp32 head vector of 64); the model computes in
   its own dtype either way. A model placed across devices (llmkit.placement) gets each layer's cache on
@@ -93,18 +94,27 @@ class Request:
     order: int = 0  # arrival (prefill goes oldest first)
     wait: tuple[int, int] | None = None  # (row, n): copy n prefix slots from that row once it holds them
     _scored: list[TokenLogprob | None] = field(default_factory=lambda: [None], repr=False)  # echo so far
+    drafts: list[int] = field(default_factory=list)  # speculative: the draft tokens the last decode ran
+    draft_logits: torch.Tensor | None = None  # (len(drafts), V): logits after each draft token
+    lookup: PromptLookup | None = field(default=None, repr=False)  # speculative: n-gram index of the text
+    accepted: int = 0  # draft tokens accepted so far (speculative)
+    drafted: int = 0  # draft tokens proposed so far
 
 
 class Engine:
     def __init__(self, model: nn.Module, max_batch: int = 8, max_seq_len: int | None = None,
                  stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 256,
-                 kv_dtype: str | torch.dtype | None = None, vocab_size: int | None = None):
+                 kv_dtype: str | torch.dtype | None = None, vocab_size: int | None = None,
+                 speculative: int = 0):
         """kv_dtype: the KV cache's storage dtype, "auto" / None (the model's dtype), "bf16", "fp16", "int8"
         (llmkit.model.kv_cache.resolve_kv_dtype). vocab_size: the tokenizer's size when the model's
         embedding has padding rows beyond it (Qwen2: 151,936 rows for 151,665 tokens); ids at or above it
-        are never sampled, since no tokenizer could decode them."""
-        if max_batch < 1 or prefill_chunk < 1:
-            raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1")
+        are never sampled, since no tokenizer could decode them. speculative: draft tokens per decode step
+        by prompt lookup (0 = off; see `PromptLookup`)."""
+        if max_batch < 1 or prefill_chunk < 1 or speculative < 0:
+            raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
+                              f"speculative ({speculative}) >= 0")
+        self.speculative = speculative
         cfg = model.config
         self.model = model
         self.config = cfg
@@ -127,8 +137,17 @@ class Engine:
         self._last_used = [0] * max_batch
         self._clock = itertools.count(1)
         self._decoded: tuple[list[int], torch.Tensor] | None = None  # rows, logits (B, V) of the last decode
-        self._compiled = torch.compile(model, mode="reduce-overhead" if p.is_cuda else "default",
-                                       dynamic=False) if compile else None
+        self._compiled = None
+        if compile:
+            # Shapes are fixed per (batch, attention bucket): a handful of graphs (recompile_limit). The
+            # model's own attributes are not guarded: checking every module on each step cost ~1.5 ms per
+            # token on CPU; swap modules (LoRA, quantization) before building the engine, not after. Without
+            # those guards another model's graphs would match too: this engine's graphs are its own
+            # (isolate_recompiles).
+            how = {"mode": "reduce-overhead"} if p.is_cuda else {  # CUDA graphs; torch takes mode or options
+                "options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
+            self._compiled = torch.compile(model, dynamic=False, recompile_limit=64, isolate_recompiles=True,
+                                           **how)
 
     # ------------------------------------------------------------------ rows
     @property
@@ -154,7 +173,7 @@ class Engine:
         row, cached, wait = self._reserve(ids, reuse=not params.echo)
         stops = frozenset(() if params.ignore_eos else self.stop_ids) | frozenset(params.stop_ids)
         self.requests[row] = Request(ids, params, cached, dropped, stop_ids=stops, order=next(self._clock),
-                                     wait=wait)
+                                     wait=wait, lookup=PromptLookup() if self.speculative else None)
         self.sampler.start(row, params, ids, sample_index, processors)
         return row
 
@@ -211,35 +230,90 @@ class Engine:
             if r in errors:
                 outs.append(self._fail(r, errors[r], first))
                 continue
-            q.output_ids.append(token)
-            if token in q.stop_ids:
-                q.finish_reason = "stop"
-            elif len(q.output_ids) >= q.params.max_tokens or len(self.ids[r]) >= self.capacity:
-                q.finish_reason = "length"
-            else:
+            out = sampled[r] = self._emit(r, token, info, first)
+            outs.append(out)
+            if q.drafts:  # speculative: go on along the drafts while the sampled token is the draft
+                out = self._verify(r, token, outs)
+                if out is not None:
+                    sampled[r] = out
+            if sampled[r].finish_reason is None:
                 feed.append(r)
-            sampled[r] = StepOutput(r, token, info, q.finish_reason, q.prompt_logprobs if first else None)
-            outs.append(sampled[r])
         for r, e in self._decode(feed).items():  # the token was sampled, but the row cannot go on
             self._fail(r, e)
             sampled[r].finish_reason, sampled[r].error = "error", e
         return outs
 
+    def _emit(self, r: int, token: int, info: TokenLogprob | None, first: bool) -> StepOutput:
+        """Record a sampled token of row r and decide whether the row finishes."""
+        q = self.requests[r]
+        q.output_ids.append(token)
+        if token in q.stop_ids:
+            q.finish_reason = "stop"
+        elif len(q.output_ids) >= q.params.max_tokens or len(self.ids[r]) >= self.capacity:
+            q.finish_reason = "length"
+        return StepOutput(r, token, info, q.finish_reason, q.prompt_logprobs if first else None)
+
+    def _verify(self, r: int, token: int, outs: list[StepOutput]) -> StepOutput | None:
+        """Speculative decoding, after `token` was sampled from the logits before the drafts: while it equals
+        the next draft, the logits after that draft are the right ones, so the next token is sampled from
+        them, as plain decoding would (same sampler, same random draws: the output is distributed exactly as
+        without drafts, and equal to it for greedy and seeded requests). The cache then forgets the keys and
+        values of the drafts not taken. Appends the new StepOutputs to `outs`; returns the row's last."""
+        q = self.requests[r]
+        drafts, logits, last = q.drafts, q.draft_logits, None
+        q.drafts, q.draft_logits = [], None
+        j = 0
+        while q.finish_reason is None and j < len(drafts) and token == drafts[j]:
+            errors: dict[int, Exception] = {}
+            lg = logits[j : j + 1]  # (1, V)
+            if self.n_tokens is not None:
+                lg[:, self.n_tokens:] = -math.inf
+            tokens, infos = self.sampler.sample([r], lg, [q.output_ids], errors)
+            j += 1
+            if r in errors:
+                last = self._fail(r, errors[r])
+                outs.append(last)
+                break
+            token = tokens[0]
+            last = self._emit(r, token, infos[0], False)
+            outs.append(last)
+        q.accepted += j
+        if j < len(drafts):  # slots [n - rejected, n) hold drafts that were not taken
+            del self.ids[r][len(self.ids[r]) - (len(drafts) - j):]
+        return last
+
+    def _drafts(self, r: int) -> list[int]:
+        """Draft tokens for row r's next decode: a prompt lookup, cut to what the row may still produce."""
+        q = self.requests[r]
+        if not self.speculative or q.lookup is None:
+            return []
+        room = min(self.speculative, q.params.max_tokens - len(q.output_ids) - 1,
+                   self.capacity - len(self.ids[r]) - 2)
+        if room <= 0:
+            return []
+        return q.lookup.draft(q.prompt_ids, q.output_ids, room)
+
     def _decode(self, feed: list[int]) -> dict[int, Exception]:
-        """One forward of the last sampled token of `feed` rows, leaving their next-token logits; if it fails,
-        each row runs alone. Returns the rows that failed alone and why."""
+        """One forward of the last sampled token of `feed` rows (and their draft tokens when speculative),
+        leaving their next-token logits; if it fails, each row runs alone. Returns the rows that failed alone
+        and why."""
         if not feed:
             return {}
+        drafts = [self._drafts(r) for r in feed]
         try:
-            logits = self._run(feed, [[self.requests[r].output_ids[-1]] for r in feed])[:, 0]  # (B, V)
+            out = self._run(feed, [[self.requests[r].output_ids[-1], *d] for r, d in zip(feed, drafts)])
         except Exception as e:  # nothing was recorded: the rows still hold what they held
             if len(feed) == 1:
                 return {feed[0]: e}
             return {r: err for one in feed for r, err in self._decode([one]).items()}
-        logits = logits.float().to(self.device)  # the head may sit on another device (placement)
+        out = out.float().to(self.device)  # (B, T, V); the head may sit on another device (placement)
+        logits = out[:, 0]  # (B, V)
         self._decoded = (feed, logits)
-        for r, lg in zip(feed, logits):
-            self.requests[r].logits = lg
+        for i, (r, d) in enumerate(zip(feed, drafts)):
+            q = self.requests[r]
+            q.logits = logits[i]
+            if d:
+                q.drafts, q.draft_logits, q.drafted = d, out[i, 1 : 1 + len(d)], q.drafted + len(d)
         return {}
 
     def _fail(self, row: int, error: Exception, first: bool = False) -> StepOutput:
@@ -403,7 +477,8 @@ class Engine:
                          + [[min(s + j, cap - 1) for j in range(T)] for s in starts]).to(self.device)
         ids, positions = x[: len(rows)], x[len(rows) :]
         compiled = self._compiled is not None and T == 1 and not hidden
-        self.cache.select(rows, cap if compiled else min(cap, max(starts) + T))  # compiled: fixed shapes
+        # compiled: fixed shapes, the attended length rounded up to a power of two (>= 256, masked beyond)
+        self.cache.select(rows, min(cap, attention_bucket(max(starts) + T) if compiled else max(starts) + T))
         if compiled:
             out = self._compiled(ids, positions=positions, cache=self.cache)
         else:
@@ -411,6 +486,37 @@ class Engine:
         for r, c in zip(rows, chunks):
             self.ids[r].extend(c)
         return out
+
+
+class PromptLookup:
+    """Prompt-lookup drafting (Saxena 2023; vLLM's "ngram" speculative decoding): the last n tokens of the
+    text (prompt + output so far; n = 3, then 2, then 1) are looked up earlier in the text, and the tokens
+    that followed them there are the drafts. Free (no draft model) and right exactly when the answer copies
+    its prompt: summaries, rewrites, code edits, extraction. The index maps each n-gram to where its latest
+    earlier occurrence ends; it grows with the text (each token indexed once)."""
+
+    def __init__(self, max_n: int = 3):
+        self.max_n = max_n
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram (any n) -> end of its latest occurrence
+        self.done = 0  # text positions indexed: n-grams ending before `done`
+
+    def draft(self, prompt: list[int], output: list[int], k: int) -> list[int]:
+        text = prompt + output if output else prompt
+        L = len(text)
+        for end in range(max(self.done, 1), L):  # index the n-grams that end before the last token
+            for n in range(1, min(self.max_n, end) + 1):
+                self.ends[tuple(text[end - n : end])] = end
+        self.done = max(self.done, L)
+        for n in range(min(self.max_n, L - 1), 0, -1):
+            at = self.ends.get(tuple(text[L - n :]))
+            if at is not None:
+                return text[at : at + k]
+        return []
+
+
+def attention_bucket(n: int) -> int:
+    """The key length a compiled decode step attends for n filled slots: a power of two, at least 256."""
+    return max(256, 1 << (n - 1).bit_length())
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -1,6 +1,6 @@
 """Speed of llmkit's engine on this machine: decode and prefill tokens per second, and the memory roofline.
 
-    llmkit bench decode [MODEL] [--modes fp32,bf16,int8,int4] [--text FILE]      (this module's `run`)
+    llmkit bench decode [MODEL] [--modes fp32,bf16,int8,int4,auto,auto+compile] [--text FILE]   (`run`)
     python bench/decode.py      the same run with peers (llama.cpp, HF transformers) added: bench/ holds those
 
 Notable choices:
@@ -72,6 +72,7 @@ class System:
     bytes_per_token: int = 0
     perplexity: Callable[[list[int]], float] | None = None  # token ids -> perplexity
     ref: str | None = None  # a peer: the label of its "x <ref>" ratio column
+    split: Callable[[], dict[str, float]] | None = None  # -> ms per token in matmuls / head (llmkit's)
     results: dict[str, list[float]] = field(default_factory=lambda: {"decode": [], "prefill": []})
 
 
@@ -113,35 +114,90 @@ def time_prefill(eng, ids: Sequence[int], params) -> float:
 
 
 def engine_system(
-    name: str, model: nn.Module, prompt_ids: list[int], long_ids: list[int], n_new: int
+    name: str, model: nn.Module, prompt_ids: list[int], long_ids: list[int], n_new: int, compile: bool = False
 ) -> System:
-    """llmkit's engine on `model`: greedy decode of n_new tokens after prompt_ids, prefill of long_ids."""
+    """llmkit's engine on `model`: greedy decode of n_new tokens after prompt_ids, prefill of long_ids
+    (compile: decode steps through torch.compile, compiled during the first, untimed, warm-up decode)."""
     from llmkit.generate.engine import Engine
     from llmkit.generate.sampling import SamplingParams
     from llmkit.score import perplexity
 
     params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
-    eng = Engine(model, max_batch=1, max_seq_len=max(1024, len(long_ids), len(prompt_ids) + n_new) + 8)
+    eng = Engine(model, max_batch=1, max_seq_len=max(1024, len(long_ids), len(prompt_ids) + n_new) + 8,
+                 compile=compile)
+    if compile:
+        t = time.perf_counter()
+        time_decode(eng, prompt_ids, params)  # every attention bucket the timed decodes will meet
+        print(f"{name}: compiled in {time.perf_counter() - t:.0f} s (cached on disk for the next run)",
+              flush=True)
     return System(name, decode=lambda: time_decode(eng, prompt_ids, params),
                   prefill=lambda: time_prefill(eng, long_ids, params),
                   bytes_per_token=weight_bytes_per_token(model),
-                  perplexity=lambda ids: perplexity(model, ids, window=512).ppl)
+                  perplexity=lambda ids: perplexity(model, ids, window=512).ppl,
+                  split=lambda: split_ms(model))
 
 
-def variants(model: nn.Module, modes: Sequence[str]) -> dict[str, nn.Module]:
-    """{mode: model} for fp32 (the model itself), bf16, int8, int4 (copies)."""
+MODES = ("fp32", "bf16", "int8", "int4", "auto")
+
+
+def variants(model: nn.Module, modes: Sequence[str], load: Callable[[], nn.Module] | None = None
+             ) -> dict[str, nn.Module]:
+    """{mode: model} for fp32 (the model itself), bf16, int8, int4 (copies) and auto (`load()`: the model
+    as llmkit loads it by default, e.g. a GGUF file at its own precision). A "+compile" suffix (int4+compile)
+    is the same model, run through torch.compile by the caller."""
     from llmkit.quant import quantize_model
 
     out: dict[str, nn.Module] = {}
-    for mode in modes:
-        if mode == "fp32":
-            out[mode] = model
-        elif mode == "bf16":
-            out[mode] = copy.deepcopy(model).to(torch.bfloat16)
-        elif mode in ("int8", "int4"):
-            out[mode] = quantize_model(copy.deepcopy(model), mode)
-        else:
-            raise LlmkitError(f"unknown mode {mode!r}; choose among fp32, bf16, int8, int4")
+    made: dict[str, nn.Module] = {}
+    for name in modes:
+        mode = name.removesuffix("+compile")
+        if mode not in made:
+            if mode == "fp32":
+                made[mode] = model
+            elif mode == "bf16":
+                made[mode] = copy.deepcopy(model).to(torch.bfloat16)
+            elif mode in ("int8", "int4"):
+                made[mode] = quantize_model(copy.deepcopy(model), mode)
+            elif mode == "auto" and load is not None:
+                made[mode] = load()
+            else:
+                raise LlmkitError(f"unknown mode {name!r}; choose among {', '.join(MODES)}, each optionally "
+                                  "with +compile (e.g. int4+compile)")
+        out[name] = made[mode]
+    return out
+
+
+def _linears(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """The matmul modules a decode step runs (a fused group once), and the vocabulary head."""
+    from llmkit.quant import QuantLinear
+
+    head = getattr(model, "lm_head", None)
+    mats = [m for m in model.modules() if isinstance(m, (QuantLinear, nn.Linear)) and m is not head]
+    return mats, head
+
+
+@torch.inference_mode()
+def split_ms(model: nn.Module, repeats: int = 5) -> dict[str, float]:
+    """ms per decode token spent in the matmuls (every projection of every layer, one row each, timed alone
+    in model order; a fused q/k/v or gate/up once) and in the vocabulary head: best of `repeats` passes."""
+    mats, head = _linears(model)
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    xs = [torch.randn(1, m.in_features, dtype=dtype) for m in mats]
+
+    def best(fn) -> float:
+        fn()
+        t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return 1e3 * t
+
+    out = {"matmuls": best(lambda: [m(x) for m, x in zip(mats, xs)])}
+    if head is not None:
+        xh = torch.randn(1, head.in_features, dtype=dtype)
+        out["head"] = best(lambda: head(xh))
     return out
 
 
@@ -183,8 +239,12 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
     long_ids = ppl_ids[:prefill_tokens] or torch.randint(0, llm.config.vocab_size, (prefill_tokens,),
                                                          generator=g).tolist()
 
-    models = variants(llm.model, modes)
-    systems = [engine_system(f"llmkit {m}", v, prompt_ids, long_ids, new_tokens) for m, v in models.items()]
+    def as_loaded() -> nn.Module:
+        return llmkit.load(model_path or DEFAULT_MODEL, device="cpu").model
+
+    models = variants(llm.model, modes, load=as_loaded)
+    systems = [engine_system(f"llmkit {m}", v, prompt_ids, long_ids, new_tokens,
+                             compile=m.endswith("+compile")) for m, v in models.items()]
     for peer in peers(llm, prompt_ids, long_ids, new_tokens, threads) if peers else []:
         if isinstance(peer, System):
             systems.append(peer)
@@ -197,6 +257,7 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
     refs = {s.ref: max(s.results["decode"]) for s in systems if s.ref}
     cols = "".join(f" {'x ' + k:>11}" for k in refs)
     print(f"\n{'system':24} {'decode tok/s':>12} {'% roofline':>10}{cols} {'prefill tok/s':>13}")
+    splits = []
     for s in systems:
         d = max(s.results["decode"])
         p = max(s.results["prefill"]) if s.results["prefill"] else float("nan")
@@ -208,10 +269,20 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
             "roofline_tok_s": roof, "pct_roofline": 100 * d / roof, "x": x}
         print(f"{s.name:24} {d:12.1f} {100 * d / roof:9.0f}%{''.join(f' {v:11.2f}' for v in x.values())} "
               f"{p:13.1f}")
+        if s.split:
+            ms = s.split()
+            ms["rest"] = 1e3 / d - sum(ms.values())
+            report["systems"][s.name]["ms_per_token"] = ms
+            splits.append((s.name, 1e3 / d, ms))
+    if splits:
+        print(f"\n{'ms per decode token':24} {'total':>7} {'matmuls':>8} {'head':>6} {'rest':>6}   "
+              "(matmuls and head timed alone; rest = total - both)")
+        for name, total, ms in splits:
+            print(f"{name:24} {total:7.2f} {ms['matmuls']:8.2f} {ms.get('head', 0.0):6.2f} {ms['rest']:6.2f}")
 
     if ppl_ids:
         ppl = {s.name: s.perplexity(ppl_ids) for s in systems
-               if s.perplexity and not s.name.endswith("bf16")}  # bf16 only rounds fp32's figure
+               if s.perplexity and not s.name.endswith(("bf16", "+compile"))}  # bf16 rounds fp32's figure
         report["perplexity"] = ppl
         print(f"\nperplexity of {Path(text).name}, {ppl_windows} windows x 512 tokens:")
         for k, v in ppl.items():

@@ -1,0 +1,243 @@
+"""llmkit's own CPU kernels: int4 and int8 weight matmuls with int8 activations (quant.c beside this file).
+
+    from llmkit import kernels
+    if kernels.available():
+        y = kernels.q4_mm(x, qweight, sz, 32)  # x (M, K) float32, qweight (N, K/2) uint8, sz (K/32, N, 2)
+        y = kernels.q8_mm(x, qweight, s)    # qweight (N, K) int8, s (N,) float32
+
+Notable choices:
+- Why our own: PyTorch's CPU weight-only kernels (`_weight_int4pack_mm_for_cpu`) dequantize to floats and
+  multiply-add in fp32; on this machine they read the weights at a third of the memory bandwidth. The
+  course's way (and llama.cpp's) quantizes the activations to int8 per block of 32 and does the block's dot
+  product in integers (AVX2 `maddubs`: 32 multiply-adds in one instruction), so the weights stream at
+  memory speed. quant.c holds the maths in its header comment; it has a portable C path too.
+- Activations: "int16" (default) keeps a second int8 part per value (the rounding remainder, x ~= d (q +
+  l / 128)): ~15 bits, more than bfloat16, for one more integer dot product per block, which costs nothing
+  measurable here (memory sets the pace). "int8" is ggml's Q8_1 exactly, so llama.cpp's numbers and its
+  answers to near-ties (SmolLM2: "L'Étoile..." for the capital of France, not "Paris").
+- Built on first use, not at install: `cc -O3 -march=native -fopenmp -shared` on quant.c alone (no PyTorch
+  headers, about a second), into LLMKIT_HOME/kernels/<hash of source, compiler, CPU flags>.so, written to
+  a temporary name then renamed (two processes building at once never load a half-written file). Later
+  processes load the cached library. No compiler, a failed build, or LLMKIT_NO_KERNELS=1: `available()` is
+  False and llmkit uses PyTorch's kernels (the reason is in `why_not()`).
+- Called through ctypes (about a microsecond per call, well below a custom op's dispatch). Under
+  torch.compile the same functions run as the opaque ops `llmkit::q4_mm` / `llmkit::q8_mm` (CPU only).
+- OpenMP: the library is linked against the libgomp PyTorch already loaded (same soname), so one thread
+  pool serves both and torch.set_num_threads applies to our kernels too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("quant.c")
+# How the kernels round activations: "int16" (default) two int8 parts per value, ~15 bits, where bfloat16
+# keeps 8; "int8" one part, llama.cpp's Q8_1 exactly (faster, and as precise as llama.cpp: on SmolLM2 it
+# flips near-tied answers such as "The capital of France is Paris." into llama.cpp's "L'Étoile...").
+ACTIVATIONS = os.environ.get("LLMKIT_ACTIVATIONS", "int16")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+_lib: ctypes.CDLL | None = None
+_why: str | None = None
+_lock = threading.Lock()
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str, extra: list[str] | None = None) -> Path:
+    from llmkit.hub import cache_dir
+
+    flags = FLAGS + list(extra or [])
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    what = repr((cc, version, flags, _cpu_flags(), sys.platform)).encode()
+    key = hashlib.sha256(src + what).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"quant-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"  # PyTorch's own OpenMP runtime
+        link = [f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}"] if gomp.is_file() else []
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *link, "-lm"], capture_output=True, text=True)
+        if r.returncode:
+            raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _why
+    with _lock:
+        if _lib is not None or _why is not None:
+            return _lib
+        if os.environ.get("LLMKIT_NO_KERNELS", "") not in ("", "0"):
+            _why = "LLMKIT_NO_KERNELS is set"
+            return None
+        cc = _compiler()
+        if cc is None:
+            _why = "no C compiler (cc, gcc or clang) on PATH"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+        except OSError as e:
+            _why = f"could not build llmkit/kernels/quant.c: {e}"
+            return None
+        _lib = _declare(lib)
+        return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.llmkit_q4_mm.argtypes, lib.llmkit_q4_mm.restype = [p, i64, i64, p, p, i64, i64, i64, p], ctypes.c_int
+    lib.llmkit_q8_mm.argtypes, lib.llmkit_q8_mm.restype = [p, i64, i64, p, p, i64, i64, p], ctypes.c_int
+    lib.llmkit_simd.restype = ctypes.c_int
+    return lib
+
+
+def build_variant(extra_flags: list[str]) -> ctypes.CDLL:
+    """Another build of quant.c with extra compiler flags (e.g. ["-mno-avx2"] for the portable C path),
+    for tests. Raises OSError when no compiler is there."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler on PATH")
+    return _declare(ctypes.CDLL(str(_build(cc, extra_flags))))
+
+
+def available() -> bool:
+    """True when the kernels are built (or were cached) and loaded in this process."""
+    return _load() is not None
+
+
+def why_not() -> str | None:
+    """Why the kernels are not available (None when they are)."""
+    _load()
+    return _why
+
+
+def simd() -> str:
+    """The instruction set the build uses: "avx2" or "portable C" ("" when not available)."""
+    lib = _load()
+    return "" if lib is None else ("avx2" if lib.llmkit_simd() else "portable C")
+
+
+def _check(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if x.dim() != 2 or x.shape[1] != k or k % 32:
+        raise ValueError(f"kernels: x must be (M, {k}) with K a multiple of 32, got {tuple(x.shape)}")
+    return x
+
+
+GSHIFT = {32: 0, 64: 1, 128: 2, 256: 3}  # group sizes the int4 kernel takes (32 << gshift)
+
+
+def _q4_eager(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int, fine: bool,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    x = _check(x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    fn = (lib or _lib or _load()).llmkit_q4_mm
+    gshift = GSHIFT[group_size]
+    if fn(x.data_ptr(), x.shape[0], k, qweight.data_ptr(), sz.data_ptr(), n, gshift, fine, y.data_ptr()):
+        raise MemoryError("llmkit int4 kernel: out of memory for the quantized activations")
+    return y
+
+
+def _q8_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fine: bool,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    n, k = qweight.shape
+    x = _check(x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    fn = (lib or _lib or _load()).llmkit_q8_mm
+    if fn(x.data_ptr(), x.shape[0], k, qweight.data_ptr(), scales.data_ptr(), n, fine, y.data_ptr()):
+        raise MemoryError("llmkit int8 kernel: out of memory for the quantized activations")
+    return y
+
+
+# The ops torch.compile sees. Defined with the low-level Library API: a call costs about half of a
+# `torch.library.custom_op`'s (no autograd / device wrapper around the Python function), ~120 calls a token.
+_ops = torch.library.Library("llmkit", "DEF")
+_ops.define("q4_mm(Tensor x, Tensor qweight, Tensor sz, int group_size, bool fine) -> Tensor")
+_ops.define("q8_mm(Tensor x, Tensor qweight, Tensor scales, bool fine) -> Tensor")
+_ops.impl("q4_mm", lambda x, qweight, sz, gs, fine: _q4_eager(x, qweight, sz, gs, fine), "CPU")
+_ops.impl("q8_mm", lambda x, qweight, scales, fine: _q8_eager(x, qweight, scales, fine), "CPU")
+
+
+@torch.library.register_fake("llmkit::q4_mm", lib=_ops)
+def _(x, qweight, sz, group_size, fine):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("llmkit::q8_mm", lib=_ops)
+def _(x, qweight, scales, fine):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+
+
+def q4_mm(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int = 32,
+          fine: bool | None = None) -> torch.Tensor:
+    """(M, K) float @ int4 W^T -> (M, N) float32. qweight (N, K/2) uint8 in quant.c's layout (`pack_q4`),
+    sz (K/group_size, N, 2) bfloat16 (scale s, zero z: w = (q - 8) * s + z), group_size in GSHIFT.
+    fine: activations in two int8 parts (~15 bits) instead of one (llama.cpp's Q8_1); None = ACTIVATIONS.
+    Call `available()` first."""
+    fine = ACTIVATIONS == "int16" if fine is None else fine
+    if torch.compiler.is_compiling():
+        return torch.ops.llmkit.q4_mm(x, qweight, sz, group_size, fine)
+    return _q4_eager(x, qweight, sz, group_size, fine)
+
+
+def q8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fine: bool | None = None
+          ) -> torch.Tensor:
+    """(M, K) float @ int8 W^T -> (M, N) float32. qweight (N, K) int8, scales (N,) float32 (w = q * s)."""
+    fine = ACTIVATIONS == "int16" if fine is None else fine
+    if torch.compiler.is_compiling():
+        return torch.ops.llmkit.q8_mm(x, qweight, scales, fine)
+    return _q8_eager(x, qweight, scales, fine)
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 nibbles (0..15) -> (N, K/2) in quant.c's layout: per block of 32, byte j holds
+    q[j] | q[j + 16] << 4."""
+    n, k = q.shape
+    b = q.reshape(n, k // 32, 32)
+    return (b[..., :16] | (b[..., 16:] << 4)).reshape(n, k // 2)
+
+
+def unpack_q4(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of pack_q4."""
+    b = p.reshape(n, k // 32, 16)
+    return torch.cat([b & 15, b >> 4], dim=-1).reshape(n, k)

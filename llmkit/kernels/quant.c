@@ -1,0 +1,348 @@
+/* llmkit's CPU matmul kernels for quantized weights: y (M, N) = x (M, K) @ W^T, W in int4 or int8.
+
+   Built on first use by llmkit/kernels/__init__.py (cc -O3 -march=native -fopenmp -shared) and called
+   through ctypes; no PyTorch headers, so the build takes about a second.
+
+   The course's idea, as llama.cpp does it (ggml's vec_dot_q4_1_q8_1 / vec_dot_q8_0_q8_0): the activations
+   are quantized to int8 in blocks of 32 (one float scale per block, max|x| / 127), so a block's dot
+   product is an integer dot product (AVX2: 32 multiply-adds in one `maddubs`), scaled once per block:
+
+     int4, group of row n:  w_k = (q_k - 8) * s + z = q_k * s + m,  m = z - 8 s   (q in 0..15)
+       sum_k w_k x_k  ~=  s * dx * sum_k q_k xq_k  +  m * sum_k x_k               (x_k ~= dx * xq_k)
+     int8, row n:           w_k = q_k * s_n                                        (q in -127..127)
+       sum_k w_k x_k  ~=  s_n * sum_blocks dx * sum_k q_k xq_k
+
+   Layouts:
+     int4: qw (N, K/2) uint8, one row of W contiguous; block b (32 weights) of a row is bytes
+           [16b, 16b+16): byte j holds q[32b+j] in its low nibble and q[32b+j+16] in its high nibble
+           (GGUF Q4_0/Q4_1's order). sz (K/gs, N, 2) bfloat16 bits: scale s and zero z of each group of
+           gs = 32 << gshift inputs (the layout llmkit's Int4Linear keeps for every kernel).
+     int8: qw (N, K) int8, s (N,) float32.
+   K must be a multiple of 32. Work is split over output rows with OpenMP (PyTorch's own runtime: the
+   library links the libgomp already loaded by torch, so torch.set_num_threads applies here too).
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLMKIT_AVX2 1
+#endif
+
+#define QK 32
+#define MT 4 /* rows of x per pass over a row of W */
+
+static inline float bf16_lo(uint32_t v) { /* the scale: low half of a (s, z) pair */
+    uint32_t bits = v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_hi(uint32_t v) { /* the zero: high half */
+    uint32_t bits = v & 0xffff0000u;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* x (M, K) float32 -> xq int8, xd (M, K/32) block scales, xs (M, K/32) block sums of the rounded x.
+
+   fine = 0: ggml's Q8_1: per block of 32, d = max|x| / 127 and xq = round(x / d); row r at xq + r * K.
+   fine = 1: two int8 parts, x ~= d * (xq + xl / 128) with xl = round((x - d xq) * 128 / d) in -64..64: the
+   rounding error falls from d / 2 to d / 256 for one more integer dot product per block (x then carries 15
+   bits, more than bfloat16's 8). Row r at xq + r * 2K: the K high parts, then the K low parts; xd holds
+   d / 128, the scale of the combined integer 128 xq + xl.
+
+   xs is the sum of the rounded x, not of x (ggml's Q8_1 does the same). Why: with e = x^ - x the rounding
+   error, the int4 kernel's error is then s sum (q - 8) e + z sum e (the weights' centred values and their
+   zero, both small), while the exact sum leaves s sum q e = s sum (q - 8) e + 8 s sum e, whose 8 s is half a
+   group's range: on SmolLM2 that doubled each matmul's error (French perplexity 45.1 instead of 44.4).
+
+   pairs != 0 stores each pair of blocks (2p, 2p+1) as [first 16 of 2p, first 16 of 2p+1, last 16 of 2p,
+   last 16 of 2p+1]: the order in which one 32-byte load of int4 weights yields its low and high nibbles.
+   A last unpaired block stays in order. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int pairs, int fine, int8_t *xq, float *xd,
+                          float *xs) {
+    const int64_t G = K / QK, ldx = fine ? 2 * K : K;
+    for (int64_t i = 0; i < M * G; i++) {
+        const float *v = x + i * QK;
+        const int64_t r = i / G, g = i % G;
+        int8_t hi[QK], lo[QK];
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            float a = fabsf(v[j]);
+            amax = a > amax ? a : amax;
+        }
+        const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t qsum = 0, lsum = 0;
+        for (int j = 0; j < QK; j++) {
+            hi[j] = (int8_t)lrintf(v[j] * id);
+            qsum += hi[j];
+            if (fine) {
+                lo[j] = (int8_t)lrintf((v[j] - d * (float)hi[j]) * id * 128.0f);
+                lsum += lo[j];
+            }
+        }
+        for (int part = 0; part <= fine; part++) {
+            const int8_t *src = part ? lo : hi;
+            int8_t *row = xq + r * ldx + part * K;
+            if (pairs && (g ^ 1) < G) { /* in a pair */
+                int8_t *base = row + (g & ~(int64_t)1) * QK + (g & 1) * 16;
+                memcpy(base, src, 16);
+                memcpy(base + 32, src + 16, 16);
+            } else {
+                memcpy(row + g * QK, src, QK);
+            }
+        }
+        xd[i] = fine ? d / 128.0f : d;
+        xs[i] = fine ? d / 128.0f * (float)(128 * qsum + lsum) : d * (float)qsum;
+    }
+}
+
+#ifdef LLMKIT_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hsum4(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Where block b's int8 values sit in a row quantized with pairs != 0: its first and last 16. */
+static inline const int8_t *block_lo(const int8_t *row, int64_t b, int64_t G) {
+    return (b ^ 1) < G ? row + (b & ~(int64_t)1) * QK + (b & 1) * 16 : row + b * QK;
+}
+static inline const int8_t *block_hi(const int8_t *row, int64_t b, int64_t G) {
+    return block_lo(row, b, G) + ((b ^ 1) < G ? 32 : 16);
+}
+
+#ifdef LLMKIT_AVX2
+/* sum over 2 blocks of int4 (low nibbles l, high nibbles h) times int8 x at xv (pair order): 8 x int32,
+   lanes 0-3 the first block's, 4-7 the second's */
+static inline __m256i dot2(__m256i l, __m256i h, const int8_t *xv) {
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l, _mm256_loadu_si256((const __m256i *)xv)),
+                                              _mm256_maddubs_epi16(h, _mm256_loadu_si256((const __m256i *)(xv + 32)))),
+                             _mm256_set1_epi16(1));
+}
+
+/* sum over a block of int8 w (|w| as u, w itself for the sign) times int8 x at xv: 8 x int32 */
+static inline __m256i sdot(__m256i u, __m256i w, const int8_t *xv, __m256i ones) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xv), w)),
+                             ones);
+}
+
+/* the combined integer 128 * hi + lo of the two parts (fine), else hi alone */
+static inline __m256i join(__m256i hi, __m256i lo, int fine) {
+    return fine ? _mm256_add_epi32(_mm256_slli_epi32(hi, 7), lo) : hi;
+}
+#endif
+
+/* One row of int4 W (its bytes w; the (s, z) pair of its group j at szn[j * N]) against mt <= MT rows of x
+   (quantized with pairs != 0; row r at xq + r * ldx, its low parts K further when fine). Each weight byte is
+   unpacked once for all the rows, and every row is summed in the same order whatever mt is: a sequence's
+   results do not depend on the batch. */
+static inline __attribute__((always_inline)) void q4_rows(
+    const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
+    const float *xs, int64_t K, const int mt, const int fine, float *out) {
+    const int64_t ldx = fine ? 2 * K : K;
+    int64_t b = 0;
+    float t[MT];
+    for (int r = 0; r < mt; r++) t[r] = 0.0f;
+#ifdef LLMKIT_AVX2
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m128i hi_mask = _mm_set1_epi32((int)0xffff0000u);
+    __m256 a0[MT], a1[MT];
+    __m128 t4[MT];
+    for (int r = 0; r < mt; r++) {
+        a0[r] = a1[r] = _mm256_setzero_ps();
+        t4[r] = _mm_setzero_ps();
+    }
+    for (; b + 4 <= G; b += 4) {  /* 4 blocks: two 32-byte loads of weights */
+        const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N], (int)szn[((b + 1) >> gshift) * N],
+                                         (int)szn[((b + 2) >> gshift) * N], (int)szn[((b + 3) >> gshift) * N]);
+        const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(p, 16)), z4 = _mm_castsi128_ps(_mm_and_si128(p, hi_mask));
+        const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);  /* m = z - 8 s */
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * 16));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + b * 16 + 32));
+        const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
+        const __m256i l1 = _mm256_and_si256(w1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), low);
+        for (int r = 0; r < mt; r++) {
+            const int8_t *xv = xq + r * ldx + b * QK;
+            t4[r] = _mm_fmadd_ps(m4, _mm_loadu_ps(xs + r * G + b), t4[r]);
+            const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(s4, _mm_loadu_ps(xd + r * G + b)));
+            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
+            const __m256i p1 = join(dot2(l1, h1, xv + 64), fine ? dot2(l1, h1, xv + 64 + K) : l1, fine);
+            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[r]);  /* b, b+1 */
+            a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(sc, i23), a1[r]);  /* b+2, b+3 */
+        }
+    }
+    for (; b < G; b++) {  /* the last 1-3 blocks, one at a time */
+        const uint32_t v = szn[(b >> gshift) * N];
+        const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
+        const __m128i h = _mm_loadu_si128((const __m128i *)(w + b * 16));
+        const __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(h, 4), h), low);
+        for (int r = 0; r < mt; r++) {
+            __m256i p = _mm256_setzero_si256();
+            for (int part = 0; part <= fine; part++) {
+                const int8_t *row = xq + r * ldx + part * K;
+                const __m256i xv = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)block_hi(row, b, G)),
+                                                    _mm_loadu_si128((const __m128i *)block_lo(row, b, G)));
+                const __m256i pp = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones);
+                p = part ? _mm256_add_epi32(_mm256_slli_epi32(p, 7), pp) : pp;
+            }
+            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[r * G + b]), a0[r]);
+            t[r] += m * xs[r * G + b];
+        }
+    }
+    for (int r = 0; r < mt; r++) out[r] = hsum8(_mm256_add_ps(a0[r], a1[r])) + hsum4(t4[r]) + t[r];
+#else
+    float total[MT];
+    for (int r = 0; r < mt; r++) total[r] = 0.0f;
+    for (; b < G; b++) {
+        const uint32_t v = szn[(b >> gshift) * N];
+        const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
+        const uint8_t *h = w + b * 16;
+        for (int r = 0; r < mt; r++) {
+            int32_t acc = 0;
+            for (int part = 0; part <= fine; part++) {
+                const int8_t *row = xq + r * ldx + part * K, *xl = block_lo(row, b, G), *xh = block_hi(row, b, G);
+                int32_t a = 0;
+                for (int j = 0; j < 16; j++) a += (h[j] & 15) * xl[j] + (h[j] >> 4) * xh[j];
+                acc = part ? 128 * acc + a : a;
+            }
+            total[r] += s * xd[r * G + b] * (float)acc;
+            t[r] += m * xs[r * G + b];
+        }
+    }
+    for (int r = 0; r < mt; r++) out[r] = total[r] + t[r];
+#endif
+}
+
+/* One row of int8 W (scale s) against mt rows of x (row r at xq + r * ldx, its low parts K further when fine). */
+static inline __attribute__((always_inline)) void q8_dotm(const int8_t *w, float s, int64_t G, const int8_t *xq,
+                                                          const float *xd, int64_t K, int mt, const int fine,
+                                                          float *out) {
+    const int64_t ldx = fine ? 2 * K : K;
+#ifdef LLMKIT_AVX2
+    __m256 acc0[MT], acc1[MT];
+    for (int r = 0; r < mt; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t b = 0;
+    for (; b + 2 <= G; b += 2) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + b * QK + QK));
+        const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);  /* |w| as u8 */
+        for (int r = 0; r < mt; r++) {
+            const int8_t *xv = xq + r * ldx + b * QK;
+            const __m256i p0 = join(sdot(u0, w0, xv, ones), fine ? sdot(u0, w0, xv + K, ones) : u0, fine);
+            const __m256i p1 = join(sdot(u1, w1, xv + QK, ones), fine ? sdot(u1, w1, xv + QK + K, ones) : u1, fine);
+            acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[r * G + b]), acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(xd[r * G + b + 1]), acc1[r]);
+        }
+    }
+    if (b < G) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        const __m256i u0 = _mm256_sign_epi8(w0, w0);
+        for (int r = 0; r < mt; r++) {
+            const int8_t *xv = xq + r * ldx + b * QK;
+            const __m256i p0 = join(sdot(u0, w0, xv, ones), fine ? sdot(u0, w0, xv + K, ones) : u0, fine);
+            acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[r * G + b]), acc0[r]);
+        }
+    }
+    for (int r = 0; r < mt; r++) out[r] = s * hsum8(_mm256_add_ps(acc0[r], acc1[r]));
+#else
+    for (int r = 0; r < mt; r++) {
+        float total = 0.0f;
+        for (int64_t b = 0; b < G; b++) {
+            int32_t t = 0;
+            for (int part = 0; part <= fine; part++) {
+                int32_t a = 0;
+                for (int j = 0; j < QK; j++) a += w[b * QK + j] * xq[r * ldx + part * K + b * QK + j];
+                t = part ? 128 * t + a : a;
+            }
+            total += xd[r * G + b] * (float)t;
+        }
+        out[r] = s * total;
+    }
+#endif
+}
+
+/* y (M, N) = x (M, K) @ W^T for int4 W (layout above), groups of 32 << gshift inputs; fine: two-part
+   activations (see quantize_rows). Returns 0, or -1 if memory for the quantized activations ran out. */
+int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint16_t *sz, int64_t N,
+                 int64_t gshift, int64_t fine, float *y) {
+    const int64_t G = K / QK, ldx = fine ? 2 * K : K;
+    int8_t *xq = malloc((size_t)(M * ldx + 2 * M * G * (int64_t)sizeof(float)));
+    if (!xq) return -1;
+    float *xd = (float *)(xq + M * ldx), *xs = xd + M * G;
+    quantize_rows(x, M, K, 1, (int)fine, xq, xd, xs);
+    const uint32_t *sz32 = (const uint32_t *)sz;  /* (s, z) pairs, (K/gs, N) */
+    const int gs = (int)gshift;
+    if (M == 1) {  /* decode: the same code with mt = 1 known at compile time */
+        if (fine) {
+#pragma omp parallel for schedule(static)
+            for (int64_t n = 0; n < N; n++) q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xq, xd, xs, K, 1, 1, y + n);
+        } else {
+#pragma omp parallel for schedule(static)
+            for (int64_t n = 0; n < N; n++) q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xq, xd, xs, K, 1, 0, y + n);
+        }
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float out[MT];
+            for (int64_t m0 = 0; m0 < M; m0 += MT) {
+                const int mt = (int)(M - m0 < MT ? M - m0 : MT);
+                const int8_t *xr = xq + m0 * ldx;
+                if (fine)
+                    q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xr, xd + m0 * G, xs + m0 * G, K, mt, 1, out);
+                else
+                    q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xr, xd + m0 * G, xs + m0 * G, K, mt, 0, out);
+                for (int r = 0; r < mt; r++) y[(m0 + r) * N + n] = out[r];
+            }
+        }
+    }
+    free(xq);
+    return 0;
+}
+
+/* y (M, N) = x (M, K) @ W^T for int8 W with one float scale per row; fine as above. */
+int llmkit_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, const float *s, int64_t N, int64_t fine,
+                 float *y) {
+    const int64_t G = K / QK, ldx = fine ? 2 * K : K;
+    int8_t *xq = malloc((size_t)(M * ldx + 2 * M * G * (int64_t)sizeof(float)));
+    if (!xq) return -1;
+    float *xd = (float *)(xq + M * ldx), *xs = xd + M * G;
+    quantize_rows(x, M, K, 0, (int)fine, xq, xd, xs);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[MT];
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mt = (int)(M - m0 < MT ? M - m0 : MT);
+            if (fine)
+                q8_dotm(qw + n * K, s[n], G, xq + m0 * ldx, xd + m0 * G, K, mt, 1, out);
+            else
+                q8_dotm(qw + n * K, s[n], G, xq + m0 * ldx, xd + m0 * G, K, mt, 0, out);
+            for (int r = 0; r < mt; r++) y[(m0 + r) * N + n] = out[r];
+        }
+    }
+    free(xq);
+    return 0;
+}
+
+/* The instruction set this build uses: 1 = AVX2 + FMA, 0 = portable C. */
+int llmkit_simd(void) {
+#ifdef LLMKIT_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
