@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llmkit.checkpoint.gguf import GGUFFile
-from llmkit.cli.bench import add_decode_arguments
+from llmkit.cli.bench import add_decode_arguments, batch_sizes
 from llmkit.generate.timing import System, run, weight_bytes_per_token
 
 NOVELLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "fr-nouvelles19"
@@ -114,7 +114,7 @@ def main() -> None:
         print(f"no novella under {NOVELLAS}: perplexity skipped (pass --text FILE)")
     run(a.model, threads=a.threads, new_tokens=a.new_tokens, prefill_tokens=a.prefill_tokens, rounds=a.rounds,
         modes=tuple(a.modes.split(",")), text=text, ppl_windows=a.ppl_windows,
-        peers=None if a.no_peers else peers, out=a.out)
+        peers=None if a.no_peers else peers, out=a.out, batches=batch_sizes(a.batches))
 
 
 if __name__ == "__main__":

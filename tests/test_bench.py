@@ -57,7 +57,7 @@ def test_bench_decode_reports_speeds_and_perplexity_of_the_text(tiny, stub_load,
     out = tmp_path / "report.json"
     rc = main(["bench", "decode", "tiny", "--threads", "1", "--modes", "fp32,bf16,int8,int8+compile",
                "--rounds", "1", "--new-tokens", "4", "--prefill-tokens", "40",
-               "--text", str(tmp / "text.txt"), "--ppl-windows", "1", "--out", str(out)])
+               "--text", str(tmp / "text.txt"), "--ppl-windows", "1", "--out", str(out), "--batches", "3"])
     assert rc == 0
     report = json.loads(out.read_text())
     assert set(report["systems"]) == {"llmkit fp32", "llmkit bf16", "llmkit int8", "llmkit int8+compile"}
@@ -67,6 +67,7 @@ def test_bench_decode_reports_speeds_and_perplexity_of_the_text(tiny, stub_load,
         ms = row["ms_per_token"]  # the step split: matmuls and head timed alone, the rest by difference
         assert ms["matmuls"] > 0 and ms["head"] > 0
         assert ms["matmuls"] + ms["head"] + ms["rest"] == pytest.approx(1e3 / row["decode_tok_s"])
+        assert row["batch_decode_tok_s"]["3"] > 0
     assert report["prefill_tokens"] == 40
     fp32 = report["systems"]["llmkit fp32"]["bytes_per_token"]
     assert report["systems"]["llmkit int8"]["bytes_per_token"] < fp32 / 2
@@ -106,3 +107,5 @@ def test_bench_decode_errors_in_one_line(tiny, stub_load, tmp_path, capsys):
     assert "fewer than 8 x 512 for perplexity" in capsys.readouterr().err
     assert main([*args, "--modes", "fp16"]) == 1
     assert "unknown mode 'fp16'" in capsys.readouterr().err
+    assert main([*args, "--modes", "fp32", "--batches", "4,x"]) == 1
+    assert "--batches '4,x'" in capsys.readouterr().err

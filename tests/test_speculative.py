@@ -125,3 +125,26 @@ def test_sampled_tokens_follow_the_models_distribution_by_counting():
     assert accepted > total // 10  # the third token often came from a draft's logits
     assert chi2 < 103.4, chi2  # chi-square(63) at p = 0.001
     assert math.isclose(joint.sum().item(), 1.0, rel_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_real_model_rewrite_is_the_same_and_takes_drafts(smollm2_gguf, capsys):
+    """SmolLM2 (as loaded by default: int4 kernels) asked to repeat a sentence: the greedy answer with
+    --speculative equals the plain one, most tokens come from drafts, and the CLI flag is checked."""
+    import llmkit
+    from llmkit.cli import main
+    from llmkit.generate.api import get_engine
+
+    llm = llmkit.load(smollm2_gguf, device="cpu")
+    text = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden "
+            "fence near the river.")
+    msgs = [{"role": "user", "content": f"Repeat this sentence exactly: {text}"}]
+    plain = llm.chat(msgs, temperature=0, max_tokens=40, speculative=0)
+    fast = llm.chat(msgs, temperature=0, max_tokens=40, speculative=6)
+    assert fast.token_ids == plain.token_ids and "lazy dog" in str(fast)
+    assert "draft_tokens" not in plain.timings
+    assert fast.timings["accepted_draft_tokens"] > len(fast.token_ids) / 2  # most tokens came from drafts
+    eng = get_engine(llm)
+    assert eng.speculative == 6
+    assert main(["generate", str(smollm2_gguf), "x", "--speculative", "-1"]) == 1
+    assert "--speculative -1" in capsys.readouterr().err

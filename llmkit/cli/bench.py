@@ -10,8 +10,21 @@ def cmd_decode(args) -> int:
 
     run(args.model, threads=args.threads, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
         rounds=args.rounds, modes=tuple(args.modes.split(",")), text=args.text, ppl_windows=args.ppl_windows,
-        out=args.out)
+        out=args.out, batches=batch_sizes(args.batches))
     return 0
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """--batches "4,16" -> (4, 16); "" -> ()."""
+    from llmkit.errors import LlmkitError
+
+    try:
+        sizes = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        sizes = (0,)
+    if any(b < 1 for b in sizes):
+        raise LlmkitError(f"--batches {text!r}: give batch sizes >= 1, comma-separated (e.g. 4,16)")
+    return sizes
 
 
 def add_decode_arguments(p) -> None:
@@ -27,6 +40,8 @@ def add_decode_arguments(p) -> None:
                         "+compile for torch.compile'd decode steps (e.g. auto+compile; compiles ~1 min)")
     p.add_argument("--text", default=None, help="a UTF-8 text file: report perplexity on its first tokens")
     p.add_argument("--ppl-windows", type=int, default=8, help="512-token windows for perplexity (0 = skip)")
+    p.add_argument("--batches", default="", help="also the aggregate decode tok/s at these batch sizes, "
+                   "e.g. 4,16")
     p.add_argument("--out", default=None, help="write the report as JSON here")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmkit.errors import LlmkitError
+
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """--save-every, --time-budget, --dtype, --device, --seed, --threads, --parallel, --resume, --out,
@@ -28,6 +30,22 @@ def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", default=None, metavar="auto|bf16|fp16|int8",
                    help="KV cache storage: auto = the model's dtype (default), bf16 / fp16 (half of fp32), "
                         "int8 (a scale per head and position: about a quarter of fp32)")
+
+
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    """--speculative K: prompt-lookup speculative decoding (llmkit.generate.engine.PromptLookup)."""
+    p.add_argument("--speculative", type=int, default=None, metavar="K",
+                   help="speculative decoding: up to K draft tokens per step taken from the prompt (prompt "
+                        "lookup), checked in one forward; the same output, faster when the answer copies "
+                        "the prompt (summaries, rewrites, extraction). 0 = off (default)")
+
+
+def speculative_arg(args: argparse.Namespace) -> int | None:
+    """The --speculative value, checked before any model loads."""
+    k = args.speculative
+    if k is not None and not 0 <= k <= 64:
+        raise LlmkitError(f"--speculative {k}: give 0 (off) to 64 draft tokens per step")
+    return k
 
 
 def kv_cache_arg(args: argparse.Namespace) -> str | None:

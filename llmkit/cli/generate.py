@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from llmkit.cli.common import add_kv_cache_arg, kv_cache_arg
+from llmkit.cli.common import add_kv_cache_arg, add_speculative_arg, kv_cache_arg, speculative_arg
 from llmkit.errors import LlmkitError
 
 FALLBACK = {"temperature": 0.7, "max_tokens": 256}  # when neither a flag nor the model says
@@ -57,6 +57,7 @@ def _sampling_args(p: argparse.ArgumentParser, interactive: bool) -> None:
                    help="longest conversation, in tokens, for the memory check at load (default: 4096)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT folder)")
     add_kv_cache_arg(p)
+    add_speculative_arg(p)
 
 
 def _explicit(args) -> dict[str, Any]:
@@ -93,9 +94,9 @@ def cmd_generate(args) -> int:
     if prompt == "-":
         prompt = sys.stdin.read()
     explicit = _explicit(args)
-    kv = kv_cache_arg(args)
+    kv, spec = kv_cache_arg(args), speculative_arg(args)
     llm = _load(model, args)
-    s = llm.stream(prompt, params=_params(llm, explicit, interactive=False), kv_dtype=kv)
+    s = llm.stream(prompt, params=_params(llm, explicit, interactive=False), kv_dtype=kv, speculative=spec)
     for delta in s:
         sys.stdout.write(delta)
         sys.stdout.flush()
@@ -112,10 +113,10 @@ def cmd_chat(args) -> int:
     from llmkit.generate.repl import run_chat
 
     explicit = _explicit(args)
-    kv = kv_cache_arg(args)
+    kv, spec = kv_cache_arg(args), speculative_arg(args)
     llm = _load(args.model, args)
-    if kv is not None:
-        get_engine(llm, kv_dtype=kv, tokens=1)  # the engine every answer then uses (kv_dtype sticks)
+    if kv is not None or spec is not None:  # the engine every answer then uses (both settings stick)
+        get_engine(llm, kv_dtype=kv, tokens=1, speculative=spec)
     return run_chat(llm, _params(llm, explicit, interactive=True), system=args.system)
 
 

@@ -38,7 +38,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate.defaults import resolve_params
-from llmkit.generate.engine import Engine
+from llmkit.generate.engine import Engine, Request
 from llmkit.generate.guard import Guard, screen_input, screen_prompt
 from llmkit.generate.request import (
     NOT_CONSTRAINED,
@@ -75,20 +75,23 @@ MIN_CAPACITY = 256  # KV slots per row an engine starts with when the caller say
 
 
 def get_engine(llm, max_batch: int = 1, tokens: int | None = None,
-               kv_dtype: str | torch.dtype | None = None) -> Engine:
+               kv_dtype: str | torch.dtype | None = None, speculative: int | None = None) -> Engine:
     """The LLM's engine, (re)made with at least `max_batch` rows and room for `tokens` tokens per row
     (None: the model's whole context). The KV cache is sized to the need, rounded up to a power of two
     (at least MIN_CAPACITY), not to the context: Gemma 3's 32768 positions would cost 1.2 GB per row in
     float32. A longer request later remakes the engine (its prefix cache is dropped once).
     `kv_dtype`: the cache's storage ("auto", "bf16", "fp16", "int8"; see Engine); None keeps the current
     engine's ("auto" for a first engine), so a choice made once (the CLI's --kv-cache) sticks, and a
-    different one remakes the engine."""
+    different one remakes the engine. `speculative`: draft tokens per step by prompt lookup (0 = off; None
+    keeps the engine's), which changes no cached state, so the engine stays."""
     ctx = llm.model.config.max_seq_len
     want = ctx if tokens is None else min(ctx, max(MIN_CAPACITY, 1 << max(tokens - 1, 1).bit_length()))
     eng = getattr(llm, "_engine", None)
     same = eng is not None and eng.model is llm.model
     if same and kv_dtype is None:
         kv_dtype = eng.cache.dtype
+    if same and speculative is None:
+        speculative = eng.speculative  # kept when the engine is remade
     if (not same or eng.max_batch < max_batch or eng.capacity < want
             or resolve_kv_dtype(kv_dtype, eng.dtype) != eng.cache.dtype):
         if same:
@@ -98,6 +101,10 @@ def get_engine(llm, max_batch: int = 1, tokens: int | None = None,
                      stop_ids=sorted(llm.tokenizer.stop_ids), kv_dtype=kv_dtype,
                      vocab_size=getattr(llm.tokenizer, "vocab_size", None))
         llm._engine = eng
+    if speculative is not None:
+        if speculative < 0:
+            raise LlmkitError(f"speculative must be >= 0 draft tokens, got {speculative}")
+        eng.speculative = speculative
     return eng
 
 
@@ -109,6 +116,7 @@ class _Live:
     cached: int
     t0: float
     t1: float | None = None  # first token
+    req: Request | None = None  # the engine's record (speculative decoding counts)
 
 
 def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
@@ -132,7 +140,7 @@ def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: Sam
                 out = Completion(tokenizer, params.stop, skip_ids=skip,
                                  hold_tools=bool(prompt and prompt.hold_tools),
                                  forced_tool=prompt.forced_tool if prompt else None, guard=guard)
-                live[row] = _Live(i, out, req.prompt_ids, req.cached_tokens, t0)
+                live[row] = _Live(i, out, req.prompt_ids, req.cached_tokens, t0, req=req)
             for step in engine.step():
                 if step.error is not None:  # this row's request failed (its processor, say): the rows are
                     raise step.error  # freed below
@@ -162,6 +170,8 @@ def _result(st: _Live, params: SamplingParams) -> GenerationResult:
     decode_s = now - t1
     timings = {"prefill_s": t1 - st.t0, "decode_s": decode_s,
                "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0}
+    if st.req is not None and st.req.drafted:  # speculative decoding: drafts proposed, and taken
+        timings.update(draft_tokens=st.req.drafted, accepted_draft_tokens=st.req.accepted)
     content, calls, reason = out.final()
     return GenerationResult(out.text if content is None else content, out.token_ids, reason,
                             usage(len(st.prompt_ids), n, st.cached), st.prompt_ids,
@@ -232,21 +242,23 @@ def _start(llm, prompt, params, kw, *, tools=None, tool_choice=None, response_fo
 
 
 def generate(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
-             guard=None, tool_choice=None, response_format=None, logit_bias=None, kv_dtype=None, **kw
-             ) -> GenerationResult | list[GenerationResult]:
+             guard=None, tool_choice=None, response_format=None, logit_bias=None, kv_dtype=None,
+             speculative=None, **kw) -> GenerationResult | list[GenerationResult]:
     """Complete a prompt (str, token ids, chat messages) or a list of prompts (one batch).
 
     Sampling keywords left unset take the model's generation defaults (`llm.generation_defaults`). For chat
     messages, `tools` / `tool_choice` / `response_format` work as in the OpenAI API; `logit_bias` maps token
     ids to biases in [-100, 100]; `guard` (llmkit.generate.guard) moderates the input and the outputs;
-    `kv_dtype` the KV cache's storage ("auto", "bf16", "fp16", "int8"; None: as the LLM's engine has it)."""
+    `kv_dtype` the KV cache's storage ("auto", "bf16", "fp16", "int8"; None: as the LLM's engine has it);
+    `speculative` k: up to k draft tokens per step by prompt lookup, verified in one forward (same output;
+    faster when the answer copies its prompt: summaries, rewrites, extraction; None: as the engine has it)."""
     params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
                                                 response_format=response_format, logit_bias=logit_bias,
                                                 guard=guard)
     if procs is not None and len(prompts) > 1:
         procs = None if logit_bias is None else procs  # only logit_bias applies to a batch of raw prompts
     eng = get_engine(llm, min(len(prompts) * params.n, 8), max(map(len, prompts)) + params.max_tokens,
-                     kv_dtype)
+                     kv_dtype, speculative)
     results: dict[int, list[GenerationResult]] = {}
     for i, _, res in run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs, prompt=cp,
                          guard=guard):
@@ -283,8 +295,8 @@ class Stream:
 
 
 def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, tools=None,
-           guard=None, tool_choice=None, response_format=None, logit_bias=None, kv_dtype=None, **kw
-           ) -> Stream:
+           guard=None, tool_choice=None, response_format=None, logit_bias=None, kv_dtype=None,
+           speculative=None, **kw) -> Stream:
     """Text deltas of one completion (prompt: str, token ids or chat messages); keywords as `generate`."""
     params, prompts, single, cp, procs = _start(llm, prompt, params, kw, tools=tools, tool_choice=tool_choice,
                                                 response_format=response_format, logit_bias=logit_bias,
@@ -293,6 +305,6 @@ def stream(llm, prompt, params: SamplingParams | None = None, *, truncate: bool 
         raise LlmkitError("stream produces one sequence; use generate for n > 1")
     if not single:
         raise LlmkitError("stream takes one prompt; use generate for a batch")
-    eng = get_engine(llm, 1, len(prompts[0]) + params.max_tokens, kv_dtype)
+    eng = get_engine(llm, 1, len(prompts[0]) + params.max_tokens, kv_dtype, speculative)
     return Stream(run(eng, llm.tokenizer, prompts, params, truncate=truncate, processors=procs,
                       prompt=cp, guard=guard))

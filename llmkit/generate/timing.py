@@ -96,6 +96,30 @@ def time_decode(eng, prompt_ids: Sequence[int], params, warmup_tokens: int = 2) 
     return n / dt
 
 
+def time_batch_decode(model: nn.Module, prompt_ids: Sequence[int], n_new: int, batch: int,
+                      compile: bool = False) -> float:
+    """Aggregate decode tok/s of `batch` greedy requests running together (after each has its first token),
+    best of two runs (the first also warms up, or compiles, the engine)."""
+    from llmkit.generate.engine import Engine
+    from llmkit.generate.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+    eng = Engine(model, max_batch=batch, max_seq_len=len(prompt_ids) + n_new + 8, compile=compile)
+    best = 0.0
+    for _ in range(2):
+        rows = [eng.add(prompt_ids, params) for _ in range(batch)]
+        started: set[int] = set()
+        while len(started) < batch:
+            started |= {o.row for o in eng.step()}
+        t, n = time.perf_counter(), 0
+        while eng.running:
+            n += len(eng.step())
+        best = max(best, n / (time.perf_counter() - t))
+        for r in rows:
+            eng.remove(r)
+    return best
+
+
 def time_prefill(eng, ids: Sequence[int], params) -> float:
     """Prompt tok/s of a prefill of `ids` (rotated until nothing of it is cached) up to its first token."""
     ids = list(ids)
@@ -218,9 +242,10 @@ Peers = Callable[..., list["System | str"]]  # (llm, prompt_ids, long_ids, n_new
 def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 128, prefill_tokens: int = 512,
         rounds: int = 3, modes: Sequence[str] = ("fp32", "bf16", "int8", "int4"),
         text: str | Path | None = None, ppl_windows: int = 8, peers: Peers | None = None,
-        out: str | Path | None = None) -> dict:
-    """Decode/prefill tok/s of llmkit's variants (and `peers`), % of roofline, ratios to the peers, and the
-    perplexity of `text` (its first ppl_windows x 512 tokens) when one is given. Returns the report."""
+        out: str | Path | None = None, batches: Sequence[int] = ()) -> dict:
+    """Decode/prefill tok/s of llmkit's variants (and `peers`), % of roofline, ratios to the peers, the
+    perplexity of `text` (its first ppl_windows x 512 tokens) when one is given, and the aggregate decode
+    tok/s of each variant at each batch size in `batches`. Returns the report."""
     import llmkit
     from llmkit.hub import DEFAULT_MODEL
 
@@ -280,6 +305,14 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
         for name, total, ms in splits:
             print(f"{name:24} {total:7.2f} {ms['matmuls']:8.2f} {ms.get('head', 0.0):6.2f} {ms['rest']:6.2f}")
 
+    if batches:
+        print(f"\naggregate decode tok/s, {new_tokens} tokens per request")
+        print(f"{'system':24} " + " ".join(f"{'batch ' + str(b):>9}" for b in batches))
+        for name, m in models.items():
+            agg = [time_batch_decode(m, prompt_ids, new_tokens, b, compile=name.endswith("+compile"))
+                   for b in batches]
+            report["systems"][f"llmkit {name}"]["batch_decode_tok_s"] = dict(zip(map(str, batches), agg))
+            print(f"{'llmkit ' + name:24} " + " ".join(f"{a:9.1f}" for a in agg))
     if ppl_ids:
         ppl = {s.name: s.perplexity(ppl_ids) for s in systems
                if s.perplexity and not s.name.endswith(("bf16", "+compile"))}  # bf16 rounds fp32's figure
