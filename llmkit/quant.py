@@ -228,7 +228,7 @@ class Int4Linear(QuantLinear):
         groups of this size (`src.int4()` -> nibbles (N, K) uint8, scale, zero-at-q=0 (N, K/G)): a GGUF
         Q4_0 / Q4_1 / Q4_K tensor is repacked, not dequantized."""
         n, k, gs = self.out_features, self.in_features, self.group_size
-        pack = self.qweight.device.type in ("cpu", "meta") and _packable(n, k)  # it will run on the CPU
+        pack = self.qweight.device.type in ("cpu", "meta") and _packable(n, k, gs)  # it will run on the CPU
         qw = torch.empty(n, k // 2, dtype=torch.uint8)  # two nibbles per byte
         sz = torch.empty(k // gs, n, 2, dtype=LOW)  # (K/G, N, 2): scale, zero
         for a, b in _chunks(n, k):  # a few MB at a time, whatever the tensor's size
@@ -259,7 +259,8 @@ class Int4Linear(QuantLinear):
 
     def pack_(self) -> None:
         """To the CPU kernel's layout, in place: one copy of the weights, never two."""
-        if not self.packed and self.qweight.is_cpu and _packable(self.out_features, self.in_features):
+        if not self.packed and self.qweight.is_cpu and _packable(self.out_features, self.in_features,
+                                                                 self.group_size):
             self.qweight = pack_int4(self._unpacked())
             self.packed = True
 
@@ -275,14 +276,12 @@ class Int4Linear(QuantLinear):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             self.pack_()
-            if not self.packed:  # a shape no CPU kernel takes
+            if not self.packed:  # a shape or group size no CPU kernel takes
                 return F.linear(x, self.dequantize(x.dtype))
         if self._sz_low is None:
             sz = self.scales_and_zeros
             self._sz_low = sz if sz.dtype == LOW else sz.to(LOW)
-        if _cpu_layout() == LLMKIT_LAYOUT:
-            if self.group_size not in kernels.GSHIFT:  # a group size quant.c does not take
-                return F.linear(x, self.dequantize(x.dtype))
+        if _use_kernels():
             return kernels.q4_mm(x, self.qweight, self._sz_low, self.group_size).to(x.dtype)
         return _INT4_MM(x.to(LOW), self.qweight, self.group_size, self._sz_low).to(x.dtype)
 
@@ -418,9 +417,9 @@ LLMKIT_LAYOUT = (1, None)  # llmkit's own kernel (llmkit/kernels): rows whole, G
 _layout: tuple[int, bool | None] | None = None  # this process's layout
 
 
-def _packable(n: int, k: int) -> bool:
-    """Whether an (n, k) int4 weight fits this process's kernel layout."""
-    return k % 32 == 0 if _use_kernels() else n % 16 == 0
+def _packable(n: int, k: int, group_size: int) -> bool:
+    """Whether an (n, k) int4 weight in groups of group_size fits this process's kernel."""
+    return k % 32 == 0 and group_size in kernels.GSHIFT if _use_kernels() else n % 16 == 0
 
 
 def _use_kernels() -> bool:

@@ -221,8 +221,7 @@ class Engine:
         logits = batch[1] if batch is not None and batch[0] == rows else \
             torch.stack([self.requests[r].logits for r in rows])  # (B, V)
         self._decoded = None
-        if self.n_tokens is not None:  # the embedding's padding rows: never a token
-            logits[:, self.n_tokens:] = -math.inf
+        self._mask_padding(logits)
         errors: dict[int, Exception] = {}
         tokens, infos = self.sampler.sample(rows, logits, [self.requests[r].output_ids for r in rows], errors)
         feed: list[int] = []
@@ -247,6 +246,12 @@ class Engine:
             sampled[r].finish_reason, sampled[r].error = "error", e
         return outs
 
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits with the embedding's padding rows (ids the tokenizer lacks) at -inf, in place."""
+        if self.n_tokens is not None:
+            logits[:, self.n_tokens:] = -math.inf
+        return logits
+
     def _emit(self, r: int, token: int, info: TokenLogprob | None, first: bool) -> StepOutput:
         """Record a sampled token of row r and decide whether the row finishes."""
         q = self.requests[r]
@@ -269,9 +274,7 @@ class Engine:
         j = 0
         while q.finish_reason is None and j < len(drafts) and token == drafts[j]:
             errors: dict[int, Exception] = {}
-            lg = logits[j : j + 1]  # (1, V)
-            if self.n_tokens is not None:
-                lg[:, self.n_tokens:] = -math.inf
+            lg = self._mask_padding(logits[j : j + 1])  # (1, V)
             tokens, infos = self.sampler.sample([r], lg, [q.output_ids], errors)
             j += 1
             if r in errors:

@@ -34,16 +34,18 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from llmkit.io import atomic_path
+
 SOURCE = Path(__file__).with_name("quant.c")
 # How the kernels round activations: "int16" (default) two int8 parts per value, ~15 bits, where bfloat16
-# keeps 8; "int8" one part, llama.cpp's Q8_1 exactly (faster, and as precise as llama.cpp: on SmolLM2 it
-# flips near-tied answers such as "The capital of France is Paris." into llama.cpp's "L'Étoile...").
+# keeps 8; "int8" one part, llama.cpp's Q8_1 exactly (measured as fast, and as precise as llama.cpp: on
+# SmolLM2 it flips near-tied answers such as "The capital of France is Paris." into llama.cpp's
+# "L'Étoile...").
 ACTIVATIONS = os.environ.get("LLMKIT_ACTIVATIONS", "int16")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
@@ -83,18 +85,13 @@ def _build(cc: str, extra: list[str] | None = None) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"  # PyTorch's own OpenMP runtime
-        link = [f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}"] if gomp.is_file() else []
-        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, *link, "-lm"], capture_output=True, text=True)
+    gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"  # PyTorch's own OpenMP runtime
+    link = [f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}"] if gomp.is_file() else []
+    with atomic_path(out) as tmp:
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), *link, "-lm"], capture_output=True,
+                           text=True)
         if r.returncode:
             raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
