@@ -36,8 +36,10 @@ def add_decode_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--modes", default="fp32,bf16,int8,int4,auto",
                    help="comma-separated llmkit variants: fp32, bf16, int8, int4 (the model quantized after "
-                        "a float32 load), auto (as llmkit loads it: a GGUF file at its own precision); add "
-                        "+compile for torch.compile'd decode steps (e.g. auto+compile; compiles ~1 min)")
+                        "a float32 load), auto (as llmkit loads it: a GGUF file at its own precision). "
+                        "Decode steps run in C (llmkit/kernels/decode.c) where it can run the model; add "
+                        "+torch for PyTorch's eager ops or +compile for torch.compile'd steps (e.g. "
+                        "auto+compile; compiles ~1 min)")
     p.add_argument("--text", default=None, help="a UTF-8 text file: report perplexity on its first tokens")
     p.add_argument("--ppl-windows", type=int, default=8, help="512-token windows for perplexity (0 = skip)")
     p.add_argument("--batches", default="", help="also the aggregate decode tok/s at these batch sizes, "

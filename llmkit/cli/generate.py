@@ -103,8 +103,8 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     if args.stats:
         r = s.result
-        print(f"[{r.usage['completion_tokens']} tokens, {r.timings['decode_tokens_per_s']:.1f} tok/s, "
-              f"finish: {r.finish_reason}]", file=sys.stderr)
+        print(f"[{r.usage['completion_tokens']} tokens, {r.timings['decode_tokens_per_s']:.1f} tok/s "
+              f"({r.timings['decode_path']} decode), finish: {r.finish_reason}]", file=sys.stderr)
     return 0
 
 

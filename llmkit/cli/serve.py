@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "holds max-batch x this many positions")
     add_kv_cache_arg(p)
     add_speculative_arg(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU: CUDA graphs)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (GPU: CUDA graphs; on the CPU only for models the "
+                        "native C decode step cannot run)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--store", default=None, help="SQLite file for stored responses (default: in the cache)")
     p.add_argument("--log-requests", nargs="?", const="full", default=None, choices=("full", "redact"),

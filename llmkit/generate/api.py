@@ -156,20 +156,21 @@ def run(engine: Engine, tokenizer, prompts: Sequence[Sequence[int]], params: Sam
                     continue
                 engine.remove(step.row)
                 del live[step.row]
-                yield st.index, delta, _result(st, params)
+                yield st.index, delta, _result(st, params, engine.decode_path)
     finally:
         for row in live:  # the caller stopped early (or an error): free the rows
             engine.remove(row)
 
 
-def _result(st: _Live, params: SamplingParams) -> GenerationResult:
+def _result(st: _Live, params: SamplingParams, decode_path: str = "") -> GenerationResult:
     now = time.perf_counter()
     out = st.out
     n = len(out.token_ids)
     t1 = st.t1 if st.t1 is not None else now
     decode_s = now - t1
     timings = {"prefill_s": t1 - st.t0, "decode_s": decode_s,
-               "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0}
+               "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+               "decode_path": decode_path}
     if st.req is not None and st.req.drafted:  # speculative decoding: drafts proposed, and taken
         timings.update(draft_tokens=st.req.drafted, accepted_draft_tokens=st.req.accepted)
     content, calls, reason = out.final()

@@ -19,9 +19,12 @@ Notable choices:
   takes the logits as they come. Another thread may use the same model meanwhile. The engine does not switch
   train/eval mode either: give it a model in eval mode (the loaders do).
 - Attention reads only the filled prefix of the cache (`KVCache.select`), so a step costs what the sequences
-  hold, not what the cache can hold. compile=True runs decode steps through torch.compile (CUDA graphs on a
-  GPU) over fixed shapes: the attended length is rounded up to a power of two (at least 256, masked beyond
-  the filled slots), so a handful of graphs serve each batch size.
+  hold, not what the cache can hold. On the CPU, decode steps of Llama-shaped models run in C
+  (llmkit/kernels/decode.c via llmkit.generate.native: every layer in one call, the model's own tensors, no
+  compile; speculative drafts are verified there too; `native=False` or LLMKIT_NATIVE=0 for PyTorch's
+  ops; prefill and hooked models always run the PyTorch model). Otherwise compile=True runs decode steps
+  through torch.compile (CUDA graphs on a GPU) over fixed shapes: the attended length is rounded up to a
+  power of two (at least 256, masked beyond the filled slots), so a handful of graphs serve each batch size.
 - `kv_dtype` picks the cache's storage: "auto" (the model's dtype), "bf16" / "fp16", or "int8" (a float32
   scale per head and position: 68 bytes instead of 256 per fp32 head vector of 64); the model computes in
   its own dtype either way. A model placed across devices (llmkit.placement) gets each layer's cache on
@@ -105,12 +108,13 @@ class Engine:
     def __init__(self, model: nn.Module, max_batch: int = 8, max_seq_len: int | None = None,
                  stop_ids: Sequence[int] = (), compile: bool = False, prefill_chunk: int = 256,
                  kv_dtype: str | torch.dtype | None = None, vocab_size: int | None = None,
-                 speculative: int = 0):
+                 speculative: int = 0, native: bool | None = None):
         """kv_dtype: the KV cache's storage dtype, "auto" / None (the model's dtype), "bf16", "fp16", "int8"
         (llmkit.model.kv_cache.resolve_kv_dtype). vocab_size: the tokenizer's size when the model's
         embedding has padding rows beyond it (Qwen2: 151,936 rows for 151,665 tokens); ids at or above it
         are never sampled, since no tokenizer could decode them. speculative: draft tokens per decode step
-        by prompt lookup (0 = off; see `PromptLookup`)."""
+        by prompt lookup (0 = off; see `PromptLookup`). native: decode steps through llmkit/kernels/decode.c
+        when it can run this model (None / True; see llmkit.generate.native), False: always PyTorch."""
         if max_batch < 1 or prefill_chunk < 1 or speculative < 0:
             raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
                               f"speculative ({speculative}) >= 0")
@@ -138,8 +142,13 @@ class Engine:
         self._last_used = [0] * max_batch
         self._clock = itertools.count(1)
         self._decoded: tuple[list[int], torch.Tensor] | None = None  # rows, logits (B, V) of the last decode
+        self._native = None
+        if native is not False:
+            from llmkit.generate.native import NativeDecode
+
+            self._native = NativeDecode.build(model, self.cache)
         self._compiled = None
-        if compile:
+        if compile and self._native is None:
             # Shapes are fixed per (batch, attention bucket): a handful of graphs (recompile_limit). The
             # model's own attributes are not guarded: checking every module on each step cost ~1.5 ms per
             # token on CPU; swap modules (LoRA, quantization) before building the engine, not after. Without
@@ -149,6 +158,11 @@ class Engine:
                 "options": {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}}
             self._compiled = torch.compile(model, dynamic=False, recompile_limit=64, isolate_recompiles=True,
                                            **how)
+
+    @property
+    def decode_path(self) -> str:
+        """How decode steps run: "native" (llmkit/kernels/decode.c), "compiled" (torch.compile) or "eager"."""
+        return "native" if self._native is not None else "compiled" if self._compiled is not None else "eager"
 
     # ------------------------------------------------------------------ rows
     @property
@@ -367,6 +381,10 @@ class Engine:
             raise LlmkitError(f"all {self.max_batch} engine rows are busy; remove a finished request first",
                               status=503)
         version = self._weights_version()
+        if self._native is not None and self._native.stale():  # modules swapped since: a new plan, or none
+            from llmkit.generate.native import NativeDecode
+
+            self._native = NativeDecode.build(self.model, self.cache)
         same = [reuse and w == version for w in self._weights]
         held = [_common_prefix(h, ids) if ok else 0 for h, ok in zip(self.ids, same)]
         # a row still prefilling will hold its whole prompt: count that prefix too (the copy then waits)
@@ -483,6 +501,13 @@ class Engine:
         x = torch.tensor([c + [0] * (T - len(c)) for c in chunks]  # (2B, T): ids, then positions (one copy)
                          + [[min(s + j, cap - 1) for j in range(T)] for s in starts]).to(self.device)
         ids, positions = x[: len(rows)], x[len(rows) :]
+        if self._native is not None and T <= NATIVE_TOKENS and not hidden and not self._native.hooked():
+            # the layers in C: each row's token (and drafts), padding included, as the PyTorch path runs them
+            logits = self._native(ids.flatten(), [r for r in rows for _ in range(T)],
+                                  positions.flatten().tolist())  # (B*T, V)
+            for r, c in zip(rows, chunks):
+                self.ids[r].extend(c)
+            return logits.view(len(rows), T, -1)  # (B, T, V)
         compiled = self._compiled is not None and T == 1 and not hidden
         # compiled: fixed shapes, the attended length rounded up to a power of two (>= 256, masked beyond)
         self.cache.select(rows, min(cap, attention_bucket(max(starts) + T) if compiled else max(starts) + T))
@@ -521,6 +546,9 @@ class PromptLookup:
             if at is not None:
                 return text[at : at + k]
         return []
+
+
+NATIVE_TOKENS = 16  # tokens per row the native step takes (decode + drafts); prefill runs the PyTorch model
 
 
 def attention_bucket(n: int) -> int:

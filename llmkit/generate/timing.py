@@ -1,6 +1,6 @@
 """Speed of llmkit's engine on this machine: decode and prefill tokens per second, and the memory roofline.
 
-    llmkit bench decode [MODEL] [--modes fp32,bf16,int8,int4,auto,auto+compile] [--text FILE]   (`run`)
+    llmkit bench decode [MODEL] [--modes fp32,int8,int4,auto,auto+torch,auto+compile] [--text FILE]   (`run`)
     python bench/decode.py      the same run with peers (llama.cpp, HF transformers) added: bench/ holds those
 
 Notable choices:
@@ -97,14 +97,15 @@ def time_decode(eng, prompt_ids: Sequence[int], params, warmup_tokens: int = 2) 
 
 
 def time_batch_decode(model: nn.Module, prompt_ids: Sequence[int], n_new: int, batch: int,
-                      compile: bool = False) -> float:
+                      compile: bool = False, native: bool = True) -> float:
     """Aggregate decode tok/s of `batch` greedy requests running together (after each has its first token),
     best of two runs (the first also warms up, or compiles, the engine)."""
     from llmkit.generate.engine import Engine
     from llmkit.generate.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
-    eng = Engine(model, max_batch=batch, max_seq_len=len(prompt_ids) + n_new + 8, compile=compile)
+    eng = Engine(model, max_batch=batch, max_seq_len=len(prompt_ids) + n_new + 8, compile=compile,
+                 native=native and not compile)
     best = 0.0
     for _ in range(2):
         rows = [eng.add(prompt_ids, params) for _ in range(batch)]
@@ -138,17 +139,19 @@ def time_prefill(eng, ids: Sequence[int], params) -> float:
 
 
 def engine_system(
-    name: str, model: nn.Module, prompt_ids: list[int], long_ids: list[int], n_new: int, compile: bool = False
+    name: str, model: nn.Module, prompt_ids: list[int], long_ids: list[int], n_new: int,
+    compile: bool = False, native: bool = True,
 ) -> System:
     """llmkit's engine on `model`: greedy decode of n_new tokens after prompt_ids, prefill of long_ids
-    (compile: decode steps through torch.compile, compiled during the first, untimed, warm-up decode)."""
+    (compile: decode steps through torch.compile, compiled during the first, untimed, warm-up decode;
+    native: decode steps in C when llmkit/kernels/decode.c can run the model, else PyTorch's eager ops)."""
     from llmkit.generate.engine import Engine
     from llmkit.generate.sampling import SamplingParams
     from llmkit.score import perplexity
 
     params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
     eng = Engine(model, max_batch=1, max_seq_len=max(1024, len(long_ids), len(prompt_ids) + n_new) + 8,
-                 compile=compile)
+                 compile=compile, native=native and not compile)
     if compile:
         t = time.perf_counter()
         time_decode(eng, prompt_ids, params)  # every attention bucket the timed decodes will meet
@@ -162,19 +165,26 @@ def engine_system(
 
 
 MODES = ("fp32", "bf16", "int8", "int4", "auto")
+SUFFIXES = ("+compile", "+torch")  # torch.compile'd decode steps; PyTorch's eager ops (no native step)
+
+
+def _how(name: str) -> dict[str, bool]:
+    """Engine options of a mode name: "+compile" torch.compile'd steps, "+torch" eager PyTorch steps, else
+    the native step where decode.c runs the model."""
+    return {"compile": name.endswith("+compile"), "native": not name.endswith(SUFFIXES)}
 
 
 def variants(model: nn.Module, modes: Sequence[str], load: Callable[[], nn.Module] | None = None
              ) -> dict[str, nn.Module]:
     """{mode: model} for fp32 (the model itself), bf16, int8, int4 (copies) and auto (`load()`: the model
     as llmkit loads it by default, e.g. a GGUF file at its own precision). A "+compile" suffix (int4+compile)
-    is the same model, run through torch.compile by the caller."""
+    or "+torch" is the same model, run through torch.compile or eager PyTorch ops by the caller (`_how`)."""
     from llmkit.quant import quantize_model
 
     out: dict[str, nn.Module] = {}
     made: dict[str, nn.Module] = {}
     for name in modes:
-        mode = name.removesuffix("+compile")
+        mode = name.removesuffix("+compile").removesuffix("+torch")
         if mode not in made:
             if mode == "fp32":
                 made[mode] = model
@@ -186,7 +196,7 @@ def variants(model: nn.Module, modes: Sequence[str], load: Callable[[], nn.Modul
                 made[mode] = load()
             else:
                 raise LlmkitError(f"unknown mode {name!r}; choose among {', '.join(MODES)}, each optionally "
-                                  "with +compile (e.g. int4+compile)")
+                                  "with +compile or +torch (e.g. int4+compile)")
         out[name] = made[mode]
     return out
 
@@ -268,8 +278,8 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
         return llmkit.load(model_path or DEFAULT_MODEL, device="cpu").model
 
     models = variants(llm.model, modes, load=as_loaded)
-    systems = [engine_system(f"llmkit {m}", v, prompt_ids, long_ids, new_tokens,
-                             compile=m.endswith("+compile")) for m, v in models.items()]
+    systems = [engine_system(f"llmkit {m}", v, prompt_ids, long_ids, new_tokens, **_how(m))
+               for m, v in models.items()]
     for peer in peers(llm, prompt_ids, long_ids, new_tokens, threads) if peers else []:
         if isinstance(peer, System):
             systems.append(peer)
@@ -309,13 +319,12 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
         print(f"\naggregate decode tok/s, {new_tokens} tokens per request")
         print(f"{'system':24} " + " ".join(f"{'batch ' + str(b):>9}" for b in batches))
         for name, m in models.items():
-            agg = [time_batch_decode(m, prompt_ids, new_tokens, b, compile=name.endswith("+compile"))
-                   for b in batches]
+            agg = [time_batch_decode(m, prompt_ids, new_tokens, b, **_how(name)) for b in batches]
             report["systems"][f"llmkit {name}"]["batch_decode_tok_s"] = dict(zip(map(str, batches), agg))
             print(f"{'llmkit ' + name:24} " + " ".join(f"{a:9.1f}" for a in agg))
     if ppl_ids:
         ppl = {s.name: s.perplexity(ppl_ids) for s in systems
-               if s.perplexity and not s.name.endswith(("bf16", "+compile"))}  # bf16 rounds fp32's figure
+               if s.perplexity and not s.name.endswith(("bf16", *SUFFIXES))}  # bf16 rounds fp32's figure
         report["perplexity"] = ppl
         print(f"\nperplexity of {Path(text).name}, {ppl_windows} windows x 512 tokens:")
         for k, v in ppl.items():

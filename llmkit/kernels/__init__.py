@@ -1,4 +1,6 @@
-"""llmkit's own CPU kernels: int4 and int8 weight matmuls with int8 activations (quant.c beside this file).
+"""llmkit's own CPU kernels: int4 and int8 weight matmuls with int8 activations (quant.c beside this file),
+and the native decode step that runs every layer of a Llama-shaped model in C (decode.c, driven by
+llmkit.generate.native).
 
     from llmkit import kernels
     if kernels.available():
@@ -15,11 +17,12 @@ Notable choices:
   l / 128)): ~15 bits, more than bfloat16, for one more integer dot product per block, which costs nothing
   measurable here (memory sets the pace). "int8" is ggml's Q8_1 exactly, so llama.cpp's numbers and its
   answers to near-ties (SmolLM2: "L'Étoile..." for the capital of France, not "Paris").
-- Built on first use, not at install: `cc -O3 -march=native -fopenmp -shared` on quant.c alone (no PyTorch
-  headers, about a second), into LLMKIT_HOME/kernels/<hash of source, compiler, CPU flags>.so, written to
-  a temporary name then renamed (two processes building at once never load a half-written file). Later
-  processes load the cached library. No compiler, a failed build, or LLMKIT_NO_KERNELS=1: `available()` is
-  False and llmkit uses PyTorch's kernels (the reason is in `why_not()`).
+- Built on first use, not at install: `cc -O3 -march=native -fopenmp -shared` on decode.c, which includes
+  quant.c (one library; no PyTorch headers, about a second), into LLMKIT_HOME/kernels/<hash of sources,
+  compiler, CPU flags>.so, written to a temporary name then renamed (two processes building at once never
+  load a half-written file). Later processes load the cached library. No compiler, a failed build, or
+  LLMKIT_NO_KERNELS=1: `available()` is False and llmkit uses PyTorch's kernels (the reason is in
+  `why_not()`).
 - Called through ctypes (about a microsecond per call, well below a custom op's dispatch). Under
   torch.compile the same functions run as the opaque ops `llmkit::q4_mm` / `llmkit::q8_mm` (CPU only).
 - OpenMP: the library is linked against the libgomp PyTorch already loaded (same soname), so one thread
@@ -41,7 +44,8 @@ import torch
 
 from llmkit.io import atomic_path
 
-SOURCE = Path(__file__).with_name("quant.c")
+SOURCE = Path(__file__).with_name("decode.c")  # includes quant.c: one library
+SOURCES = (SOURCE, Path(__file__).with_name("quant.c"))
 # How the kernels round activations: "int16" (default) two int8 parts per value, ~15 bits, where bfloat16
 # keeps 8; "int8" one part, llama.cpp's Q8_1 exactly (measured as fast, and as precise as llama.cpp: on
 # SmolLM2 it flips near-tied answers such as "The capital of France is Paris." into llama.cpp's
@@ -77,7 +81,7 @@ def _build(cc: str, extra: list[str] | None = None) -> Path:
     from llmkit.hub import cache_dir
 
     flags = FLAGS + list(extra or [])
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     what = repr((cc, version, flags, _cpu_flags(), sys.platform)).encode()
     key = hashlib.sha256(src + what).hexdigest()[:16]
@@ -110,7 +114,7 @@ def _load() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
         except OSError as e:
-            _why = f"could not build llmkit/kernels/quant.c: {e}"
+            _why = f"could not build llmkit/kernels/{SOURCE.name}: {e}"
             return None
         _lib = _declare(lib)
         return _lib
@@ -121,6 +125,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.llmkit_q4_mm.argtypes, lib.llmkit_q4_mm.restype = [p, i64, i64, p, p, i64, i64, i64, p], ctypes.c_int
     lib.llmkit_q8_mm.argtypes, lib.llmkit_q8_mm.restype = [p, i64, i64, p, p, i64, i64, p], ctypes.c_int
     lib.llmkit_simd.restype = ctypes.c_int
+    lib.llmkit_decode.argtypes, lib.llmkit_decode.restype = [p, i64, p, p, p], ctypes.c_int
     return lib
 
 

@@ -1,0 +1,200 @@
+/* llmkit's native decode step: every layer of a Llama-shaped Transformer for one new token per row, in C.
+
+   Built with quant.c (included below) by llmkit/kernels/__init__.py; driven by llmkit/generate/native.py,
+   which fills the structs below with pointers to the model's own tensors (no copy) and checks that the model
+   is one this step computes exactly as llmkit/model/transformer.py does (the readable reference):
+
+     x = embedding (the caller)                                                  (B, d) float32, in place
+     per layer:  h = rmsnorm(x) * w1
+                 q | k | v = h @ Wqkv^T (+ b)                    one fused int4 matmul, or up to three
+                 q, k = rope(q, k) at each row's position          (HF's rotate_half: pairs i, i + D/2)
+                 cache[row, :, pos] = k, v
+                 a = softmax(q . k_j * scale) v_j over j <= pos   (and pos - j < window on sliding layers)
+                 x += a @ Wo^T (+ b)
+                 h = rmsnorm(x) * w2
+                 x += (silu(h @ Wg^T) * (h @ Wu^T)) @ Wd^T
+     x = rmsnorm(x) * w_final                                    (the head runs in PyTorch after this)
+
+   Why: in PyTorch eager mode a decode token of a small model is ~1,500 small operator calls, each a few
+   microseconds of Python and dispatch; torch.compile cuts them to a few hundred kernels but its wrapper still
+   costs milliseconds a token on a 2-core CPU. Here the only work besides the matmuls is a few microseconds of
+   loops per layer. The matmuls are quant.c's (int4 / int8, activations quantized per block of 32) or a plain
+   float32 one below, each split over output rows with OpenMP.
+
+   Each row of the batch is computed alone (its own position and cache row, every sum in the same order), so a
+   row's result does not depend on the batch. Keys and values are float32, laid out as KVCache's (rows,
+   n_kv_heads, slots, head_dim). */
+#include "quant.c"
+
+typedef struct {
+    int64_t kind;   /* 0: float32 (N, K) row-major; 1: int4 (quant.c's layout); 2: int8 */
+    int64_t n, k;   /* output and input features */
+    int64_t gshift; /* int4: groups of 32 << gshift inputs */
+    const void *w;  /* weight, or qweight */
+    const void *s;  /* int4: (K/gs, N, 2) bfloat16 scale and zero; int8: (N,) float32 scales */
+    const float *bias; /* (N,) or NULL */
+} lk_linear;
+
+typedef struct {
+    const float *norm1, *norm2; /* (d,) input_layernorm, post_attention_layernorm */
+    lk_linear qkv[3];           /* their outputs side by side: q | k | v */
+    int64_t n_qkv;              /* 1 (a fused group) or 3 */
+    lk_linear o;
+    lk_linear gu[2];            /* gate | up */
+    int64_t n_gu;               /* 1 (fused) or 2 */
+    lk_linear down;
+    float *kc, *vc;             /* (rows, n_kv_heads, slots, head_dim) */
+    int64_t window;             /* 0: full attention; else key j visible iff pos - j < window */
+} lk_layer;
+
+typedef struct {
+    int64_t n_layers, d, n_heads, n_kv_heads, head_dim, d_ff, slots, fine;
+    double eps, scale;
+    const float *cos, *sin; /* (max positions, head_dim / 2) */
+    const float *norm;      /* (d,) the final norm */
+    const lk_layer *layers;
+} lk_model;
+
+/* y (M, N) = x (M, K) @ W^T for a float32 W: each output a dot product in 8 lanes (vectorised by the
+   compiler), split over output rows. */
+static void f32_mm(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float *wr = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * K;
+            float acc[8] = {0};
+            int64_t j = 0;
+            for (; j + 8 <= K; j += 8)
+                for (int l = 0; l < 8; l++) acc[l] += xr[j + l] * wr[j + l];
+            float t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            for (; j < K; j++) t += xr[j] * wr[j];
+            y[m * N + n] = t;
+        }
+    }
+}
+
+/* y (M, N) with rows ldy apart = x (M, K) @ W^T (+ bias). Returns 0, or -1 when memory ran out. */
+static int linear(const lk_linear *L, const float *x, int64_t M, float *y, int64_t ldy, int64_t fine) {
+    float *out = (M == 1 || ldy == L->n) ? y : malloc((size_t)(M * L->n) * sizeof(float));
+    if (!out) return -1;
+    int rc = 0;
+    if (L->kind == 1)
+        rc = llmkit_q4_mm(x, M, L->k, L->w, L->s, L->n, L->gshift, fine, out);
+    else if (L->kind == 2)
+        rc = llmkit_q8_mm(x, M, L->k, L->w, L->s, L->n, fine, out);
+    else
+        f32_mm(x, M, L->k, L->w, L->n, out);
+    if (out != y) {
+        for (int64_t m = 0; m < M; m++) memcpy(y + m * ldy, out + m * L->n, (size_t)L->n * sizeof(float));
+        free(out);
+    }
+    if (L->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < L->n; n++) y[m * ldy + n] += L->bias[n];
+    return rc;
+}
+
+/* out (d,) = x * rsqrt(mean(x^2) + eps) * w, in float32 as F.rms_norm */
+static void rmsnorm(const float *x, const float *w, int64_t d, float eps, float *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) out[i] = x[i] * r * w[i];
+}
+
+/* rotate one head's vector v (D,) by position p: (v1 cos - v2 sin, v2 cos + v1 sin), halves of D */
+static void rope(float *v, const float *c, const float *s, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+    }
+}
+
+/* one query head (D,) against keys/values (slots, D) at j in [lo, p]: out (D,); sc: (p + 1) scratch */
+static void attend(const float *q, const float *kc, const float *vc, int64_t lo, int64_t p, int64_t D,
+                   float scale, float *sc, float *out) {
+    float mx = -INFINITY;
+    for (int64_t j = lo; j <= p; j++) {
+        const float *kj = kc + j * D;
+        float acc[8] = {0};
+        for (int64_t i = 0; i + 8 <= D; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] += q[i + l] * kj[i + l];
+        float t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (int64_t i = D & ~(int64_t)7; i < D; i++) t += q[i] * kj[i];
+        sc[j] = t * scale;
+        mx = sc[j] > mx ? sc[j] : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t j = lo; j <= p; j++) {
+        sc[j] = expf(sc[j] - mx);
+        sum += sc[j];
+    }
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    for (int64_t j = lo; j <= p; j++) {
+        const float a = sc[j] / sum, *vj = vc + j * D;
+        for (int64_t i = 0; i < D; i++) out[i] += a * vj[i];
+    }
+}
+
+/* The decode step for B tokens: x (B, d) holds their embeddings and receives their final normed hidden
+   states; rows (B,): each token's cache row; pos (B,): its position (< slots). Several tokens may share a
+   cache row (a row's last token and its speculative drafts, at consecutive positions): every token's keys
+   and values are written before any attends, and a token sees the slots up to its own position, so each
+   is causal. Returns 0, or -1 when memory ran out. */
+int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, const int64_t *pos) {
+    const int64_t d = m->d, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, F = m->d_ff;
+    const int64_t QKV = (H + 2 * Hkv) * D, S = m->slots, half = D / 2, group = H / Hkv;
+    const float eps = (float)m->eps, scale = (float)m->scale;
+    int64_t maxp = 0;
+    for (int64_t b = 0; b < B; b++) maxp = pos[b] > maxp ? pos[b] : maxp;
+    const int64_t wide = (QKV > 2 * F ? QKV : 2 * F);
+    float *buf = malloc((size_t)(B * d + B * wide + B * H * D + B * F + B * d + B * H * (maxp + 1)) * sizeof(float));
+    if (!buf) return -1;
+    float *h = buf, *big = h + B * d, *att = big + B * wide, *act = att + B * H * D, *tmp = act + B * F;
+    float *sc = tmp + B * d;
+    int rc = 0;
+    for (int64_t l = 0; l < m->n_layers && !rc; l++) {
+        const lk_layer *L = m->layers + l;
+        for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, L->norm1, d, eps, h + b * d);
+        for (int64_t i = 0, at = 0; i < L->n_qkv; at += L->qkv[i].n, i++)
+            rc |= linear(&L->qkv[i], h, B, big + at, QKV, m->fine);
+        for (int64_t b = 0; b < B; b++) {  /* rope on q and k, then k and v into the cache */
+            float *q = big + b * QKV, *k = q + H * D, *v = k + Hkv * D;
+            const float *c = m->cos + pos[b] * half, *s = m->sin + pos[b] * half;
+            for (int64_t i = 0; i < H + Hkv; i++) rope(q + i * D, c, s, half);
+            for (int64_t g = 0; g < Hkv; g++) {
+                const int64_t at = ((rows[b] * Hkv + g) * S + pos[b]) * D;
+                memcpy(L->kc + at, k + g * D, (size_t)D * sizeof(float));
+                memcpy(L->vc + at, v + g * D, (size_t)D * sizeof(float));
+            }
+        }
+#pragma omp parallel for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, i = bh % H, g = i / group, p = pos[b];
+            const int64_t lo = L->window && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
+            const int64_t base = (rows[b] * Hkv + g) * S * D;
+            attend(big + b * QKV + i * D, L->kc + base, L->vc + base, lo, p, D, scale, sc + bh * (maxp + 1),
+                   att + bh * D);
+        }
+        rc |= linear(&L->o, att, B, tmp, d, m->fine);
+        for (int64_t i = 0; i < B * d; i++) x[i] += tmp[i];
+        for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, L->norm2, d, eps, h + b * d);
+        for (int64_t i = 0, at = 0; i < L->n_gu; at += L->gu[i].n, i++)
+            rc |= linear(&L->gu[i], h, B, big + at, 2 * F, m->fine);
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < B * F; i++) {  /* silu(gate) * up */
+            const float g = big[(i / F) * 2 * F + i % F], u = big[(i / F) * 2 * F + F + i % F];
+            act[i] = g / (1.0f + expf(-g)) * u;
+        }
+        rc |= linear(&L->down, act, B, tmp, d, m->fine);
+        for (int64_t i = 0; i < B * d; i++) x[i] += tmp[i];
+    }
+    for (int64_t b = 0; b < B && !rc; b++) {
+        rmsnorm(x + b * d, m->norm, d, eps, h);
+        memcpy(x + b * d, h, (size_t)d * sizeof(float));
+    }
+    free(buf);
+    return rc;
+}
