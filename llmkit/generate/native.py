@@ -64,8 +64,6 @@ def why_not(model: nn.Module, cache: Any) -> str | None:
     """Why decode.c cannot run this model with this cache (None when it can)."""
     if not enabled():
         return "LLMKIT_NATIVE=0"
-    if not kernels.available():
-        return f"no kernels ({kernels.why_not()})"
     c = model.config
     checks = [
         (next(model.parameters()).device.type == "cpu", "the model is not on the CPU"),
@@ -84,6 +82,8 @@ def why_not(model: nn.Module, cache: Any) -> str | None:
             return why
     if _hooks(model):
         return "forward hooks are registered"
+    if not kernels.available():  # last: a model decode.c cannot run never loads (or builds) the library
+        return f"no kernels ({kernels.why_not()})"
     for i, layer in enumerate(model.model.layers):
         a, m = layer.self_attn, layer.mlp
         for name, mods in (("q/k/v", (a.q_proj, a.k_proj, a.v_proj)), ("o", (a.o_proj,)),
