@@ -503,18 +503,17 @@ class Engine:
         ids, positions = x[: len(rows)], x[len(rows) :]
         if self._native is not None and T <= NATIVE_TOKENS and not hidden and not self._native.hooked():
             # the layers in C: each row's token (and drafts), padding included, as the PyTorch path runs them
-            logits = self._native(ids.flatten(), [r for r in rows for _ in range(T)],
-                                  positions.flatten().tolist())  # (B*T, V)
-            for r, c in zip(rows, chunks):
-                self.ids[r].extend(c)
-            return logits.view(len(rows), T, -1)  # (B, T, V)
-        compiled = self._compiled is not None and T == 1 and not hidden
-        # compiled: fixed shapes, the attended length rounded up to a power of two (>= 256, masked beyond)
-        self.cache.select(rows, min(cap, attention_bucket(max(starts) + T) if compiled else max(starts) + T))
-        if compiled:
-            out = self._compiled(ids, positions=positions, cache=self.cache)
+            out = self._native(ids.flatten(), [r for r in rows for _ in range(T)],
+                               positions.flatten().tolist()).view(len(rows), T, -1)  # (B, T, V)
         else:
-            out = self.model(ids, positions=positions, cache=self.cache, return_hidden=hidden)
+            compiled = self._compiled is not None and T == 1 and not hidden
+            # compiled: fixed shapes, the attended length rounded up to a power of two (>= 256, masked beyond)
+            n = attention_bucket(max(starts) + T) if compiled else max(starts) + T
+            self.cache.select(rows, min(cap, n))
+            if compiled:
+                out = self._compiled(ids, positions=positions, cache=self.cache)
+            else:
+                out = self.model(ids, positions=positions, cache=self.cache, return_hidden=hidden)
         for r, c in zip(rows, chunks):
             self.ids[r].extend(c)
         return out
