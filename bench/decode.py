@@ -11,7 +11,8 @@ of its decode speed here (47.7 vs 61.1 tok/s on 2026-12-01), which measures the 
 `--same-process` keeps the old way.
 - llama.cpp (llama-cpp-python) on the GGUF file itself; its perplexity from its own logits;
 - HF transformers on our dequantised weights loaded into its model class (same numbers as its GGUF loader,
-  without the slow conversion).
+  without the slow conversion), in float32 and in bfloat16 (the prefill reference: on a CPU with AVX-512 BF16
+  its matmuls run natively in bfloat16).
 Perplexity: the same token ids for every system, by default from the first French novella under
 ../shared/data/corpus/fr-nouvelles19 (or --text FILE).
 """
@@ -38,8 +39,10 @@ NO_AMX = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F
 NOVELLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "fr-nouvelles19"
 
 
-def hf_system(model, config, prompt_ids: list[int], long_ids: list[int], n_new: int) -> System | str:
-    """HF transformers fp32 with `model`'s weights: greedy generate of n_new tokens, one prefill forward."""
+def hf_system(model, config, prompt_ids: list[int], long_ids: list[int], n_new: int, bf16: bool = False
+              ) -> System | str:
+    """HF transformers fp32 (or bf16) with `model`'s weights: greedy generate of n_new tokens, one prefill
+    forward."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:
@@ -48,6 +51,8 @@ def hf_system(model, config, prompt_ids: list[int], long_ids: list[int], n_new: 
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     hf.load_state_dict(model.state_dict(), strict=False)
     hf.tie_weights()
+    if bf16:
+        hf = hf.to(torch.bfloat16)
     ids, long = torch.tensor([prompt_ids]), torch.tensor([long_ids])
 
     @torch.inference_mode()
@@ -62,6 +67,9 @@ def hf_system(model, config, prompt_ids: list[int], long_ids: list[int], n_new: 
         hf(long, use_cache=False)
         return long.shape[1] / (time.perf_counter() - t)
 
+    if bf16:
+        nbytes = weight_bytes_per_token(model) // 2
+        return System("HF transformers bf16", decode, prefill, nbytes, ref="HF bf16")
     return System("HF transformers fp32", decode, prefill, weight_bytes_per_token(model), ref="HF")
 
 
@@ -112,7 +120,8 @@ def llamacpp_system(gguf: Path, threads: int, prompt_ids: list[int], long_ids: l
 
 def peers(llm, prompt_ids: list[int], long_ids: list[int], n_new: int, threads: int) -> list[System | str]:
     return [llamacpp_system(llm.path, threads, prompt_ids, long_ids, n_new),
-            hf_system(llm.model, llm.config, prompt_ids, long_ids, n_new)]
+            hf_system(llm.model, llm.config, prompt_ids, long_ids, n_new),
+            hf_system(llm.model, llm.config, prompt_ids, long_ids, n_new, bf16=True)]
 
 
 def _make_peer(kind: str, path: str, threads: int, prompt_ids, long_ids, n_new: int) -> System | str:
@@ -122,7 +131,7 @@ def _make_peer(kind: str, path: str, threads: int, prompt_ids, long_ids, n_new: 
 
     torch.set_num_threads(threads)
     llm = llmkit.load(path, device="cpu", dtype="float32")
-    return hf_system(llm.model, llm.config, prompt_ids, long_ids, n_new)
+    return hf_system(llm.model, llm.config, prompt_ids, long_ids, n_new, bf16=kind == "hf-bf16")
 
 
 def _serve_peer(conn, kind: str, *args) -> None:
@@ -146,7 +155,7 @@ def isolated_peers(llm, prompt_ids: list[int], long_ids: list[int], n_new: int, 
     """The peers, each in a spawned process of its own; System objects whose calls go through a pipe."""
     out: list[System | str] = []
     ctx = mp.get_context("spawn")
-    for kind in ("llama.cpp", "hf"):
+    for kind in ("llama.cpp", "hf", "hf-bf16"):
         here, there = ctx.Pipe()
         args = (there, kind, str(llm.path), threads, prompt_ids, long_ids, n_new)
         proc = ctx.Process(target=_serve_peer, args=args, daemon=True)

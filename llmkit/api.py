@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 
 class LLM:
     """A loaded model: `.model` (Transformer, eval mode), `.tokenizer`, `.config`, `.name`, `.path`, and
-    `.generation_defaults` (SamplingParams fields, e.g. {"temperature": 0.2, "top_p": 0.9}; {} when none)."""
+    `.generation_defaults` (SamplingParams fields, e.g. {"temperature": 0.2, "top_p": 0.9}; {} when none),
+    and `.draft_model` (None, or a model with the same tokenizer whose greedy drafts speculative decoding
+    checks instead of prompt lookup)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: ModelConfig, name: str, path: Path,
                  generation_defaults: dict[str, Any] | None = None):
@@ -46,6 +48,7 @@ class LLM:
         self.name = name
         self.path = path
         self.generation_defaults: dict[str, Any] = dict(generation_defaults or {})
+        self.draft_model: Transformer | None = None
 
     @property
     def device(self) -> torch.device:

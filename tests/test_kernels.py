@@ -78,17 +78,37 @@ def test_int8_matmul_is_weights_times_rounded_activations(m, n, k, fine):
     assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
 
 
-def test_rows_give_the_same_bits_alone_or_batched():
-    """Every row is summed in one order whatever the batch: decode (1 row) and prefill (tiles of 4) agree."""
-    qw, sz, _ = int4_weight(96, 576, 32, seed=0)
-    q8 = torch.randint(-127, 128, (96, 576), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
-    s8 = torch.rand(96)
-    x = activations(9, 576, seed=2)
+@pytest.mark.parametrize("n,k,gs", [(96, 576, 32), (97, 160, 32), (42, 224, 32), (33, 1536, 128),
+                                    (6, 192, 64)])
+def test_rows_give_the_same_bits_alone_or_batched(n, k, gs):
+    """Every row is summed in one order whatever the batch: decode (1 row) and prefill (AVX-512 tiles of
+    4 rows of W by 2 of x, x in blocks of 8 rows) agree to the bit. The shapes cover K with 0-3 blocks left
+    after the 4-block steps, N not a multiple of 4, and 13 rows (a block of 8, then 5)."""
+    qw, sz, _ = int4_weight(n, k, gs, seed=0)
+    q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    s8 = torch.rand(n)
+    x = activations(13, k, seed=2)
     for fine in (False, True):
-        batch4, batch8 = kernels.q4_mm(x, qw, sz, fine=fine), kernels.q8_mm(x, q8, s8, fine=fine)
-        for i in range(9):
-            assert torch.equal(kernels.q4_mm(x[i:i + 1], qw, sz, fine=fine)[0], batch4[i])
+        batch4, batch8 = kernels.q4_mm(x, qw, sz, gs, fine=fine), kernels.q8_mm(x, q8, s8, fine=fine)
+        for i in range(13):
+            assert torch.equal(kernels.q4_mm(x[i:i + 1], qw, sz, gs, fine=fine)[0], batch4[i])
             assert torch.equal(kernels.q8_mm(x[i:i + 1], q8, s8, fine=fine)[0], batch8[i])
+
+
+def test_avx512_build_gives_the_avx2_builds_bits():
+    """The AVX-512 VNNI tiles and quantizer add in the AVX2 kernel's order: both builds agree to the bit, so a
+    result does not depend on which of the two a machine runs either."""
+    if "avx512_vnni" not in kernels._cpu_flags().split():
+        pytest.skip("this CPU has no AVX-512 VNNI: its build is the AVX2 one")
+    avx2 = kernels.build_variant(["-mno-avx512f"])
+    for n, k, gs in [(97, 576, 32), (42, 224, 32), (8, 160, 32), (33, 1536, 64)]:
+        qw, sz, _ = int4_weight(n, k, gs, seed=n)
+        x = activations(11, k, seed=k)
+        for fine in (False, True):
+            assert torch.equal(kernels.q4_mm(x, qw, sz, gs, fine=fine),
+                               kernels._q4_eager(x, qw, sz, gs, fine, lib=avx2))
+            assert torch.equal(kernels.q4_mm(x[:1], qw, sz, gs, fine=fine),
+                               kernels._q4_eager(x[:1], qw, sz, gs, fine, lib=avx2))
 
 
 def test_portable_c_build_agrees_with_the_simd_one():

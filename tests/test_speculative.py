@@ -1,6 +1,7 @@
-"""Speculative decoding by prompt lookup (Engine(speculative=k)): drafts verified in one forward give the
-tokens plain decoding gives (greedy, seeded), the exact sampling distribution (counted on a small vocabulary
-against probabilities computed from full forwards), and stop where plain decoding stops."""
+"""Speculative decoding by prompt lookup (Engine(speculative=k)) and by a draft model
+(Engine.set_draft_model): drafts verified in one forward give the tokens plain decoding gives (greedy,
+seeded), the exact sampling distribution (counted on a small vocabulary against probabilities computed from
+full forwards), and stop where plain decoding stops."""
 
 import collections
 import math
@@ -16,8 +17,8 @@ from llmkit.model import Transformer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(vocab: int = 97, scale: float = 5.0) -> Transformer:
-    torch.manual_seed(0)
+def tiny(vocab: int = 97, scale: float = 5.0, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                       max_seq_len=128, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", activation="silu")
     model = Transformer(cfg).eval()
@@ -95,7 +96,40 @@ def test_a_stop_token_inside_accepted_drafts_ends_the_answer_there():
     assert tokens(spec_engine(model, max_batch=1, speculative=6), ids, params) == want
 
 
-def test_sampled_tokens_follow_the_models_distribution_by_counting():
+def test_a_draft_model_gives_plain_decodings_tokens():
+    """Greedy drafts from another model: the target's own greedy answer, whether the drafter is the same
+    model quantized harder (int8: most drafts taken) or an unrelated model (few taken); several rows at
+    once, a row reused by a new request, and a vocabulary mismatch refused in one line."""
+    import copy
+
+    from llmkit.errors import LlmkitError
+    from llmkit.quant import quantize_model
+
+    model = tiny()
+    prompts = [[3, 14, 15, 92, 65, 35, 3, 14], [7, 7, 1, 2, 9], list(range(20, 50))]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = [tokens(Engine(model, max_batch=1), p, params) for p in prompts]
+    for draft, most in ((quantize_model(copy.deepcopy(model), "int8"), True), (tiny(seed=1), False)):
+        eng = Engine(model, max_batch=2, speculative=4)
+        eng.set_draft_model(draft)
+        rows = [eng.add(p, params) for p in prompts[:2]]
+        got = {r: [] for r in rows}
+        while eng.running:
+            for o in eng.step():
+                got[o.row].append(o.token_id)
+        assert [got[r] for r in rows] == plain[:2]
+        taken = sum(eng.request(r).accepted for r in rows)
+        drafted = sum(eng.request(r).drafted for r in rows)
+        assert drafted > 0 and (taken > drafted // 2 if most else taken < drafted // 2), (taken, drafted)
+        for r in rows:
+            eng.remove(r)
+        assert tokens(eng, prompts[2], params) == plain[2]  # a reused row: the drafter forgets the old text
+    with pytest.raises(LlmkitError, match="same tokenizer"):
+        Engine(model, max_batch=1, speculative=2).set_draft_model(tiny(vocab=50))
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "model"])
+def test_sampled_tokens_follow_the_models_distribution_by_counting(drafter):
     """Vocabulary of 4: the triple (t1, t2, t3) after a fixed prompt, sampled 4,000 times with drafts (t3
     comes from a draft's logits whenever t2 was the draft), against P(t1) P(t2 | t1) P(t3 | t1 t2) from full
     forwards; a chi-square test at the 0.1 % level (63 degrees of freedom)."""
@@ -113,6 +147,8 @@ def test_sampled_tokens_follow_the_models_distribution_by_counting():
                 joint[a, b] = p1[a] * p2[b] * probs([a, b])
     params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
     eng = spec_engine(model, max_batch=16, speculative=2)
+    if drafter == "model":  # another model's greedy drafts: some taken, some not
+        eng.set_draft_model(tiny(vocab=V, scale=2.0, seed=1))
     counts: collections.Counter = collections.Counter()
     accepted = 0
     for _ in range(250):

@@ -41,11 +41,34 @@ def add_speculative_arg(p: argparse.ArgumentParser) -> None:
 
 
 def speculative_arg(args: argparse.Namespace) -> int | None:
-    """The --speculative value, checked before any model loads."""
+    """The --speculative value, checked before any model loads (4 when only --draft-model is given)."""
     k = args.speculative
     if k is not None and not 0 <= k <= 64:
         raise LlmkitError(f"--speculative {k}: give 0 (off) to 64 draft tokens per step")
+    if k is None and getattr(args, "draft_model", None):
+        return 4
     return k
+
+
+def add_draft_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="speculative decoding with drafts from this model instead of the prompt (a smaller "
+                        "model with the same tokenizer, or the same model quantized harder, e.g. the int4 "
+                        "GGUF for a float32 or int8 model); greedy drafts, the same output")
+
+
+def attach_draft_model(llm, args: argparse.Namespace) -> None:
+    """Load --draft-model (as its file comes: a GGUF at its own precision) and hand it to `llm`."""
+    path = getattr(args, "draft_model", None)
+    if not path:
+        return
+    import llmkit
+
+    draft = llmkit.load(path, device=getattr(args, "device", None))
+    if draft.config.vocab_size != llm.config.vocab_size:
+        raise LlmkitError(f"--draft-model {path}: its vocabulary ({draft.config.vocab_size} ids) is not the "
+                          f"model's ({llm.config.vocab_size}); a draft model needs the same tokenizer")
+    llm.draft_model = draft.model
 
 
 def kv_cache_arg(args: argparse.Namespace) -> str | None:

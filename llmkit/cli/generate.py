@@ -15,7 +15,14 @@ import argparse
 import sys
 from typing import Any
 
-from llmkit.cli.common import add_kv_cache_arg, add_speculative_arg, kv_cache_arg, speculative_arg
+from llmkit.cli.common import (
+    add_draft_model_arg,
+    add_kv_cache_arg,
+    add_speculative_arg,
+    attach_draft_model,
+    kv_cache_arg,
+    speculative_arg,
+)
 from llmkit.errors import LlmkitError
 
 FALLBACK = {"temperature": 0.7, "max_tokens": 256}  # when neither a flag nor the model says
@@ -58,6 +65,7 @@ def _sampling_args(p: argparse.ArgumentParser, interactive: bool) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT folder)")
     add_kv_cache_arg(p)
     add_speculative_arg(p)
+    add_draft_model_arg(p)
 
 
 def _explicit(args) -> dict[str, Any]:
@@ -96,6 +104,7 @@ def cmd_generate(args) -> int:
     explicit = _explicit(args)
     kv, spec = kv_cache_arg(args), speculative_arg(args)
     llm = _load(model, args)
+    attach_draft_model(llm, args)
     s = llm.stream(prompt, params=_params(llm, explicit, interactive=False), kv_dtype=kv, speculative=spec)
     for delta in s:
         sys.stdout.write(delta)
@@ -103,8 +112,11 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     if args.stats:
         r = s.result
-        print(f"[{r.usage['completion_tokens']} tokens, {r.timings['decode_tokens_per_s']:.1f} tok/s "
-              f"({r.timings['decode_path']} decode), finish: {r.finish_reason}]", file=sys.stderr)
+        t = r.timings
+        drafts = (f", drafts taken {t['accepted_draft_tokens']} of {t['draft_tokens']}"
+                  if t.get("draft_tokens") else "")
+        print(f"[{r.usage['completion_tokens']} tokens, {t['decode_tokens_per_s']:.1f} tok/s "
+              f"({t['decode_path']} decode){drafts}, finish: {r.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -115,6 +127,7 @@ def cmd_chat(args) -> int:
     explicit = _explicit(args)
     kv, spec = kv_cache_arg(args), speculative_arg(args)
     llm = _load(args.model, args)
+    attach_draft_model(llm, args)
     if kv is not None or spec is not None:  # the engine every answer then uses (both settings stick)
         get_engine(llm, kv_dtype=kv, tokens=1, speculative=spec)
     return run_chat(llm, _params(llm, explicit, interactive=True), system=args.system)

@@ -83,7 +83,8 @@ def get_engine(llm, max_batch: int = 1, tokens: int | None = None,
     `kv_dtype`: the cache's storage ("auto", "bf16", "fp16", "int8"; see Engine); None keeps the current
     engine's ("auto" for a first engine), so a choice made once (the CLI's --kv-cache) sticks, and a
     different one remakes the engine. `speculative`: draft tokens per step by prompt lookup (0 = off; None
-    keeps the engine's), which changes no cached state, so the engine stays."""
+    keeps the engine's), which changes no cached state, so the engine stays; they come from a draft model
+    instead when `llm.draft_model` is set (a model with the same tokenizer; `Engine.set_draft_model`)."""
     ctx = llm.model.config.max_seq_len
     want = ctx if tokens is None else min(ctx, max(MIN_CAPACITY, 1 << max(tokens - 1, 1).bit_length()))
     eng = getattr(llm, "_engine", None)
@@ -105,6 +106,9 @@ def get_engine(llm, max_batch: int = 1, tokens: int | None = None,
         if speculative < 0:
             raise LlmkitError(f"speculative must be >= 0 draft tokens, got {speculative}")
         eng.speculative = speculative
+    draft = getattr(llm, "draft_model", None)  # drafts from another model (llm.draft_model = ...)
+    if (eng.draft.model if eng.draft is not None else None) is not draft:
+        eng.set_draft_model(draft)
     return eng
 
 

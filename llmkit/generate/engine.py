@@ -21,8 +21,8 @@ Notable choices:
 - Attention reads only the filled prefix of the cache (`KVCache.select`), so a step costs what the sequences
   hold, not what the cache can hold. On the CPU, decode steps of Llama-shaped models run in C
   (llmkit/kernels/decode.c via llmkit.generate.native: every layer in one call, the model's own tensors, no
-  compile; speculative drafts are verified there too; `native=False` or LLMKIT_NATIVE=0 for PyTorch's
-  ops; prefill and hooked models always run the PyTorch model). Otherwise compile=True runs decode steps
+  compile; prefill chunks and speculative drafts run there too; `native=False` or LLMKIT_NATIVE=0 for
+  PyTorch's ops; hooked models always run the PyTorch model). Otherwise compile=True runs decode steps
   through torch.compile (CUDA graphs on a GPU) over fixed shapes: the attended length is rounded up to a
   power of two (at least 256, masked beyond the filled slots), so a handful of graphs serve each batch size.
 - `kv_dtype` picks the cache's storage: "auto" (the model's dtype), "bf16" / "fp16", or "int8" (a float32
@@ -99,7 +99,7 @@ class Request:
     _scored: list[TokenLogprob | None] = field(default_factory=lambda: [None], repr=False)  # echo so far
     drafts: list[int] = field(default_factory=list)  # speculative: the draft tokens the last decode ran
     draft_logits: torch.Tensor | None = None  # (len(drafts), V): logits after each draft token
-    lookup: PromptLookup | None = field(default=None, repr=False)  # speculative: n-gram index of the text
+    lookup: PromptLookup | DraftRow | None = field(default=None, repr=False)  # speculative: the drafter
     accepted: int = 0  # draft tokens accepted so far (speculative)
     drafted: int = 0  # draft tokens proposed so far
 
@@ -113,13 +113,15 @@ class Engine:
         (llmkit.model.kv_cache.resolve_kv_dtype). vocab_size: the tokenizer's size when the model's
         embedding has padding rows beyond it (Qwen2: 151,936 rows for 151,665 tokens); ids at or above it
         are never sampled, since no tokenizer could decode them. speculative: draft tokens per decode step
-        by prompt lookup (0 = off; see `PromptLookup`). native: decode steps through llmkit/kernels/decode.c
-        when it can run this model (None / True; see llmkit.generate.native), False: always PyTorch."""
+        by prompt lookup (0 = off; see `PromptLookup`), or by a draft model (`set_draft_model`). native:
+        decode steps and prefill chunks through llmkit/kernels/decode.c when it can run this model
+        (None / True; see llmkit.generate.native), False: always PyTorch."""
         if max_batch < 1 or prefill_chunk < 1 or speculative < 0:
             raise LlmkitError(f"max_batch ({max_batch}) and prefill_chunk ({prefill_chunk}) must be >= 1, "
                               f"speculative ({speculative}) >= 0")
         self.speculative = speculative
         self.lookup_min_n = 2  # shortest n-gram match that drafts (PromptLookup)
+        self.draft: DraftModel | None = None  # a draft model instead of prompt lookup (`set_draft_model`)
         cfg = model.config
         self.model = model
         self.config = cfg
@@ -188,12 +190,26 @@ class Engine:
         row, cached, wait = self._reserve(ids, reuse=not params.echo)
         stops = frozenset(() if params.ignore_eos else self.stop_ids) | frozenset(params.stop_ids)
         self.requests[row] = Request(ids, params, cached, dropped, stop_ids=stops, order=next(self._clock),
-                                     wait=wait, lookup=self._lookup())
+                                     wait=wait, lookup=self._lookup(row))
         self.sampler.start(row, params, ids, sample_index, processors)
         return row
 
-    def _lookup(self) -> PromptLookup | None:
-        return PromptLookup(min_n=self.lookup_min_n) if self.speculative else None
+    def _lookup(self, row: int) -> PromptLookup | DraftRow | None:
+        if not self.speculative:
+            return None
+        return DraftRow(self.draft, row) if self.draft is not None else PromptLookup(min_n=self.lookup_min_n)
+
+    def set_draft_model(self, model: nn.Module | None) -> None:
+        """Draft speculative tokens with `model` (a smaller model with the same tokenizer, or this model
+        quantized harder; None: prompt lookup again). It gets its own engine (this one's rows and capacity)
+        and drafts greedily; `speculative` says how many tokens per step (set it too)."""
+        if model is None:
+            self.draft = None
+            return
+        if model.config.vocab_size != self.config.vocab_size:
+            raise LlmkitError(f"the draft model's vocabulary ({model.config.vocab_size} ids) is not this "
+                              f"model's ({self.config.vocab_size}): it needs the same tokenizer")
+        self.draft = DraftModel(model, self.max_batch, self.capacity, self.prefill_chunk)
 
     def request(self, row: int) -> Request:
         q = self.requests[row]
@@ -304,7 +320,8 @@ class Engine:
         return last
 
     def _drafts(self, r: int) -> list[int]:
-        """Draft tokens for row r's next decode: a prompt lookup, cut to what the row may still produce."""
+        """Draft tokens for row r's next decode (prompt lookup or a draft model), cut to what the row may
+        still produce."""
         q = self.requests[r]
         if not self.speculative or q.lookup is None:
             return []
@@ -501,10 +518,12 @@ class Engine:
         x = torch.tensor([c + [0] * (T - len(c)) for c in chunks]  # (2B, T): ids, then positions (one copy)
                          + [[min(s + j, cap - 1) for j in range(T)] for s in starts]).to(self.device)
         ids, positions = x[: len(rows)], x[len(rows) :]
-        if self._native is not None and T <= NATIVE_TOKENS and not hidden and not self._native.hooked():
-            # the layers in C: each row's token (and drafts), padding included, as the PyTorch path runs them
+        if self._native is not None and (hidden or T <= NATIVE_TOKENS) and not self._native.hooked():
+            # the layers in C: prefill chunks, each row's token (and drafts), padding included, as the
+            # PyTorch path runs them
             out = self._native(ids.flatten(), [r for r in rows for _ in range(T)],
-                               positions.flatten().tolist()).view(len(rows), T, -1)  # (B, T, V)
+                               positions.flatten().tolist(), hidden=hidden)
+            out = out.view(len(rows), T, -1)  # (B, T, V), or (B, T, d) when hidden
         else:
             compiled = self._compiled is not None and T == 1 and not hidden
             # compiled: fixed shapes, the attended length rounded up to a power of two (>= 256, masked beyond)
@@ -547,7 +566,51 @@ class PromptLookup:
         return []
 
 
-NATIVE_TOKENS = 16  # tokens per row the native step takes (decode + drafts); prefill runs the PyTorch model
+class DraftModel:
+    """Draft-model drafting (Leviathan et al. 2023; Chen et al. 2023): a cheaper model with the same
+    tokenizer proposes the next k tokens, greedily, and the target model checks them all in one forward
+    (Engine._verify). Greedy drafts are a deterministic function of the text, so the target's output keeps
+    exactly its own distribution, whatever the draft model (a poor one only lowers the acceptance rate).
+
+    The draft model runs in an Engine of its own (native decode where it can), one row per target row. Each
+    call keeps the longest prefix its row already holds (drafts the target took stay cached; the others are
+    forgotten) and runs only the rest, then k - 1 decode steps."""
+
+    def __init__(self, model: nn.Module, max_batch: int, capacity: int, prefill_chunk: int = 256):
+        self.model = model
+        self.engine = Engine(model, max_batch=max_batch, max_seq_len=capacity, prefill_chunk=prefill_chunk)
+
+    @torch.inference_mode()
+    def draft(self, row: int, text: list[int], k: int) -> list[int]:
+        eng = self.engine
+        held = eng.ids[row]
+        n = 0
+        stop = min(len(held), len(text) - 1)  # the last token is always fed again: its logits are needed
+        while n < stop and held[n] == text[n]:
+            n += 1
+        del held[n:]
+        feed, step = text[n:], eng.prefill_chunk
+        for i in range(0, len(feed), step):
+            h = eng._run([row], [feed[i : i + step]], hidden=True)  # (1, T, d)
+        token = int(self.model.head(h[0, -1]).argmax())
+        out = [token]
+        while len(out) < k and len(held) < eng.capacity - 1:
+            token = int(eng._run([row], [[token]])[0, -1].argmax())
+            out.append(token)
+        return out
+
+
+class DraftRow:
+    """One request's view of a DraftModel: the drafter Request.lookup holds (the PromptLookup interface)."""
+
+    def __init__(self, draft: DraftModel, row: int):
+        self.shared, self.row = draft, row
+
+    def draft(self, prompt: list[int], output: list[int], k: int) -> list[int]:
+        return self.shared.draft(self.row, prompt + output, k)
+
+
+NATIVE_TOKENS = 16  # most tokens per row of a decode step (with drafts) the native step takes; prefill: any
 
 
 def attention_bucket(n: int) -> int:

@@ -190,16 +190,18 @@ class NativeDecode:
                     or nn.modules.module._global_forward_pre_hooks)
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, rows: list[int], positions: list[int], hidden: bool = False
+                 ) -> torch.Tensor:
         """Logits (N, V) of tokens ids (N,) at `positions` of cache `rows`, their K/V written to the cache
-        (a row's tokens at consecutive positions: its speculative drafts after its last token)."""
+        (a row's tokens at consecutive positions: a prefill chunk, or its speculative drafts after its last
+        token); hidden: the final normed hidden states (N, d) instead."""
         model = self.model
         x = model.model.embed_tokens(ids).float().contiguous()  # (N, d)
         meta = torch.tensor([rows, positions], dtype=torch.int64)  # (2, N)
         if self.lib.llmkit_decode(ctypes.byref(self.plan), len(rows), x.data_ptr(), meta[0].data_ptr(),
                                   meta[1].data_ptr()):
             raise MemoryError("llmkit native decode: out of memory")
-        return model.head(x)  # (N, V)
+        return x if hidden else model.head(x)  # (N, d) or (N, V)
 
 
 def _hooks(model: nn.Module) -> int:

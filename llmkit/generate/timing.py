@@ -290,20 +290,24 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
     report: dict = {"threads": threads, "bandwidth_gbs": bw, "new_tokens": new_tokens,
                     "prefill_tokens": len(long_ids), "systems": {}}
     refs = {s.ref: max(s.results["decode"]) for s in systems if s.ref}
+    prefs = {s.ref: max(s.results["prefill"]) for s in systems if s.ref and s.results["prefill"]}
     cols = "".join(f" {'x ' + k:>11}" for k in refs)
-    print(f"\n{'system':24} {'decode tok/s':>12} {'% roofline':>10}{cols} {'prefill tok/s':>13}")
+    pcols = "".join(f" {'x ' + k:>11}" for k in prefs)
+    print(f"\n{'system':24} {'decode tok/s':>12} {'% roofline':>10}{cols} {'prefill tok/s':>13}{pcols}")
     splits = []
     for s in systems:
         d = max(s.results["decode"])
         p = max(s.results["prefill"]) if s.results["prefill"] else float("nan")
         roof = bw * 1e9 / s.bytes_per_token if s.bytes_per_token else float("nan")
         x = {k: d / v for k, v in refs.items()}
+        px = {k: p / v for k, v in prefs.items()}
         report["systems"][s.name] = {
             "decode_tok_s": d, "decode_median": statistics.median(s.results["decode"]),
-            "decode_rounds": s.results["decode"], "prefill_tok_s": p, "bytes_per_token": s.bytes_per_token,
-            "roofline_tok_s": roof, "pct_roofline": 100 * d / roof, "x": x}
+            "decode_rounds": s.results["decode"], "prefill_tok_s": p, "prefill_rounds": s.results["prefill"],
+            "bytes_per_token": s.bytes_per_token, "roofline_tok_s": roof, "pct_roofline": 100 * d / roof,
+            "x": x, "prefill_x": px}
         print(f"{s.name:24} {d:12.1f} {100 * d / roof:9.0f}%{''.join(f' {v:11.2f}' for v in x.values())} "
-              f"{p:13.1f}")
+              f"{p:13.1f}{''.join(f' {v:11.2f}' for v in px.values())}")
         if s.split:
             ms = s.split()
             ms["rest"] = 1e3 / d - sum(ms.values())

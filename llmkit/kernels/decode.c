@@ -25,6 +25,9 @@
    row's result does not depend on the batch. Keys and values are float32, laid out as KVCache's (rows,
    n_kv_heads, slots, head_dim). */
 #include "quant.c"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef struct {
     int64_t kind;   /* 0: float32 (N, K) row-major; 1: int4 (quant.c's layout); 2: int8 */
@@ -112,9 +115,71 @@ static void rope(float *v, const float *c, const float *s, int64_t half) {
     }
 }
 
-/* one query head (D,) against keys/values (slots, D) at j in [lo, p]: out (D,); sc: (p + 1) scratch */
+#ifdef __AVX512F__
+/* e^x in 16 lanes: x = n ln 2 + r, e^r by Cephes's expf polynomial (|error| ~ 1 ulp), times 2^n (scalef) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+#define AVX512_HEAD 128 /* the widest head the vector path keeps in registers */
+#endif
+
+/* one query head (D,) against keys/values (slots, D) at j in [lo, p]: out (D,); sc: (p + 1) scratch.
+   Two passes, as the course writes softmax: the scores and their max, then e^(s - max) and the weighted
+   sum of the values. AVX-512 (heads of 16k <= 128 dims): the query and the output stay in registers. */
 static void attend(const float *q, const float *kc, const float *vc, int64_t lo, int64_t p, int64_t D,
                    float scale, float *sc, float *out) {
+#ifdef __AVX512F__
+    if (D % 16 == 0 && D <= AVX512_HEAD) {
+        const int64_t V = D / 16;
+        __m512 qv[AVX512_HEAD / 16], o[AVX512_HEAD / 16];
+        for (int64_t c = 0; c < V; c++) {
+            qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+            o[c] = _mm512_setzero_ps();
+        }
+        float mx = -INFINITY;
+        for (int64_t j = lo; j <= p; j++) {
+            const float *kj = kc + j * D;
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+            for (int64_t c = 1; c < V; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
+            sc[j] = _mm512_reduce_add_ps(acc);
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        const __m512 m = _mm512_set1_ps(mx);
+        __m512 tot = _mm512_setzero_ps();
+        int64_t j = lo;
+        for (; j + 16 <= p + 1; j += 16) {
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), m));
+            _mm512_storeu_ps(sc + j, e);
+            tot = _mm512_add_ps(tot, e);
+        }
+        if (j <= p) {
+            const __mmask16 k = (__mmask16)((1u << (p + 1 - j)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), m));
+            _mm512_mask_storeu_ps(sc + j, k, e);
+            tot = _mm512_add_ps(tot, _mm512_maskz_mov_ps(k, e));
+        }
+        for (j = lo; j <= p; j++) {
+            const __m512 a = _mm512_set1_ps(sc[j]);
+            const float *vj = vc + j * D;
+            for (int64_t c = 0; c < V; c++) o[c] = _mm512_fmadd_ps(a, _mm512_loadu_ps(vj + 16 * c), o[c]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(tot));
+        for (int64_t c = 0; c < V; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+        return;
+    }
+#endif
     float mx = -INFINITY;
     for (int64_t j = lo; j <= p; j++) {
         const float *kj = kc + j * D;
@@ -150,7 +215,12 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
     int64_t maxp = 0;
     for (int64_t b = 0; b < B; b++) maxp = pos[b] > maxp ? pos[b] : maxp;
     const int64_t wide = (QKV > 2 * F ? QKV : 2 * F);
-    float *buf = malloc((size_t)(B * d + B * wide + B * H * D + B * F + B * d + B * H * (maxp + 1)) * sizeof(float));
+#ifdef _OPENMP
+    const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    float *buf = malloc((size_t)(B * d + B * wide + B * H * D + B * F + B * d + threads * (maxp + 1)) * sizeof(float));
     if (!buf) return -1;
     float *h = buf, *big = h + B * d, *att = big + B * wide, *act = att + B * H * D, *tmp = act + B * F;
     float *sc = tmp + B * d;
@@ -170,23 +240,37 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
                 memcpy(L->vc + at, v + g * D, (size_t)D * sizeof(float));
             }
         }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static, 1) /* interleaved: a prefill's later tokens attend to more */
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, i = bh % H, g = i / group, p = pos[b];
             const int64_t lo = L->window && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
             const int64_t base = (rows[b] * Hkv + g) * S * D;
-            attend(big + b * QKV + i * D, L->kc + base, L->vc + base, lo, p, D, scale, sc + bh * (maxp + 1),
-                   att + bh * D);
+#ifdef _OPENMP
+            float *mine = sc + omp_get_thread_num() * (maxp + 1);
+#else
+            float *mine = sc;
+#endif
+            attend(big + b * QKV + i * D, L->kc + base, L->vc + base, lo, p, D, scale, mine, att + bh * D);
         }
         rc |= linear(&L->o, att, B, tmp, d, m->fine);
         for (int64_t i = 0; i < B * d; i++) x[i] += tmp[i];
         for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, L->norm2, d, eps, h + b * d);
         for (int64_t i = 0, at = 0; i < L->n_gu; at += L->gu[i].n, i++)
             rc |= linear(&L->gu[i], h, B, big + at, 2 * F, m->fine);
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < B * F; i++) {  /* silu(gate) * up */
-            const float g = big[(i / F) * 2 * F + i % F], u = big[(i / F) * 2 * F + F + i % F];
-            act[i] = g / (1.0f + expf(-g)) * u;
+#pragma omp parallel for schedule(static) if (B > 1)
+        for (int64_t b = 0; b < B; b++) {  /* silu(gate) * up */
+            const float *gate = big + b * 2 * F, *up = gate + F;
+            float *a = act + b * F;
+            int64_t i = 0;
+#ifdef __AVX512F__
+            for (; i + 16 <= F; i += 16) {
+                const __m512 g = _mm512_loadu_ps(gate + i);
+                const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+                _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                                      _mm512_loadu_ps(up + i)));
+            }
+#endif
+            for (; i < F; i++) a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         }
         rc |= linear(&L->down, act, B, tmp, d, m->fine);
         for (int64_t i = 0; i < B * d; i++) x[i] += tmp[i];

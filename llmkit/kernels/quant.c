@@ -21,6 +21,7 @@
    K must be a multiple of 32. Work is split over output rows with OpenMP (PyTorch's own runtime: the
    library links the libgomp already loaded by torch, so torch.set_num_threads applies here too).
 */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -62,21 +63,48 @@ static inline float bf16_hi(uint32_t v) { /* the zero: high half */
 
    pairs != 0 stores each pair of blocks (2p, 2p+1) as [first 16 of 2p, first 16 of 2p+1, last 16 of 2p,
    last 16 of 2p+1]: the order in which one 32-byte load of int4 weights yields its low and high nibbles.
-   A last unpaired block stays in order. */
+   A last unpaired block stays in order. pairs == 2 stores each full quad of blocks (4q .. 4q+3) the same
+   way, [the four first 16s, the four last 16s], for one 64-byte load (AVX-512); the last G % 4 blocks are
+   stored as with pairs == 1. */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int pairs, int fine, int8_t *xq, float *xd,
                           float *xs) {
     const int64_t G = K / QK, ldx = fine ? 2 * K : K;
+#pragma omp parallel for schedule(static) if (M * G >= 256)
     for (int64_t i = 0; i < M * G; i++) {
         const float *v = x + i * QK;
         const int64_t r = i / G, g = i % G;
         int8_t hi[QK], lo[QK];
+        float d;
+        int32_t qsum = 0, lsum = 0;
+#ifdef __AVX512F__
+        {  /* the scalar steps below, 16 lanes at a time: the same float operations, the same bits */
+            const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            d = amax / 127.0f;
+            const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m512 vid = _mm512_set1_ps(id), vd = _mm512_set1_ps(d), k128 = _mm512_set1_ps(128.0f);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+            _mm_storeu_si128((__m128i *)hi, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(hi + 16), _mm512_cvtepi32_epi8(q1));
+            qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            if (fine) {
+                const __m512 e0 = _mm512_sub_ps(v0, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(q0)));
+                const __m512 e1 = _mm512_sub_ps(v1, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(q1)));
+                const __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e0, vid), k128));
+                const __m512i l1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e1, vid), k128));
+                _mm_storeu_si128((__m128i *)lo, _mm512_cvtepi32_epi8(l0));
+                _mm_storeu_si128((__m128i *)(lo + 16), _mm512_cvtepi32_epi8(l1));
+                lsum = _mm512_reduce_add_epi32(_mm512_add_epi32(l0, l1));
+            }
+        }
+#else
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) {
             float a = fabsf(v[j]);
             amax = a > amax ? a : amax;
         }
-        const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int32_t qsum = 0, lsum = 0;
+        d = amax / 127.0f;
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         for (int j = 0; j < QK; j++) {
             hi[j] = (int8_t)lrintf(v[j] * id);
             qsum += hi[j];
@@ -85,10 +113,15 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int pairs, int f
                 lsum += lo[j];
             }
         }
+#endif
         for (int part = 0; part <= fine; part++) {
             const int8_t *src = part ? lo : hi;
             int8_t *row = xq + r * ldx + part * K;
-            if (pairs && (g ^ 1) < G) { /* in a pair */
+            if (pairs == 2 && g < (G & ~(int64_t)3)) { /* in a quad */
+                int8_t *base = row + (g & ~(int64_t)3) * QK + (g & 3) * 16;
+                memcpy(base, src, 16);
+                memcpy(base + 64, src + 16, 16);
+            } else if (pairs && (g ^ 1) < G) { /* in a pair */
                 int8_t *base = row + (g & ~(int64_t)1) * QK + (g & 1) * 16;
                 memcpy(base, src, 16);
                 memcpy(base + 32, src + 16, 16);
@@ -145,6 +178,34 @@ static inline __m256i join(__m256i hi, __m256i lo, int fine) {
 }
 #endif
 
+#ifdef LLMKIT_AVX2
+/* The end of one row of int4 W against one row of x: blocks b.. (a last one, if G is odd) into the
+   accumulators a0 (and t), then the sum. Shared by both int4 kernels, so they add in the same order. */
+static inline float q4_finish(const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, int64_t b,
+                              const int8_t *xrow, const float *xdr, const float *xsr, int64_t K, int fine,
+                              __m256 a0, __m256 a1, __m128 t4) {
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    float t = 0.0f;
+    for (; b < G; b++) {
+        const uint32_t v = szn[(b >> gshift) * N];
+        const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
+        const __m128i h = _mm_loadu_si128((const __m128i *)(w + b * 16));
+        const __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(h, 4), h), low);
+        __m256i p = _mm256_setzero_si256();
+        for (int part = 0; part <= fine; part++) {
+            const int8_t *row = xrow + part * K;
+            const __m256i xv = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)block_hi(row, b, G)),
+                                                _mm_loadu_si128((const __m128i *)block_lo(row, b, G)));
+            const __m256i pp = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones);
+            p = part ? _mm256_add_epi32(_mm256_slli_epi32(p, 7), pp) : pp;
+        }
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xdr[b]), a0);
+        t += m * xsr[b];
+    }
+    return hsum8(_mm256_add_ps(a0, a1)) + hsum4(t4) + t;
+}
+#endif
+
 /* One row of int4 W (its bytes w; the (s, z) pair of its group j at szn[j * N]) against mt <= MT rows of x
    (quantized with pairs != 0; row r at xq + r * ldx, its low parts K further when fine). Each weight byte is
    unpacked once for all the rows, and every row is summed in the same order whatever mt is: a sequence's
@@ -154,10 +215,8 @@ static inline __attribute__((always_inline)) void q4_rows(
     const float *xs, int64_t K, const int mt, const int fine, float *out) {
     const int64_t ldx = fine ? 2 * K : K;
     int64_t b = 0;
-    float t[MT];
-    for (int r = 0; r < mt; r++) t[r] = 0.0f;
 #ifdef LLMKIT_AVX2
-    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
     const __m128i hi_mask = _mm_set1_epi32((int)0xffff0000u);
     __m256 a0[MT], a1[MT];
@@ -185,28 +244,27 @@ static inline __attribute__((always_inline)) void q4_rows(
             a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(sc, i23), a1[r]);  /* b+2, b+3 */
         }
     }
-    for (; b < G; b++) {  /* the last 1-3 blocks, one at a time */
-        const uint32_t v = szn[(b >> gshift) * N];
-        const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
-        const __m128i h = _mm_loadu_si128((const __m128i *)(w + b * 16));
-        const __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(h, 4), h), low);
+    if (b + 2 <= G) {  /* a last pair of blocks: the first half of a chunk (lanes 2-3 of t4 get 0 x 0) */
+        const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N], (int)szn[((b + 1) >> gshift) * N], 0, 0);
+        const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(p, 16)), z4 = _mm_castsi128_ps(_mm_and_si128(p, hi_mask));
+        const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * 16));
+        const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
         for (int r = 0; r < mt; r++) {
-            __m256i p = _mm256_setzero_si256();
-            for (int part = 0; part <= fine; part++) {
-                const int8_t *row = xq + r * ldx + part * K;
-                const __m256i xv = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)block_hi(row, b, G)),
-                                                    _mm_loadu_si128((const __m128i *)block_lo(row, b, G)));
-                const __m256i pp = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones);
-                p = part ? _mm256_add_epi32(_mm256_slli_epi32(p, 7), pp) : pp;
-            }
-            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[r * G + b]), a0[r]);
-            t[r] += m * xs[r * G + b];
+            const int8_t *xv = xq + r * ldx + b * QK;
+            t4[r] = _mm_fmadd_ps(m4, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs + r * G + b))), t4[r]);
+            const __m256 sc = _mm256_castps128_ps256(
+                _mm_mul_ps(s4, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + r * G + b)))));
+            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
+            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[r]);
         }
+        b += 2;
     }
-    for (int r = 0; r < mt; r++) out[r] = hsum8(_mm256_add_ps(a0[r], a1[r])) + hsum4(t4[r]) + t[r];
+    for (int r = 0; r < mt; r++)
+        out[r] = q4_finish(w, szn, N, gshift, G, b, xq + r * ldx, xd + r * G, xs + r * G, K, fine, a0[r], a1[r], t4[r]);
 #else
-    float total[MT];
-    for (int r = 0; r < mt; r++) total[r] = 0.0f;
+    float total[MT], t[MT];
+    for (int r = 0; r < mt; r++) total[r] = t[r] = 0.0f;
     for (; b < G; b++) {
         const uint32_t v = szn[(b >> gshift) * N];
         const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
@@ -226,6 +284,173 @@ static inline __attribute__((always_inline)) void q4_rows(
     for (int r = 0; r < mt; r++) out[r] = total[r] + t[r];
 #endif
 }
+
+#if defined(LLMKIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LLMKIT_VNNI512 1
+#ifndef NR
+#define NR 4 /* rows of W per tile (at most 4) */
+#endif
+#ifndef MR
+#define MR 2 /* rows of x per tile */
+#endif
+#ifndef MB
+#define MB 8 /* rows of x per pass over the weights (their int8 copy stays in L1) */
+#endif
+
+/* The same sums as q4_rows, for several rows of W and x at a time (prefill, batches): nr <= NR rows of W
+   (row i's bytes at w + i * K/2, its (s, z) pairs at szn + i) against mr <= MR rows of x quantized with
+   pairs == 2; y[r * ldy + i] = row r . row i. One 64-byte load holds 4 blocks of a row of W; AVX-512 VNNI's
+   dpbusd adds 4 adjacent u8 x s8 products into each int32 lane, the grouping of AVX2's maddubs + madd, so
+   each lane's integer is the one q4_rows makes (no saturation either way: |15 * 127 * 4| is small). The
+   16 float lanes are q4_rows's a0 | a1, updated by the same multiply and fused multiply-add; the last
+   blocks and the sum go through q4_finish. So every result is bit for bit q4_rows's: prefill gives the
+   numbers decode gives, a batch those of its rows alone (tests/test_kernels.py checks it). */
+static inline __attribute__((always_inline)) void q4_tile(
+    const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
+    const float *xs, int64_t K, const int nr, const int mr, const int fine, float *y, int64_t ldy) {
+    const int64_t ldx = fine ? 2 * K : K, C = G / 4;
+    const __m512i low = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512(), hi_mask = _mm512_set1_epi32((int)0xffff0000u);
+    const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __mmask8 rows = (__mmask8)((1u << nr) - 1);
+    /* acc[i][r]: q4_rows's a0 | a1 for row i of W and row r of x. T[r]: its t4 for the NR rows of W, lane
+       4 j + i holding row i's lane j (the (s, z) pairs load 4 rows of W at once, block by block). */
+    __m512 acc[NR][MR], T[MR];
+    for (int r = 0; r < mr; r++) {
+        T[r] = _mm512_setzero_ps();
+        for (int i = 0; i < nr; i++) acc[i][r] = _mm512_setzero_ps();
+    }
+    for (int64_t c = 0; c < C; c++) {
+        const int64_t b = 4 * c;
+        __m512i P = _mm512_castsi128_si512(_mm_maskz_loadu_epi32(rows, szn + (b >> gshift) * N));
+        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 1) >> gshift) * N), 1);
+        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 2) >> gshift) * N), 2);
+        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 3) >> gshift) * N), 3);
+        const __m512 S16 = _mm512_castsi512_ps(_mm512_slli_epi32(P, 16));
+        const __m512 M16 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), S16, _mm512_castsi512_ps(_mm512_and_si512(P, hi_mask)));
+        __m512i L[NR], H[NR];
+        __m512 S[NR];
+        for (int i = 0; i < nr; i++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(w + i * (K / 2) + b * 16));
+            L[i] = _mm512_and_si512(wv, low);
+            H[i] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+            S[i] = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_slli_epi32(quad, 2), _mm512_set1_epi32(i)), S16);
+        }
+        for (int r = 0; r < mr; r++) {
+            const int8_t *xv = xq + r * ldx + b * QK;
+            const __m512i x0 = _mm512_loadu_si512((const void *)xv), x1 = _mm512_loadu_si512((const void *)(xv + 64));
+            const __m512 D = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(xd + r * G + b)));
+            T[r] = _mm512_fmadd_ps(M16, _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(xs + r * G + b))), T[r]);
+            for (int i = 0; i < nr; i++) {
+                __m512i q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, L[i], x0), H[i], x1);
+                if (fine) {  /* 128 hi + lo */
+                    q = _mm512_slli_epi32(q, 7);
+                    q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(q, L[i], _mm512_loadu_si512((const void *)(xv + K))), H[i],
+                                            _mm512_loadu_si512((const void *)(xv + K + 64)));
+                }
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(S[i], D), acc[i][r]);
+            }
+        }
+    }
+    /* then as q4_rows: a last pair of blocks (half a chunk), a last block (q4_finish's steps), the sums */
+    __m256 a0[NR][MR], a1[NR][MR];
+    float t[NR][MR];
+    for (int i = 0; i < nr; i++)
+        for (int r = 0; r < mr; r++) {
+            a0[i][r] = _mm512_castps512_ps256(acc[i][r]);
+            a1[i][r] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][r]), 1));
+            t[i][r] = 0.0f;
+        }
+    const __m256i low8 = _mm256_set1_epi8(0x0f), zero8 = _mm256_setzero_si256();
+    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    int64_t b = 4 * C;
+    if (b + 2 <= G) {
+        __m512i P = _mm512_castsi128_si512(_mm_maskz_loadu_epi32(rows, szn + (b >> gshift) * N));
+        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 1) >> gshift) * N), 1);
+        const __m512 S16 = _mm512_castsi512_ps(_mm512_slli_epi32(P, 16));
+        const __m512 M16 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), S16, _mm512_castsi512_ps(_mm512_and_si512(P, hi_mask)));
+        __m256i L[NR], H[NR];
+        __m256 S[NR];
+        for (int i = 0; i < nr; i++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i * (K / 2) + b * 16));
+            L[i] = _mm256_and_si256(wv, low8);
+            H[i] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low8);
+            S[i] = _mm512_castps512_ps256(
+                _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_slli_epi32(quad, 2), _mm512_set1_epi32(i)), S16));
+        }
+        for (int r = 0; r < mr; r++) {
+            const int8_t *xv = xq + r * ldx + b * QK;
+            const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + r * G + b)));
+            const __m128 xs2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs + r * G + b)));
+            const __m256 D = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(xd2), i01);
+            T[r] = _mm512_fmadd_ps(M16, _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(xs2)), T[r]);
+            for (int i = 0; i < nr; i++) {
+                __m256i q = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero8, L[i], _mm256_loadu_si256((const __m256i *)xv)),
+                                                H[i], _mm256_loadu_si256((const __m256i *)(xv + 32)));
+                if (fine)
+                    q = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(q, 7), L[i],
+                                                                _mm256_loadu_si256((const __m256i *)(xv + K))),
+                                            H[i], _mm256_loadu_si256((const __m256i *)(xv + K + 32)));
+                a0[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(S[i], D), a0[i][r]);
+            }
+        }
+        b += 2;
+    }
+    for (; b < G; b++) {
+        for (int i = 0; i < nr; i++) {
+            const uint32_t v = szn[(b >> gshift) * N + i];
+            const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
+            const __m128i h = _mm_loadu_si128((const __m128i *)(w + i * (K / 2) + b * 16));
+            const __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(h, 4), h), low8);
+            for (int r = 0; r < mr; r++) {
+                __m256i p = zero8;
+                for (int part = 0; part <= fine; part++) {
+                    const int8_t *row = xq + r * ldx + part * K;
+                    const __m256i xv = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)block_hi(row, b, G)),
+                                                        _mm_loadu_si128((const __m128i *)block_lo(row, b, G)));
+                    p = _mm256_dpbusd_epi32(part ? _mm256_slli_epi32(p, 7) : zero8, wq, xv);
+                }
+                a0[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[r * G + b]), a0[i][r]);
+                t[i][r] += m * xs[r * G + b];
+            }
+        }
+    }
+    for (int r = 0; r < mr; r++)
+        for (int i = 0; i < nr; i++) {
+            const __m512 t4 = _mm512_permutexvar_ps(_mm512_setr_epi32(i, 4 + i, 8 + i, 12 + i, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                      0, 0, 0, 0), T[r]);
+            y[r * ldy + i] = hsum8(_mm256_add_ps(a0[i][r], a1[i][r])) + hsum4(_mm512_castps512_ps128(t4)) + t[i][r];
+        }
+}
+
+/* y (M, N) for M > 1: tiles of NR x MR; x in blocks of MB rows, each block against this thread's rows of W */
+static void q4_mm_tiled(const int8_t *xq, const float *xd, const float *xs, int64_t M, int64_t K,
+                        const uint8_t *qw, const uint32_t *sz32, int64_t N, int gs, int fine, float *y) {
+    const int64_t G = K / QK, ldx = fine ? 2 * K : K, tiles = (N + NR - 1) / NR;
+#pragma omp parallel
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t m1 = m0 + MB < M ? m0 + MB : M;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t n = t * NR;
+            const int nr = (int)(N - n < NR ? N - n : NR);
+            for (int64_t r = m0; r < m1; r += MR) {
+                const int mr = (int)(m1 - r < MR ? m1 - r : MR);
+                const int8_t *xr = xq + r * ldx;
+                float *yr = y + r * N + n;
+                const uint8_t *wn = qw + n * (K / 2);
+                if (nr == NR && mr == MR) {  /* the common case, with the tile's shape known at compile time */
+                    if (fine)
+                        q4_tile(wn, sz32 + n, N, gs, G, xr, xd + r * G, xs + r * G, K, NR, MR, 1, yr, N);
+                    else
+                        q4_tile(wn, sz32 + n, N, gs, G, xr, xd + r * G, xs + r * G, K, NR, MR, 0, yr, N);
+                } else {
+                    q4_tile(wn, sz32 + n, N, gs, G, xr, xd + r * G, xs + r * G, K, nr, mr, fine, yr, N);
+                }
+            }
+        }
+    }
+}
+#endif
 
 /* One row of int8 W (scale s) against mt rows of x (row r at xq + r * ldx, its low parts K further when fine). */
 static inline __attribute__((always_inline)) void q8_dotm(const int8_t *w, float s, int64_t G, const int8_t *xq,
@@ -276,17 +501,31 @@ static inline __attribute__((always_inline)) void q8_dotm(const int8_t *w, float
 #endif
 }
 
+/* n bytes aligned to a cache line (64-byte AVX-512 loads of a row never straddle two lines); free() it */
+static void *scratch(int64_t n) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, (size_t)((n + 63) & ~(int64_t)63)) ? NULL : p;
+}
+
 /* y (M, N) = x (M, K) @ W^T for int4 W (layout above), groups of 32 << gshift inputs; fine: two-part
    activations (see quantize_rows). Returns 0, or -1 if memory for the quantized activations ran out. */
 int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint16_t *sz, int64_t N,
                  int64_t gshift, int64_t fine, float *y) {
     const int64_t G = K / QK, ldx = fine ? 2 * K : K;
-    int8_t *xq = malloc((size_t)(M * ldx + 2 * M * G * (int64_t)sizeof(float)));
+    int8_t *xq = scratch(M * ldx + 2 * M * G * (int64_t)sizeof(float));
     if (!xq) return -1;
     float *xd = (float *)(xq + M * ldx), *xs = xd + M * G;
-    quantize_rows(x, M, K, 1, (int)fine, xq, xd, xs);
     const uint32_t *sz32 = (const uint32_t *)sz;  /* (s, z) pairs, (K/gs, N) */
     const int gs = (int)gshift;
+#ifdef LLMKIT_VNNI512
+    if (M > 1) {
+        quantize_rows(x, M, K, 2, (int)fine, xq, xd, xs);
+        q4_mm_tiled(xq, xd, xs, M, K, qw, sz32, N, gs, (int)fine, y);
+        free(xq);
+        return 0;
+    }
+#endif
+    quantize_rows(x, M, K, 1, (int)fine, xq, xd, xs);
     if (M == 1) {  /* decode: the same code with mt = 1 known at compile time */
         if (fine) {
 #pragma omp parallel for schedule(static)
@@ -318,7 +557,7 @@ int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const 
 int llmkit_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, const float *s, int64_t N, int64_t fine,
                  float *y) {
     const int64_t G = K / QK, ldx = fine ? 2 * K : K;
-    int8_t *xq = malloc((size_t)(M * ldx + 2 * M * G * (int64_t)sizeof(float)));
+    int8_t *xq = scratch(M * ldx + 2 * M * G * (int64_t)sizeof(float));
     if (!xq) return -1;
     float *xd = (float *)(xq + M * ldx), *xs = xd + M * G;
     quantize_rows(x, M, K, 0, (int)fine, xq, xd, xs);
