@@ -105,26 +105,33 @@ class Spy:
         return self.native(ids_, rows, positions, hidden=hidden)
 
 
-def test_prefill_chunks_run_natively():
-    """A prompt longer than a prefill chunk goes through decode.c chunk by chunk (each chunk's tokens see the
-    cache the earlier chunks wrote), and its first token's logits are PyTorch's; with a sliding window
-    shorter than a chunk too."""
+@pytest.mark.parametrize("mode,chunk,native_calls", [
+    ("float", 16, [(16, True), (16, True), (8, True)]),  # chunks of decode-step size: native
+    ("float", 32, [(8, True)]),  # a longer float32 chunk: PyTorch's GEMM (decode.c's float matmul is slow)
+    ("int4", 24, [(24, True), (16, True)]),  # quantized: every chunk, whatever its length
+])
+def test_prefill_chunks_run_natively(mode, chunk, native_calls):
+    """A prompt longer than a prefill chunk goes through decode.c chunk by chunk where it should (each
+    chunk's tokens see the cache the earlier chunks wrote), and its first token's logits are PyTorch's;
+    with a sliding window shorter than a chunk too."""
+    from llmkit.quant import quantize_model
+
     for kw in ({}, {"sliding_window": 6}):
-        model = tiny(**kw)
+        model = tiny(**kw) if mode == "float" else quantize_model(tiny(**kw), mode)
         prompt = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(3)).tolist()
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         first = []
         for native in (False, True):
-            eng = Engine(model, max_batch=1, native=native, prefill_chunk=16)
+            eng = Engine(model, max_batch=1, native=native, prefill_chunk=chunk)
             if native:
                 eng._native = spy = Spy(eng._native)
             row = eng.add(prompt, params)
-            for _ in range(3):  # three chunks, one per step
-                assert eng.request(row).logits is None
+            while eng.request(row).logits is None:
                 eng.step()
             first.append(eng.request(row).logits.clone())
-        assert spy.calls[:3] == [(16, True), (16, True), (8, True)]
-        assert (first[0] - first[1]).abs().max() <= 1e-4 * max(1.0, first[0].abs().max())
+        assert [c for c in spy.calls if c[1]] == native_calls
+        tol = 1e-4 * max(1.0, first[0].abs().max()) if mode == "float" else 2e-3 * first[0].abs().max()
+        assert (first[0] - first[1]).abs().max() <= tol
 
 
 def test_speculative_drafts_are_verified_natively():

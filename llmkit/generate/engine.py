@@ -518,7 +518,7 @@ class Engine:
         x = torch.tensor([c + [0] * (T - len(c)) for c in chunks]  # (2B, T): ids, then positions (one copy)
                          + [[min(s + j, cap - 1) for j in range(T)] for s in starts]).to(self.device)
         ids, positions = x[: len(rows)], x[len(rows) :]
-        if self._native is not None and (hidden or T <= NATIVE_TOKENS) and not self._native.hooked():
+        if self._native is not None and self._native.takes(T, hidden) and not self._native.hooked():
             # the layers in C: prefill chunks, each row's token (and drafts), padding included, as the
             # PyTorch path runs them
             out = self._native(ids.flatten(), [r for r in rows for _ in range(T)],
@@ -610,7 +610,7 @@ class DraftRow:
         return self.shared.draft(self.row, prompt + output, k)
 
 
-NATIVE_TOKENS = 16  # most tokens per row of a decode step (with drafts) the native step takes; prefill: any
+NATIVE_TOKENS = 16  # most tokens per row of a decode step (with drafts) the native step takes
 
 
 def attention_bucket(n: int) -> int:

@@ -1,7 +1,9 @@
-"""The native decode step: the engine's one-token-per-row forward run by llmkit/kernels/decode.c.
+"""The native step: the engine's decode steps (a token per row, and its drafts) and prefill chunks, run by
+llmkit/kernels/decode.c.
 
     nd = NativeDecode.build(model, cache)     # None when decode.c cannot compute this model (why: `why_not`)
     logits = nd(ids, rows, positions)         # ids (N,) long; each token's cache row and position (lists)
+    hidden = nd(ids, rows, positions, hidden=True)   # the final normed hidden states (N, d): a prefill chunk
 
 The readable model (llmkit/model/transformer.py) stays the reference: decode.c computes the same maths for
 the models it accepts, reading the model's own tensors in place (no copy, no conversion), and tests compare
@@ -20,6 +22,9 @@ Notable choices
   `.to()`); in-place updates (an optimizer step) keep the pointers valid and are seen at once.
 - Forward hooks (a lab looking inside, a test injecting a fault) need the PyTorch modules to run: a model
   with a hook on itself (checked every step) or on any submodule (part of the signature) decodes in PyTorch.
+- Prefill chunks run here too when every matmul is quantized: the int4 kernel's AVX-512 tiles then do the
+  work of a GEMM with the decode kernel's exact sums, and C replaces ~100 PyTorch operators per layer. A
+  float32 model's long chunks stay with PyTorch, whose GEMM (MKL / oneDNN) outruns decode.c's plain one.
 - LLMKIT_NATIVE=0 (or `Engine(native=False)`) turns it off.
 """
 
@@ -127,6 +132,7 @@ class NativeDecode:
         self.model, self.cache = model, cache
         self.lib = kernels._load()
         self.keep: list[torch.Tensor] = []  # every tensor a pointer below refers to
+        self.floats = False  # a float32 matmul among the layers (then prefill is PyTorch's: MKL's GEMM)
         c = model.config
         self.layers = (_Layer * c.n_layers)()
         for i, layer in enumerate(model.model.layers):
@@ -176,12 +182,21 @@ class NativeDecode:
             s.bias = self._ptr(m.bias.detach().float())
         if kind == 3:
             s.kind, s.w = 0, self._ptr(m.weight.detach())
+            self.floats = True
         elif kind == 1:
             m.pack_()
             sz = m.scales_and_zeros if m.scales_and_zeros.dtype == LOW else m.scales_and_zeros.to(LOW)
             s.kind, s.gshift, s.w, s.s = 1, GSHIFT[m.group_size], self._ptr(m.qweight), self._ptr(sz)
         else:
             s.kind, s.w, s.s = 2, self._ptr(m.qweight), self._ptr(m.scales)
+
+    def takes(self, tokens: int, hidden: bool) -> bool:
+        """Whether a step of `tokens` tokens per row runs here: decode steps (with drafts, up to
+        NATIVE_TOKENS) always; prefill chunks (hidden) of any length when every matmul is quantized (decode.c's
+        plain float32 matmul is no match for PyTorch's GEMM on long prompts)."""
+        from llmkit.generate.engine import NATIVE_TOKENS
+
+        return tokens <= NATIVE_TOKENS or (hidden and not self.floats)
 
     def hooked(self) -> bool:
         """A forward hook on the model itself (or a global one): this step must run the modules."""

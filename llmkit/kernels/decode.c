@@ -1,4 +1,5 @@
-/* llmkit's native decode step: every layer of a Llama-shaped Transformer for one new token per row, in C.
+/* llmkit's native step: every layer of a Llama-shaped Transformer for new tokens (a decode token per row and
+   its drafts, or a prefill chunk), in C.
 
    Built with quant.c (included below) by llmkit/kernels/__init__.py; driven by llmkit/generate/native.py,
    which fills the structs below with pointers to the model's own tensors (no copy) and checks that the model
@@ -58,9 +59,46 @@ typedef struct {
     const lk_layer *layers;
 } lk_model;
 
-/* y (M, N) = x (M, K) @ W^T for a float32 W: each output a dot product in 8 lanes (vectorised by the
-   compiler), split over output rows. */
+#ifdef __AVX512F__
+/* rows m0 .. m0 + mt (mt <= 4) of x against row w of W: each dot product in 4 x 16 lanes (4 independent
+   chains: K in steps of 64), then 16-lane steps into the first, then the scalar rest; the order does not
+   depend on mt, so a row's result does not depend on the batch */
+static inline __attribute__((always_inline)) void f32_rows(const float *x, int64_t K, const float *w, const int mt,
+                                                           float *out, int64_t ldo) {
+    __m512 acc[4][4];
+    for (int r = 0; r < mt; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= K; j += 64)
+        for (int c = 0; c < 4; c++) {
+            const __m512 wv = _mm512_loadu_ps(w + j + 16 * c);
+            for (int r = 0; r < mt; r++) acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + j + 16 * c), wv, acc[r][c]);
+        }
+    for (; j + 16 <= K; j += 16) {
+        const __m512 wv = _mm512_loadu_ps(w + j);
+        for (int r = 0; r < mt; r++) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + j), wv, acc[r][0]);
+    }
+    for (int r = 0; r < mt; r++) {
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                     _mm512_add_ps(acc[r][2], acc[r][3])));
+        for (int64_t i = j; i < K; i++) t += x[r * K + i] * w[i];
+        out[r * ldo] = t;
+    }
+}
+#endif
+
+/* y (M, N) = x (M, K) @ W^T for a float32 W, split over output rows. AVX-512: each row of W against 4 rows
+   of x at a time (f32_rows); else each output a dot product in 8 lanes (vectorised by the compiler). */
 static void f32_mm(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y) {
+#ifdef __AVX512F__
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) f32_rows(x + m * K, K, w + n * K, 4, y + m * N + n, N);
+        for (; m < M; m++) f32_rows(x + m * K, K, w + n * K, 1, y + m * N + n, N);
+    }
+    return;
+#endif
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float *wr = w + n * K;
