@@ -192,8 +192,8 @@ class NativeDecode:
 
     def takes(self, tokens: int, hidden: bool) -> bool:
         """Whether a step of `tokens` tokens per row runs here: decode steps (with drafts, up to
-        NATIVE_TOKENS) always; prefill chunks (hidden) of any length when every matmul is quantized (decode.c's
-        plain float32 matmul is no match for PyTorch's GEMM on long prompts)."""
+        NATIVE_TOKENS) always; prefill chunks (hidden) of any length when every matmul is quantized
+        (decode.c's plain float32 matmul is no match for PyTorch's GEMM on long prompts)."""
         from llmkit.generate.engine import NATIVE_TOKENS
 
         return tokens <= NATIVE_TOKENS or (hidden and not self.floats)
