@@ -55,7 +55,8 @@ INT4_PAIR_BYTES = 4  # (scale, zero) in bfloat16
 INT8_ROW_BYTES = 4  # one float32 scale per output row
 KV_INT8_SCALE_BYTES = 4  # one float32 scale per (token, head), for keys and for values
 EMBED_SCALE_BYTES = 2  # int8/int4 models' embedding table: a float16 scale per GROUP_SIZE values
-RUNTIME_CPU = 260_000_000  # the process beyond its tensors and tokenizer, RSS measured on CPU (2026-11-30)
+RUNTIME_CPU = 300_000_000  # the process beyond its tensors and tokenizer: RSS measured on CPU in a fresh
+# install (2026-12-01; `import torch` alone is ~290 MB of it there, ~230 MB in a long-used one)
 TOKENIZER_BYTES = 800  # per vocabulary entry (vocab, merges, special tokens as Python objects)
 DEFAULT_CONTEXT = 4096  # tokens a load and `llmkit inspect` are checked for unless told (a long chat)
 PREFILL_CHUNK = 256  # tokens per prefill forward (llmkit.generate.engine.Engine's prefill_chunk default)

@@ -277,13 +277,19 @@ def hwm():  # this process's peak RSS (ru_maxrss would keep the forking parent's
     return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM"))
 
 
+import torch
+base = hwm()  # the libraries alone
 import llmkit
 kw = json.loads(sys.argv[1])
 llm = llmkit.load(sys.argv[2], device="cpu", **kw)
 r = llm.generate("The capital of France is", max_tokens=8, temperature=0)
-print(json.dumps({"peak": hwm(),
+print(json.dumps({"peak": hwm(), "base": base,
                   "config": llm.config.to_dict(), "tokens": r.usage["total_tokens"]}))
 """
+# RSS after `import torch` where RUNTIME_CPU was measured: a fresh install (its shared libraries just written,
+# so their pages sit in the page cache in large folios and map in big pieces). In a long-used venv the same
+# import measured 230 MB (2026-12-01), 60 MB less, for no reason an estimate could know.
+TORCH_IMPORT_RSS = 290_000_000
 
 
 @pytest.mark.slow
@@ -292,12 +298,15 @@ print(json.dumps({"peak": hwm(),
                                            ("int8", {"quantize": "int8"}), ("int4", {"quantize": "int4"})])
 def test_estimate_matches_peak_rss(precision, kw):
     """Load the default model, generate 8 tokens; the estimate's total for that many tokens (the engine's KV
-    cache: at least MIN_CAPACITY slots) is within 15 % of the peak RSS."""
+    cache: at least MIN_CAPACITY slots) is within 15 % of the peak RSS, once the resident share of PyTorch's
+    own libraries (which varies with the page cache, see TORCH_IMPORT_RSS) is put at the level where the
+    estimate's runtime constant was measured."""
     path = _default_model()
     r = _run(["-c", CHILD, json.dumps(kw), str(path)])
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     est = estimate(ModelConfig.from_dict(out["config"]), precision, context=out["tokens"])["total"]
+    est += out["base"] - TORCH_IMPORT_RSS
     print(f"{precision}: estimate {est / 1e6:.0f} MB, peak RSS {out['peak'] / 1e6:.0f} MB, "
           f"{100 * (est / out['peak'] - 1):+.1f} %")
     assert abs(est - out["peak"]) <= 0.15 * out["peak"]
