@@ -305,11 +305,26 @@ static inline __attribute__((always_inline)) void q4_rows(
    16 float lanes are q4_rows's a0 | a1, updated by the same multiply and fused multiply-add; the last
    blocks and the sum go through q4_finish. So every result is bit for bit q4_rows's: prefill gives the
    numbers decode gives, a batch those of its rows alone (tests/test_kernels.py checks it). */
+/* The (s, z) pairs of blocks b .. b + n - 1 (n = 2 or 4) for the tile's rows of W (mask `rows`): lane 4 j + i
+   holds row i's scale of block b + j (S16) and its m = z - 8 s (M16); lanes of blocks beyond n hold 0. */
+static inline __attribute__((always_inline)) void tile_scales(const uint32_t *szn, int64_t b, const int n, int gshift,
+                                                              int64_t N, __mmask8 rows, __m512 *S16, __m512 *M16) {
+    __m512i P = _mm512_castsi128_si512(_mm_maskz_loadu_epi32(rows, szn + (b >> gshift) * N));
+    P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 1) >> gshift) * N), 1);
+    if (n == 4) {
+        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 2) >> gshift) * N), 2);
+        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 3) >> gshift) * N), 3);
+    }
+    *S16 = _mm512_castsi512_ps(_mm512_slli_epi32(P, 16));
+    *M16 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), *S16,
+                            _mm512_castsi512_ps(_mm512_and_si512(P, _mm512_set1_epi32((int)0xffff0000u))));
+}
+
 static inline __attribute__((always_inline)) void q4_tile(
     const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
     const float *xs, int64_t K, const int nr, const int mr, const int fine, float *y, int64_t ldy) {
     const int64_t ldx = fine ? 2 * K : K, C = G / 4;
-    const __m512i low = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512(), hi_mask = _mm512_set1_epi32((int)0xffff0000u);
+    const __m512i low = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
     const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __mmask8 rows = (__mmask8)((1u << nr) - 1);
     /* acc[i][r]: q4_rows's a0 | a1 for row i of W and row r of x. T[r]: its t4 for the NR rows of W, lane
@@ -321,12 +336,8 @@ static inline __attribute__((always_inline)) void q4_tile(
     }
     for (int64_t c = 0; c < C; c++) {
         const int64_t b = 4 * c;
-        __m512i P = _mm512_castsi128_si512(_mm_maskz_loadu_epi32(rows, szn + (b >> gshift) * N));
-        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 1) >> gshift) * N), 1);
-        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 2) >> gshift) * N), 2);
-        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 3) >> gshift) * N), 3);
-        const __m512 S16 = _mm512_castsi512_ps(_mm512_slli_epi32(P, 16));
-        const __m512 M16 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), S16, _mm512_castsi512_ps(_mm512_and_si512(P, hi_mask)));
+        __m512 S16, M16;
+        tile_scales(szn, b, 4, gshift, N, rows, &S16, &M16);
         __m512i L[NR], H[NR];
         __m512 S[NR];
         for (int i = 0; i < nr; i++) {
@@ -364,10 +375,8 @@ static inline __attribute__((always_inline)) void q4_tile(
     const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     int64_t b = 4 * C;
     if (b + 2 <= G) {
-        __m512i P = _mm512_castsi128_si512(_mm_maskz_loadu_epi32(rows, szn + (b >> gshift) * N));
-        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 1) >> gshift) * N), 1);
-        const __m512 S16 = _mm512_castsi512_ps(_mm512_slli_epi32(P, 16));
-        const __m512 M16 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), S16, _mm512_castsi512_ps(_mm512_and_si512(P, hi_mask)));
+        __m512 S16, M16;
+        tile_scales(szn, b, 2, gshift, N, rows, &S16, &M16);
         __m256i L[NR], H[NR];
         __m256 S[NR];
         for (int i = 0; i < nr; i++) {
