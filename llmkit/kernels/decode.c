@@ -97,8 +97,7 @@ static void f32_mm(const float *x, int64_t M, int64_t K, const float *w, int64_t
         for (; m + 4 <= M; m += 4) f32_rows(x + m * K, K, w + n * K, 4, y + m * N + n, N);
         for (; m < M; m++) f32_rows(x + m * K, K, w + n * K, 1, y + m * N + n, N);
     }
-    return;
-#endif
+#else
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float *wr = w + n * K;
@@ -113,6 +112,7 @@ static void f32_mm(const float *x, int64_t M, int64_t K, const float *w, int64_t
             y[m * N + n] = t;
         }
     }
+#endif
 }
 
 /* y (M, N) with rows ldy apart = x (M, K) @ W^T (+ bias). Returns 0, or -1 when memory ran out. */
