@@ -192,3 +192,35 @@ def test_real_model_rewrite_is_the_same_and_takes_drafts(smollm2_gguf, capsys):
     assert eng.speculative == 6
     assert main(["generate", str(smollm2_gguf), "x", "--speculative", "-1"]) == 1
     assert "--speculative -1" in capsys.readouterr().err
+
+
+def test_serve_with_a_draft_model_answers_as_without(tmp_path):
+    """create_app(draft_model=...) (`llmkit serve --draft-model`): every lane's engine drafts with the model,
+    the greedy answers are the plain server's (the openai client's parsed text and logprobs), and drafts
+    are taken (a draft model equal to the target: all of them)."""
+    import copy
+
+    import openai
+    from serve_utils import serve, tiny_llm
+
+    llm = tiny_llm()
+    calls = []
+
+    def answers(**kw) -> list:
+        with serve(llm, tmp_path / "r.sqlite", max_batch=2, **kw) as s:
+            engine = s.app.state.scheduler.backend.engine
+            if kw:
+                assert engine.speculative == 4 and engine.draft is not None  # 4 by default with a draft model
+                real = engine.draft.draft
+                engine.draft.draft = lambda row, text, k: calls.append(k) or real(row, text, k)
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            out = []
+            for prompt in ("Once upon a time", "The capital of France is"):
+                r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
+                                              logprobs=1)
+                out.append((r.choices[0].text, r.choices[0].logprobs.tokens))
+            return out
+
+    plain = answers()
+    assert answers(draft_model=copy.deepcopy(llm.model)) == plain
+    assert calls and set(calls) <= {1, 2, 3, 4}

@@ -8,7 +8,14 @@ import logging
 import os
 from collections.abc import Sequence
 
-from llmkit.cli.common import add_kv_cache_arg, add_speculative_arg, kv_cache_arg, speculative_arg
+from llmkit.cli.common import (
+    add_draft_model_arg,
+    add_kv_cache_arg,
+    add_speculative_arg,
+    attach_draft_model,
+    kv_cache_arg,
+    speculative_arg,
+)
 
 DEFAULT_CONTEXT = 4096  # SmolLM2 has 8192: 8 rows x 8192 positions would hold 2.7 GB of fp32 KV cache
 
@@ -35,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "holds max-batch x this many positions")
     add_kv_cache_arg(p)
     add_speculative_arg(p)
+    add_draft_model_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (GPU: CUDA graphs; on the CPU only for models the "
                         "native C decode step cannot run)")
@@ -132,10 +140,12 @@ def serve(args: argparse.Namespace) -> int:
     kv, spec = kv_cache_arg(args), speculative_arg(args)
     llm = llmkit.load(name, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=plain,
                       context=args.max_seq_len)
+    attach_draft_model(llm, args)
     context = args.max_seq_len or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
                      max_seq_len=context, compile=args.compile, max_queue=args.max_queue,
-                     request_timeout=args.timeout, adapters=named, speculative=spec or 0, **guardrails(args),
+                     request_timeout=args.timeout, adapters=named, speculative=spec or 0,
+                     draft_model=llm.draft_model, **guardrails(args),
                      **({} if kv is None else {"kv_dtype": kv}))
     url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(banner(url, name, bool(keys), list(named)), flush=True)

@@ -85,16 +85,52 @@ static inline __attribute__((always_inline)) void f32_rows(const float *x, int64
         out[r * ldo] = t;
     }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LK_F32_ROWS 1
+/* f32_rows in 8 lanes: 4 x 8-lane chains (K in steps of 32), then 8-lane steps into the first, the scalar
+   rest; mt <= 2 (8 accumulators of the 16 registers) */
+static inline __attribute__((always_inline)) void f32_rows(const float *x, int64_t K, const float *w, const int mt,
+                                                           float *out, int64_t ldo) {
+    __m256 acc[2][4];
+    for (int r = 0; r < mt; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= K; j += 32)
+        for (int c = 0; c < 4; c++) {
+            const __m256 wv = _mm256_loadu_ps(w + j + 8 * c);
+            for (int r = 0; r < mt; r++) acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + j + 8 * c), wv, acc[r][c]);
+        }
+    for (; j + 8 <= K; j += 8) {
+        const __m256 wv = _mm256_loadu_ps(w + j);
+        for (int r = 0; r < mt; r++) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + j), wv, acc[r][0]);
+    }
+    for (int r = 0; r < mt; r++) {
+        __m256 v = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        float t = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        for (int64_t i = j; i < K; i++) t += x[r * K + i] * w[i];
+        out[r * ldo] = t;
+    }
+}
 #endif
 
 /* y (M, N) = x (M, K) @ W^T for a float32 W, split over output rows. AVX-512: each row of W against 4 rows
-   of x at a time (f32_rows); else each output a dot product in 8 lanes (vectorised by the compiler). */
+   of x at a time (f32_rows); AVX2: 2 rows at a time; else each output a dot product in 8 lanes (vectorised
+   by the compiler). */
 static void f32_mm(const float *x, int64_t M, int64_t K, const float *w, int64_t N, float *y) {
 #ifdef __AVX512F__
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) f32_rows(x + m * K, K, w + n * K, 4, y + m * N + n, N);
+        for (; m < M; m++) f32_rows(x + m * K, K, w + n * K, 1, y + m * N + n, N);
+    }
+#elif defined(LK_F32_ROWS)
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) f32_rows(x + m * K, K, w + n * K, 2, y + m * N + n, N);
         for (; m < M; m++) f32_rows(x + m * K, K, w + n * K, 1, y + m * N + n, N);
     }
 #else
@@ -171,6 +207,38 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 #define AVX512_HEAD 128 /* the widest head the vector path keeps in registers */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LK_AVX2 1
+/* e^x in 8 lanes, exp16's polynomial; 2^n built in the exponent bits, so x is clamped at -87 (e^-87 ~ 2e-38,
+   where exp16 goes on to 0: a softmax or a SiLU cannot tell) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, r), r, r), _mm256_set1_ps(1.0f));
+    /* 2^n for n in -126..128: n + 127 in the exponent; 2^128 (x near 88.37) as 2 * 2^127 */
+    const __m256i e = _mm256_cvtps_epi32(n);
+    const __m256i lo = _mm256_min_epi32(e, _mm256_set1_epi32(127));
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(lo, _mm256_set1_epi32(127)), 23)));
+    const __m256i extra = _mm256_sub_epi32(e, lo);  /* 0 or 1 */
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(extra, _mm256_set1_epi32(127)), 23)));
+}
+
+static inline float hsum8f(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define AVX2_HEAD 128 /* the widest head the vector path keeps in registers */
 #endif
 
 /* one query head (D,) against keys/values (slots, D) at j in [lo, p]: out (D,); sc: (p + 1) scratch.
@@ -215,6 +283,48 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t lo,
         }
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(tot));
         for (int64_t c = 0; c < V; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+        return;
+    }
+#elif defined(LK_AVX2)
+    if (D % 8 == 0 && D <= AVX2_HEAD) {  /* as above in 8 lanes: the query in registers, then the output */
+        const int64_t V = D / 8;
+        __m256 qv[AVX2_HEAD / 8];
+        for (int64_t c = 0; c < V; c++) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * c), _mm256_set1_ps(scale));
+        float mx = -INFINITY;
+        for (int64_t j = lo; j <= p; j++) {
+            const float *kj = kc + j * D;
+            __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
+            for (int64_t c = 1; c < V; c++) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kj + 8 * c), acc);
+            sc[j] = hsum8f(acc);
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        const __m256 m = _mm256_set1_ps(mx);
+        __m256 tot = _mm256_setzero_ps();
+        int64_t j = lo;
+        for (; j + 8 <= p + 1; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), m));
+            _mm256_storeu_ps(sc + j, e);
+            tot = _mm256_add_ps(tot, e);
+        }
+        float rest = 0.0f;
+        if (j <= p) {
+            float tail[8];
+            for (int64_t i = 0; i < 8; i++) tail[i] = j + i <= p ? sc[j + i] : -INFINITY;
+            _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), m)));
+            for (int64_t i = 0; j + i <= p; i++) {
+                sc[j + i] = tail[i];
+                rest += tail[i];
+            }
+        }
+        __m256 o[AVX2_HEAD / 8];
+        for (int64_t c = 0; c < V; c++) o[c] = _mm256_setzero_ps();
+        for (j = lo; j <= p; j++) {
+            const __m256 a = _mm256_set1_ps(sc[j]);
+            const float *vj = vc + j * D;
+            for (int64_t c = 0; c < V; c++) o[c] = _mm256_fmadd_ps(a, _mm256_loadu_ps(vj + 8 * c), o[c]);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / (hsum8f(tot) + rest));
+        for (int64_t c = 0; c < V; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv));
         return;
     }
 #endif
@@ -306,6 +416,13 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
                 const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
                 _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
                                                       _mm512_loadu_ps(up + i)));
+            }
+#elif defined(LK_AVX2)
+            for (; i + 8 <= F; i += 8) {
+                const __m256 g = _mm256_loadu_ps(gate + i);
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                                      _mm256_loadu_ps(up + i)));
             }
 #endif
             for (; i < F; i++) a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];

@@ -33,6 +33,9 @@
 
 #define QK 32
 #define MT 4 /* rows of x per pass over a row of W */
+#ifndef MBX
+#define MBX 32 /* rows of x per pass over the weights, without AVX-512 VNNI (a multiple of MT) */
+#endif
 
 static inline float bf16_lo(uint32_t v) { /* the scale: low half of a (s, z) pair */
     uint32_t bits = v << 16;
@@ -95,6 +98,46 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int pairs, int f
                 _mm_storeu_si128((__m128i *)lo, _mm512_cvtepi32_epi8(l0));
                 _mm_storeu_si128((__m128i *)(lo + 16), _mm512_cvtepi32_epi8(l1));
                 lsum = _mm512_reduce_add_epi32(_mm512_add_epi32(l0, l1));
+            }
+        }
+#elif defined(LLMKIT_AVX2)
+        {  /* the same in 8 lanes */
+            __m256 v8[4];
+            __m256 mx = _mm256_setzero_ps();
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            for (int c = 0; c < 4; c++) {
+                v8[c] = _mm256_loadu_ps(v + 8 * c);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v8[c]));
+            }
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            d = amax / 127.0f;
+            const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m256 vid = _mm256_set1_ps(id), vd = _mm256_set1_ps(d), k128 = _mm256_set1_ps(128.0f);
+            const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            __m256i q[4], l[4], qs = _mm256_setzero_si256(), ls = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                q[c] = _mm256_cvtps_epi32(_mm256_mul_ps(v8[c], vid));
+                qs = _mm256_add_epi32(qs, q[c]);
+                if (fine) {
+                    const __m256 e = _mm256_sub_ps(v8[c], _mm256_mul_ps(vd, _mm256_cvtepi32_ps(q[c])));
+                    l[c] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(e, vid), k128));
+                    ls = _mm256_add_epi32(ls, l[c]);
+                }
+            }
+            /* int32 -> int8 (no saturation: |values| <= 127), back in order across the 128-bit lanes */
+            _mm256_storeu_si256((__m256i *)hi, _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order));
+            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(qs), _mm256_extracti128_si256(qs, 1));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+            qsum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+            if (fine) {
+                _mm256_storeu_si256((__m256i *)lo, _mm256_permutevar8x32_epi32(
+                    _mm256_packs_epi16(_mm256_packs_epi32(l[0], l[1]), _mm256_packs_epi32(l[2], l[3])), order));
+                t = _mm_add_epi32(_mm256_castsi256_si128(ls), _mm256_extracti128_si256(ls, 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+                lsum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
             }
         }
 #else
@@ -284,6 +327,83 @@ static inline __attribute__((always_inline)) void q4_rows(
     for (int r = 0; r < mt; r++) out[r] = total[r] + t[r];
 #endif
 }
+
+#ifdef LLMKIT_AVX2
+#ifndef PFD
+#define PFD 32 /* rows ahead whose (s, z) pairs decode prefetches */
+#endif
+#ifndef NR1
+#define NR1 2 /* rows of W per pass in decode (one row of x) */
+#endif
+/* q4_rows with mt = 1 for nr <= NR1 adjacent rows of W (row i's bytes at w + i * K/2, its pairs at szn + i):
+   the same operations per row in the same order (the same bits), with the x loads and the (s, z) loads
+   shared: one load per block brings the pairs of all nr rows. */
+static inline __attribute__((always_inline)) void q4_rows1(
+    const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
+    const float *xs, int64_t K, const int nr, const int fine, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m128i hi_mask = _mm_set1_epi32((int)0xffff0000u);
+    __m256 a0[NR1], a1[NR1];
+    __m128 t4[NR1];
+    for (int i = 0; i < nr; i++) {
+        a0[i] = a1[i] = _mm256_setzero_ps();
+        t4[i] = _mm_setzero_ps();
+    }
+    int64_t b = 0;
+    for (; b + 4 <= G; b += 4) {
+        __m128i P[NR1];  /* row i's pairs of blocks b .. b + 3 */
+        if (nr == 2) {
+            const __m128i v0 = _mm_loadl_epi64((const __m128i *)(szn + (b >> gshift) * N));
+            const __m128i v1 = _mm_loadl_epi64((const __m128i *)(szn + ((b + 1) >> gshift) * N));
+            const __m128i v2 = _mm_loadl_epi64((const __m128i *)(szn + ((b + 2) >> gshift) * N));
+            const __m128i v3 = _mm_loadl_epi64((const __m128i *)(szn + ((b + 3) >> gshift) * N));
+            const __m128i u01 = _mm_unpacklo_epi32(v0, v1), u23 = _mm_unpacklo_epi32(v2, v3);
+            P[0] = _mm_unpacklo_epi64(u01, u23);
+            P[1] = _mm_unpackhi_epi64(u01, u23);
+        } else {
+            for (int i = 0; i < nr; i++)
+                P[i] = _mm_setr_epi32((int)szn[(b >> gshift) * N + i], (int)szn[((b + 1) >> gshift) * N + i],
+                                      (int)szn[((b + 2) >> gshift) * N + i], (int)szn[((b + 3) >> gshift) * N + i]);
+        }
+        const __m128 xd4 = _mm_loadu_ps(xd + b), xs4 = _mm_loadu_ps(xs + b);
+        const int8_t *xv = xq + b * QK;
+        for (int i = 0; i < nr; i++) {
+            const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(P[i], 16)), z4 = _mm_castsi128_ps(_mm_and_si128(P[i], hi_mask));
+            const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);
+            const uint8_t *wi = w + i * (K / 2) + b * 16;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)wi), w1 = _mm256_loadu_si256((const __m256i *)(wi + 32));
+            const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
+            const __m256i l1 = _mm256_and_si256(w1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), low);
+            t4[i] = _mm_fmadd_ps(m4, xs4, t4[i]);
+            const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(s4, xd4));
+            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
+            const __m256i p1 = join(dot2(l1, h1, xv + 64), fine ? dot2(l1, h1, xv + 64 + K) : l1, fine);
+            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[i]);
+            a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(sc, i23), a1[i]);
+        }
+    }
+    if (b + 2 <= G) {
+        const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + b)));
+        const __m128 xs2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs + b)));
+        const int8_t *xv = xq + b * QK;
+        for (int i = 0; i < nr; i++) {
+            const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N + i], (int)szn[((b + 1) >> gshift) * N + i], 0, 0);
+            const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(p, 16)), z4 = _mm_castsi128_ps(_mm_and_si128(p, hi_mask));
+            const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + i * (K / 2) + b * 16));
+            const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
+            t4[i] = _mm_fmadd_ps(m4, xs2, t4[i]);
+            const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(s4, xd2));
+            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
+            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[i]);
+        }
+        b += 2;
+    }
+    for (int i = 0; i < nr; i++)
+        out[i] = q4_finish(w + i * (K / 2), szn + i, N, gshift, G, b, xq, xd, xs, K, fine, a0[i], a1[i], t4[i]);
+}
+#endif
 
 #if defined(LLMKIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define LLMKIT_VNNI512 1
@@ -536,25 +656,47 @@ int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const 
 #endif
     quantize_rows(x, M, K, 1, (int)fine, xq, xd, xs);
     if (M == 1) {  /* decode: the same code with mt = 1 known at compile time */
-        if (fine) {
+#ifdef LLMKIT_AVX2
+        const int64_t P = N / NR1;  /* NR1 rows at a time, then the rest one by one */
 #pragma omp parallel for schedule(static)
-            for (int64_t n = 0; n < N; n++) q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xq, xd, xs, K, 1, 1, y + n);
-        } else {
-#pragma omp parallel for schedule(static)
-            for (int64_t n = 0; n < N; n++) q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xq, xd, xs, K, 1, 0, y + n);
+        for (int64_t t = 0; t < P + N % NR1; t++) {
+            const int64_t n = t < P ? t * NR1 : P * NR1 + (t - P);
+            const int nr = t < P ? NR1 : 1;
+            const uint8_t *wn = qw + n * (K / 2);
+#ifndef NOPF
+            if ((n & 15) == 0 && n + PFD < N)  /* the (s, z) pairs: one stream per group, too many for the */
+                for (int64_t j = 0; j < (G >> gs); j++)  /* hardware prefetcher; a line serves 16 rows */
+                    _mm_prefetch((const char *)(sz32 + j * N + n + PFD), _MM_HINT_T0);
+#endif
+            if (nr == NR1 && fine)
+                q4_rows1(wn, sz32 + n, N, gs, G, xq, xd, xs, K, NR1, 1, y + n);
+            else if (nr == NR1)
+                q4_rows1(wn, sz32 + n, N, gs, G, xq, xd, xs, K, NR1, 0, y + n);
+            else
+                q4_rows(wn, sz32 + n, N, gs, G, xq, xd, xs, K, 1, (int)fine, y + n);
         }
-    } else {
+#else
 #pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            float out[MT];
-            for (int64_t m0 = 0; m0 < M; m0 += MT) {
-                const int mt = (int)(M - m0 < MT ? M - m0 : MT);
-                const int8_t *xr = xq + m0 * ldx;
-                if (fine)
-                    q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xr, xd + m0 * G, xs + m0 * G, K, mt, 1, out);
-                else
-                    q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xr, xd + m0 * G, xs + m0 * G, K, mt, 0, out);
-                for (int r = 0; r < mt; r++) y[(m0 + r) * N + n] = out[r];
+        for (int64_t n = 0; n < N; n++) q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xq, xd, xs, K, 1, (int)fine, y + n);
+#endif
+    } else {  /* x in blocks of MBX rows (their int8 copy stays in L1/L2), each against this thread's rows of W */
+#pragma omp parallel
+        for (int64_t b0 = 0; b0 < M; b0 += MBX) {
+            const int64_t b1 = b0 + MBX < M ? b0 + MBX : M;
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) {
+                float out[MT];
+                for (int64_t m0 = b0; m0 < b1; m0 += MT) {
+                    const int mt = (int)(b1 - m0 < MT ? b1 - m0 : MT);
+                    const int8_t *xr = xq + m0 * ldx;
+                    if (mt == MT && fine)  /* the common cases with mt known at compile time (registers) */
+                        q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xr, xd + m0 * G, xs + m0 * G, K, MT, 1, out);
+                    else if (mt == MT)
+                        q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xr, xd + m0 * G, xs + m0 * G, K, MT, 0, out);
+                    else
+                        q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xr, xd + m0 * G, xs + m0 * G, K, mt, (int)fine, out);
+                    for (int r = 0; r < mt; r++) y[(m0 + r) * N + n] = out[r];
+                }
             }
         }
     }
@@ -570,16 +712,34 @@ int llmkit_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, const f
     if (!xq) return -1;
     float *xd = (float *)(xq + M * ldx), *xs = xd + M * G;
     quantize_rows(x, M, K, 0, (int)fine, xq, xd, xs);
+    if (M == 1) {  /* decode (the vocabulary head): mt = 1 known at compile time */
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float out[MT];
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            const int mt = (int)(M - m0 < MT ? M - m0 : MT);
+        for (int64_t n = 0; n < N; n++) {
             if (fine)
-                q8_dotm(qw + n * K, s[n], G, xq + m0 * ldx, xd + m0 * G, K, mt, 1, out);
+                q8_dotm(qw + n * K, s[n], G, xq, xd, K, 1, 1, y + n);
             else
-                q8_dotm(qw + n * K, s[n], G, xq + m0 * ldx, xd + m0 * G, K, mt, 0, out);
-            for (int r = 0; r < mt; r++) y[(m0 + r) * N + n] = out[r];
+                q8_dotm(qw + n * K, s[n], G, xq, xd, K, 1, 0, y + n);
+        }
+        free(xq);
+        return 0;
+    }
+#pragma omp parallel
+    for (int64_t b0 = 0; b0 < M; b0 += MBX) {  /* x in blocks of MBX rows, as llmkit_q4_mm */
+        const int64_t b1 = b0 + MBX < M ? b0 + MBX : M;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float out[MT];
+            for (int64_t m0 = b0; m0 < b1; m0 += MT) {
+                const int mt = (int)(b1 - m0 < MT ? b1 - m0 : MT);
+                const int8_t *xr = xq + m0 * ldx;
+                if (mt == MT && fine)
+                    q8_dotm(qw + n * K, s[n], G, xr, xd + m0 * G, K, MT, 1, out);
+                else if (mt == MT)
+                    q8_dotm(qw + n * K, s[n], G, xr, xd + m0 * G, K, MT, 0, out);
+                else
+                    q8_dotm(qw + n * K, s[n], G, xr, xd + m0 * G, K, mt, (int)fine, out);
+                for (int r = 0; r < mt; r++) y[(m0 + r) * N + n] = out[r];
+            }
         }
     }
     free(xq);
