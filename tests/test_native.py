@@ -37,9 +37,9 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, 97, (n,), generator=g).tolist() for n in (5, 17, 9)]
 
 
-def decode_all(model, native: bool, ps=None, params=GREEDY, max_batch=3):
+def decode_all(model, native: bool, ps=None, params=GREEDY, max_batch=3, **kw):
     """Tokens and each step's logits (per row) of greedy requests running together."""
-    eng = Engine(model, max_batch=max_batch, native=native)
+    eng = Engine(model, max_batch=max_batch, native=native, **kw)
     assert (eng._native is not None) == native, why_not(model, eng.cache)
     rows = [eng.add(p, params) for p in (ps or prompts())]
     toks: dict[int, list[int]] = {r: [] for r in rows}
@@ -78,6 +78,31 @@ def test_quantized_native_decode_equals_pytorch(mode):
     assert t_nat == t_ref
     for a, b in zip(l_ref, l_nat):
         assert (a - b).abs().max() <= 2e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["float", "int4"])
+def test_bfloat16_kv_cache_decodes_natively_as_pytorch(mode):
+    """kv_dtype="bf16" (`--kv-cache bf16`): decode.c stores keys and values rounded to bfloat16 (to nearest
+    even, as PyTorch's cast) and widens them as it reads; PyTorch's step does the same with its own ops."""
+    from llmkit.quant import quantize_model
+
+    model = tiny() if mode == "float" else quantize_model(tiny(), "int4")
+    engines = {native: Engine(model, max_batch=3, native=native, kv_dtype="bf16") for native in (False, True)}
+    assert engines[True]._native is not None and engines[True].cache.k[0].dtype == torch.bfloat16
+    (t_ref, l_ref), (t_nat, l_nat) = (decode_all(model, native, kv_dtype="bf16") for native in (False, True))
+    assert t_nat == t_ref
+    for a, b in zip(l_ref, l_nat):
+        assert (a - b).abs().max() <= 2e-3 * a.abs().max()
+    _, l_f32 = decode_all(model, True)  # and the cache's precision shows: not the float32 cache's logits
+    assert max((a - b).abs().max() for a, b in zip(l_f32, l_nat)) > 1e-5
+    for native, eng in engines.items():  # the stored values: PyTorch's rounding of the same keys
+        rows = [eng.add(p, GREEDY) for p in prompts()]
+        while eng.running:
+            eng.step()
+        assert rows
+    k_ref, k_nat = engines[False].cache.k[1].float(), engines[True].cache.k[1].float()
+    assert (k_ref - k_nat).abs().max() <= 2 ** -7 * k_ref.abs().max()
+    assert (k_ref == k_nat).float().mean() > 0.9  # most to the bit: the same value rounds the same way
 
 
 def test_rows_do_not_depend_on_the_batch():

@@ -12,7 +12,7 @@ eager PyTorch spends ~1,500 operator calls a token, move to C.
 
 Notable choices
 - Which models: Llama-shaped ones (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional biases and
-  sliding windows: Llama, Mistral, Qwen2, SmolLM2...), float32 compute on the CPU, a float32 KV cache, and
+  sliding windows: Llama, Mistral, Qwen2, SmolLM2...), float32 compute on the CPU, a float32 or bfloat16 KV cache, and
   every projection an nn.Linear (float32), an Int4Linear or an Int8Linear, or the parts of one fused group of
   them, in order. Anything else (LoRA wrappers, QK-norm, MoE, Gemma's norms, GPT-2, bfloat16, an int8 cache,
   a model placed over several devices) keeps the PyTorch step, and `why_not` says why.
@@ -58,7 +58,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("d", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64),
                 ("d_ff", _i64), ("slots", _i64), ("fine", _i64), ("eps", ctypes.c_double),
                 ("scale", ctypes.c_double), ("cos", _p), ("sin", _p), ("norm", _p),
-                ("layers", ctypes.POINTER(_Layer))]
+                ("layers", ctypes.POINTER(_Layer)), ("kv_bf16", _i64)]
 
 
 def enabled() -> bool:
@@ -79,7 +79,8 @@ def why_not(model: nn.Module, cache: Any) -> str | None:
         (not c.n_experts and not c.qk_norm and c.attn_logit_softcap is None, "MoE, QK-norm or soft-capping"),
         (not c.scale_embeddings, "scaled embeddings"),
         (c.head_dim % 2 == 0 and c.n_heads % c.n_kv_heads == 0, "odd head_dim or head grouping"),
-        (cache.dtype == torch.float32 and not cache.quantized, f"a {cache.dtype} KV cache (float32 only)"),
+        (cache.dtype in (torch.float32, torch.bfloat16) and not cache.quantized,
+         f"a {cache.dtype} KV cache (float32 or bfloat16 only)"),
         (model.model.norm.weight.dtype == torch.float32, "not a float32 model"),
     ]
     for ok, why in checks:
@@ -155,7 +156,8 @@ class NativeDecode:
             d_ff=c.d_ff, slots=cache.capacity, fine=int(kernels.ACTIVATIONS == "int16"), eps=c.norm_eps,
             scale=c.attn_scale if c.attn_scale is not None else 1 / math.sqrt(c.head_dim),
             cos=self._ptr(model.rope_cos), sin=self._ptr(model.rope_sin),
-            norm=self._ptr(model.model.norm.weight), layers=self.layers)
+            norm=self._ptr(model.model.norm.weight), layers=self.layers,
+            kv_bf16=int(cache.dtype == torch.bfloat16))
         self.signature = _signature(model, cache)
 
     @classmethod

@@ -47,7 +47,7 @@ typedef struct {
     lk_linear gu[2];            /* gate | up */
     int64_t n_gu;               /* 1 (fused) or 2 */
     lk_linear down;
-    float *kc, *vc;             /* (rows, n_kv_heads, slots, head_dim) */
+    void *kc, *vc;              /* (rows, n_kv_heads, slots, head_dim): float32, or bfloat16 (kv_bf16) */
     int64_t window;             /* 0: full attention; else key j visible iff pos - j < window */
 } lk_layer;
 
@@ -57,6 +57,7 @@ typedef struct {
     const float *cos, *sin; /* (max positions, head_dim / 2) */
     const float *norm;      /* (d,) the final norm */
     const lk_layer *layers;
+    int64_t kv_bf16;        /* the KV cache holds bfloat16 */
 } lk_model;
 
 #ifdef __AVX512F__
@@ -241,11 +242,43 @@ static inline float hsum8f(__m256 v) {
 #define AVX2_HEAD 128 /* the widest head the vector path keeps in registers */
 #endif
 
+/* element i of a KV cache of float32 or (bf16) bfloat16 values, as float32 (1, 8 or 16 of them) */
+static inline float kvf(const void *c, int64_t i, const int bf16) {
+    if (!bf16) return ((const float *)c)[i];
+    const uint32_t u = (uint32_t)((const uint16_t *)c)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+#ifdef __AVX512F__
+static inline __m512 kv16(const void *c, int64_t i, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)c + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#elif defined(LK_AVX2)
+static inline __m256 kv8(const void *c, int64_t i, const int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)c + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)c + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* float32 -> bfloat16 bits, rounding to nearest even (PyTorch's .to(torch.bfloat16)) */
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* one query head (D,) against keys/values (slots, D) at j in [lo, p]: out (D,); sc: (p + 1) scratch.
    Two passes, as the course writes softmax: the scores and their max, then e^(s - max) and the weighted
-   sum of the values. AVX-512 (heads of 16k <= 128 dims): the query and the output stay in registers. */
-static void attend(const float *q, const float *kc, const float *vc, int64_t lo, int64_t p, int64_t D,
-                   float scale, float *sc, float *out) {
+   sum of the values. AVX-512 (heads of 16k <= 128 dims): the query and the output stay in registers.
+   bf16: the cache holds bfloat16 keys and values (kv16 / kv8 / kvf widen them). */
+static inline __attribute__((always_inline)) void attend(const float *q, const void *kc, const void *vc, int64_t lo,
+                                                         int64_t p, int64_t D, float scale, float *sc, float *out,
+                                                         const int bf16) {
 #ifdef __AVX512F__
     if (D % 16 == 0 && D <= AVX512_HEAD) {
         const int64_t V = D / 16;
@@ -256,9 +289,8 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t lo,
         }
         float mx = -INFINITY;
         for (int64_t j = lo; j <= p; j++) {
-            const float *kj = kc + j * D;
-            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-            for (int64_t c = 1; c < V; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
+            __m512 acc = _mm512_mul_ps(qv[0], kv16(kc, j * D, bf16));
+            for (int64_t c = 1; c < V; c++) acc = _mm512_fmadd_ps(qv[c], kv16(kc, j * D + 16 * c, bf16), acc);
             sc[j] = _mm512_reduce_add_ps(acc);
             mx = sc[j] > mx ? sc[j] : mx;
         }
@@ -278,8 +310,7 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t lo,
         }
         for (j = lo; j <= p; j++) {
             const __m512 a = _mm512_set1_ps(sc[j]);
-            const float *vj = vc + j * D;
-            for (int64_t c = 0; c < V; c++) o[c] = _mm512_fmadd_ps(a, _mm512_loadu_ps(vj + 16 * c), o[c]);
+            for (int64_t c = 0; c < V; c++) o[c] = _mm512_fmadd_ps(a, kv16(vc, j * D + 16 * c, bf16), o[c]);
         }
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(tot));
         for (int64_t c = 0; c < V; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
@@ -292,9 +323,8 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t lo,
         for (int64_t c = 0; c < V; c++) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * c), _mm256_set1_ps(scale));
         float mx = -INFINITY;
         for (int64_t j = lo; j <= p; j++) {
-            const float *kj = kc + j * D;
-            __m256 acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
-            for (int64_t c = 1; c < V; c++) acc = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kj + 8 * c), acc);
+            __m256 acc = _mm256_mul_ps(qv[0], kv8(kc, j * D, bf16));
+            for (int64_t c = 1; c < V; c++) acc = _mm256_fmadd_ps(qv[c], kv8(kc, j * D + 8 * c, bf16), acc);
             sc[j] = hsum8f(acc);
             mx = sc[j] > mx ? sc[j] : mx;
         }
@@ -320,8 +350,7 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t lo,
         for (int64_t c = 0; c < V; c++) o[c] = _mm256_setzero_ps();
         for (j = lo; j <= p; j++) {
             const __m256 a = _mm256_set1_ps(sc[j]);
-            const float *vj = vc + j * D;
-            for (int64_t c = 0; c < V; c++) o[c] = _mm256_fmadd_ps(a, _mm256_loadu_ps(vj + 8 * c), o[c]);
+            for (int64_t c = 0; c < V; c++) o[c] = _mm256_fmadd_ps(a, kv8(vc, j * D + 8 * c, bf16), o[c]);
         }
         const __m256 inv = _mm256_set1_ps(1.0f / (hsum8f(tot) + rest));
         for (int64_t c = 0; c < V; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv));
@@ -330,12 +359,11 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t lo,
 #endif
     float mx = -INFINITY;
     for (int64_t j = lo; j <= p; j++) {
-        const float *kj = kc + j * D;
         float acc[8] = {0};
         for (int64_t i = 0; i + 8 <= D; i += 8)
-            for (int l = 0; l < 8; l++) acc[l] += q[i + l] * kj[i + l];
+            for (int l = 0; l < 8; l++) acc[l] += q[i + l] * kvf(kc, j * D + i + l, bf16);
         float t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (int64_t i = D & ~(int64_t)7; i < D; i++) t += q[i] * kj[i];
+        for (int64_t i = D & ~(int64_t)7; i < D; i++) t += q[i] * kvf(kc, j * D + i, bf16);
         sc[j] = t * scale;
         mx = sc[j] > mx ? sc[j] : mx;
     }
@@ -346,8 +374,8 @@ static void attend(const float *q, const float *kc, const float *vc, int64_t lo,
     }
     for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
     for (int64_t j = lo; j <= p; j++) {
-        const float a = sc[j] / sum, *vj = vc + j * D;
-        for (int64_t i = 0; i < D; i++) out[i] += a * vj[i];
+        const float a = sc[j] / sum;
+        for (int64_t i = 0; i < D; i++) out[i] += a * kvf(vc, j * D + i, bf16);
     }
 }
 
@@ -384,8 +412,15 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
             for (int64_t i = 0; i < H + Hkv; i++) rope(q + i * D, c, s, half);
             for (int64_t g = 0; g < Hkv; g++) {
                 const int64_t at = ((rows[b] * Hkv + g) * S + pos[b]) * D;
-                memcpy(L->kc + at, k + g * D, (size_t)D * sizeof(float));
-                memcpy(L->vc + at, v + g * D, (size_t)D * sizeof(float));
+                if (m->kv_bf16) {
+                    for (int64_t i = 0; i < D; i++) {
+                        ((uint16_t *)L->kc)[at + i] = f2bf(k[g * D + i]);
+                        ((uint16_t *)L->vc)[at + i] = f2bf(v[g * D + i]);
+                    }
+                } else {
+                    memcpy((float *)L->kc + at, k + g * D, (size_t)D * sizeof(float));
+                    memcpy((float *)L->vc + at, v + g * D, (size_t)D * sizeof(float));
+                }
             }
         }
 #pragma omp parallel for schedule(static, 1) /* interleaved: a prefill's later tokens attend to more */
@@ -398,7 +433,12 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
 #else
             float *mine = sc;
 #endif
-            attend(big + b * QKV + i * D, L->kc + base, L->vc + base, lo, p, D, scale, mine, att + bh * D);
+            if (m->kv_bf16)
+                attend(big + b * QKV + i * D, (const uint16_t *)L->kc + base, (const uint16_t *)L->vc + base, lo, p, D,
+                       scale, mine, att + bh * D, 1);
+            else
+                attend(big + b * QKV + i * D, (const float *)L->kc + base, (const float *)L->vc + base, lo, p, D,
+                       scale, mine, att + bh * D, 0);
         }
         rc |= linear(&L->o, att, B, tmp, d, m->fine);
         for (int64_t i = 0; i < B * d; i++) x[i] += tmp[i];

@@ -329,9 +329,6 @@ static inline __attribute__((always_inline)) void q4_rows(
 }
 
 #ifdef LLMKIT_AVX2
-#ifndef PFD
-#define PFD 32 /* rows ahead whose (s, z) pairs decode prefetches */
-#endif
 #ifndef NR1
 #define NR1 2 /* rows of W per pass in decode (one row of x) */
 #endif
@@ -636,6 +633,31 @@ static void *scratch(int64_t n) {
     return posix_memalign(&p, 64, (size_t)((n + 63) & ~(int64_t)63)) ? NULL : p;
 }
 
+/* y (N,) = W x for one row of x quantized with pairs == 1 (decode): this thread's share of the rows of W, as
+   a work-sharing loop to call inside a parallel region. AVX2: NR1 rows of W at a time (q4_rows1). */
+static void q4_decode_rows(const int8_t *xq, const float *xd, const float *xs, int64_t K, const uint8_t *qw,
+                           const uint32_t *sz32, int64_t N, int gs, int fine, float *y) {
+    const int64_t G = K / QK;
+#ifdef LLMKIT_AVX2
+    const int64_t P = N / NR1;  /* NR1 rows at a time, then the rest one by one */
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < P + N % NR1; t++) {
+        const int64_t n = t < P ? t * NR1 : P * NR1 + (t - P);
+        const int nr = t < P ? NR1 : 1;
+        const uint8_t *wn = qw + n * (K / 2);
+        if (nr == NR1 && fine)
+            q4_rows1(wn, sz32 + n, N, gs, G, xq, xd, xs, K, NR1, 1, y + n);
+        else if (nr == NR1)
+            q4_rows1(wn, sz32 + n, N, gs, G, xq, xd, xs, K, NR1, 0, y + n);
+        else
+            q4_rows(wn, sz32 + n, N, gs, G, xq, xd, xs, K, 1, fine, y + n);
+    }
+#else
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xq, xd, xs, K, 1, fine, y + n);
+#endif
+}
+
 /* y (M, N) = x (M, K) @ W^T for int4 W (layout above), groups of 32 << gshift inputs; fine: two-part
    activations (see quantize_rows). Returns 0, or -1 if memory for the quantized activations ran out. */
 int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint16_t *sz, int64_t N,
@@ -655,30 +677,9 @@ int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const 
     }
 #endif
     quantize_rows(x, M, K, 1, (int)fine, xq, xd, xs);
-    if (M == 1) {  /* decode: the same code with mt = 1 known at compile time */
-#ifdef LLMKIT_AVX2
-        const int64_t P = N / NR1;  /* NR1 rows at a time, then the rest one by one */
-#pragma omp parallel for schedule(static)
-        for (int64_t t = 0; t < P + N % NR1; t++) {
-            const int64_t n = t < P ? t * NR1 : P * NR1 + (t - P);
-            const int nr = t < P ? NR1 : 1;
-            const uint8_t *wn = qw + n * (K / 2);
-#ifndef NOPF
-            if ((n & 15) == 0 && n + PFD < N)  /* the (s, z) pairs: one stream per group, too many for the */
-                for (int64_t j = 0; j < (G >> gs); j++)  /* hardware prefetcher; a line serves 16 rows */
-                    _mm_prefetch((const char *)(sz32 + j * N + n + PFD), _MM_HINT_T0);
-#endif
-            if (nr == NR1 && fine)
-                q4_rows1(wn, sz32 + n, N, gs, G, xq, xd, xs, K, NR1, 1, y + n);
-            else if (nr == NR1)
-                q4_rows1(wn, sz32 + n, N, gs, G, xq, xd, xs, K, NR1, 0, y + n);
-            else
-                q4_rows(wn, sz32 + n, N, gs, G, xq, xd, xs, K, 1, (int)fine, y + n);
-        }
-#else
-#pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n++) q4_rows(qw + n * (K / 2), sz32 + n, N, gs, G, xq, xd, xs, K, 1, (int)fine, y + n);
-#endif
+    if (M == 1) {  /* decode */
+#pragma omp parallel
+        q4_decode_rows(xq, xd, xs, K, qw, sz32, N, gs, (int)fine, y);
     } else {  /* x in blocks of MBX rows (their int8 copy stays in L1/L2), each against this thread's rows of W */
 #pragma omp parallel
         for (int64_t b0 = 0; b0 < M; b0 += MBX) {
