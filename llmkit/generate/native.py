@@ -14,8 +14,9 @@ Notable choices
 - Which models: Llama-shaped ones (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional biases and
   sliding windows: Llama, Mistral, Qwen2, SmolLM2...), float32 compute on the CPU, a float32 or bfloat16 KV
   cache, and every projection an nn.Linear (float32), an Int4Linear or an Int8Linear, or the parts of one
-  fused group of them, in order. Anything else (LoRA wrappers, QK-norm, MoE, Gemma's norms, GPT-2, bfloat16, an int8 cache,
-  a model placed over several devices) keeps the PyTorch step, and `why_not` says why.
+  fused group of them, in order. Anything else (LoRA wrappers, QK-norm, MoE, Gemma's norms, GPT-2, bfloat16
+  weights, an int8 cache, a model placed over several devices) keeps the PyTorch step, and `why_not` says
+  why.
 - The structs hold raw pointers, so the plan keeps a reference to every tensor it points to and a
   signature of the modules and storages it was built from; the engine checks `stale()` before each request
   (`Engine._reserve`) and rebuilds the plan when weights were swapped (LoRA applied, a module replaced, a
