@@ -154,7 +154,7 @@ def test_mapped_rows_and_prefix_copies_keep_scales(kind, monkeypatch, one_thread
     a = torch.randint(0, 97, (9,), generator=g).tolist()
     b = torch.randint(0, 97, (5,), generator=g).tolist()
     c = a[:6] + torch.randint(0, 97, (3,), generator=g).tolist()
-    eng = Engine(model, max_batch=3, kv_dtype=kind)
+    eng = Engine(model, max_batch=3, kv_dtype=kind, native=False)  # PyTorch's cache code: decode.c takes bf16
     batches = []
     real = eng.cache.select
     monkeypatch.setattr(eng.cache, "select", lambda rows, n: (batches.append(list(rows)), real(rows, n)))

@@ -224,3 +224,11 @@ def test_serve_with_a_draft_model_answers_as_without(tmp_path):
     plain = answers()
     assert answers(draft_model=copy.deepcopy(llm.model)) == plain
     assert calls and set(calls) <= {1, 2, 3, 4}
+
+
+def test_serve_cli_takes_draft_model(capsys):
+    """`llmkit serve --draft-model M` parses (a bad --speculative beside it is refused before any load)."""
+    from llmkit.cli import main
+
+    assert main(["serve", "no-such-model", "--draft-model", "no-such-draft", "--speculative", "-1"]) == 1
+    assert "--speculative -1" in capsys.readouterr().err

@@ -32,7 +32,9 @@
 #endif
 
 #define QK 32
+#ifndef MT
 #define MT 4 /* rows of x per pass over a row of W */
+#endif
 #ifndef MBX
 #define MBX 32 /* rows of x per pass over the weights, without AVX-512 VNNI (a multiple of MT) */
 #endif
