@@ -238,3 +238,28 @@ def test_smollm2_native_greedy_answer_equals_pytorch(smollm2_gguf):
     assert (l_ref - l_nat).abs().max() <= 2e-2  # int4 weights, activations rounded per block either way
     r = llm.generate("Hello", max_tokens=4)
     assert r.timings["decode_path"] == "native"
+
+
+def test_profiled_steps_split_their_time():
+    """NativeDecode.profile(): decode.c times its matmuls and attention and the class the head, one-token
+    steps only; together they fit inside the steps' wall time, and profiling leaves the tokens alone."""
+    import time
+
+    from llmkit.quant import quantize_model
+
+    model = quantize_model(tiny(), "int4")
+    (want,), _ = decode_all(model, True, [prompts()[1]], max_batch=1)
+    eng = Engine(model, max_batch=1)
+    eng._native.profile()
+    got, t = [], time.perf_counter()
+    eng.add(prompts()[1], GREEDY)
+    while eng.running:
+        got += [o.token_id for o in eng.step()]
+    wall = 1e3 * (time.perf_counter() - t)
+    assert got == want
+    steps = int(eng._native.prof[3])  # the one-token steps: the prefill's 17 tokens are not one of them
+    ms = eng._native.split()
+    assert len(got) - 1 <= steps <= len(got) and all(v > 0 for v in ms.values()), (steps, ms)
+    assert sum(ms.values()) * steps < wall
+    eng._native.profile(False)
+    assert eng._native.plan.prof is None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("d", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64),
                 ("d_ff", _i64), ("slots", _i64), ("fine", _i64), ("eps", ctypes.c_double),
                 ("scale", ctypes.c_double), ("cos", _p), ("sin", _p), ("norm", _p),
-                ("layers", ctypes.POINTER(_Layer)), ("kv_bf16", _i64)]
+                ("layers", ctypes.POINTER(_Layer)), ("kv_bf16", _i64), ("prof", _p)]
 
 
 def enabled() -> bool:
@@ -160,6 +161,7 @@ class NativeDecode:
             norm=self._ptr(model.model.norm.weight), layers=self.layers,
             kv_bf16=int(cache.dtype == torch.bfloat16))
         self.signature = _signature(model, cache)
+        self.prof: torch.Tensor | None = None  # see profile()
 
     @classmethod
     def build(cls, model: nn.Module, cache: Any) -> NativeDecode | None:
@@ -207,6 +209,18 @@ class NativeDecode:
         return bool(m._forward_pre_hooks or m._forward_hooks or nn.modules.module._global_forward_hooks
                     or nn.modules.module._global_forward_pre_hooks)
 
+    def profile(self, on: bool = True) -> None:
+        """Start (or stop) timing one-token steps phase by phase (`split`): decode.c times its matmuls and
+        attention, this class the head."""
+        self.prof = torch.zeros(5, dtype=torch.float64) if on else None  # decode.c's 4, then the head
+        self.plan.prof = self.prof.data_ptr() if on else None
+
+    def split(self) -> dict[str, float]:
+        """ms per one-token step since `profile()` in the layers' matmuls, the head and attention."""
+        p = self.prof.tolist()
+        n = max(p[3], 1.0)
+        return {"matmuls": 1e3 * p[0] / n, "head": 1e3 * p[4] / n, "attention": 1e3 * p[1] / n}
+
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, rows: list[int], positions: list[int], hidden: bool = False
                  ) -> torch.Tensor:
@@ -219,7 +233,14 @@ class NativeDecode:
         if self.lib.llmkit_decode(ctypes.byref(self.plan), len(rows), x.data_ptr(), meta[0].data_ptr(),
                                   meta[1].data_ptr()):
             raise MemoryError("llmkit native decode: out of memory")
-        return x if hidden else model.head(x)  # (N, d) or (N, V)
+        if hidden:
+            return x  # (N, d)
+        timed = self.prof is not None and len(rows) == 1
+        t = time.perf_counter() if timed else 0.0
+        logits = model.head(x)  # (N, V)
+        if timed:
+            self.prof[4] += time.perf_counter() - t
+        return logits
 
 
 def _hooks(model: nn.Module) -> int:

@@ -161,7 +161,18 @@ def engine_system(
                   prefill=lambda: time_prefill(eng, long_ids, params),
                   bytes_per_token=weight_bytes_per_token(model),
                   perplexity=lambda ids: perplexity(model, ids, window=512).ppl,
-                  split=lambda: split_ms(model))
+                  split=lambda: native_split(eng, prompt_ids, params) if eng._native else split_ms(model))
+
+
+def native_split(eng, prompt_ids: list[int], params) -> dict[str, float]:
+    """ms per decode token in the layers' matmuls, the head and attention, timed inside the native step
+    during one more greedy decode (NativeDecode.profile)."""
+    eng._native.profile()
+    try:
+        time_decode(eng, prompt_ids, params)
+        return eng._native.split()
+    finally:
+        eng._native.profile(False)
 
 
 MODES = ("fp32", "bf16", "int8", "int4", "auto")
@@ -314,10 +325,13 @@ def run(model_path: str | None = None, *, threads: int = 2, new_tokens: int = 12
             report["systems"][s.name]["ms_per_token"] = ms
             splits.append((s.name, 1e3 / d, ms))
     if splits:
-        print(f"\n{'ms per decode token':24} {'total':>7} {'matmuls':>8} {'head':>6} {'rest':>6}   "
-              "(matmuls and head timed alone; rest = total - both)")
+        print(f"\n{'ms per decode token':24} {'total':>7} {'matmuls':>8} {'head':>6} {'attention':>9} "
+              f"{'rest':>6}   (native step: timed inside it; else matmuls and head timed alone; rest = total "
+              "- the others)")
         for name, total, ms in splits:
-            print(f"{name:24} {total:7.2f} {ms['matmuls']:8.2f} {ms.get('head', 0.0):6.2f} {ms['rest']:6.2f}")
+            att = f"{ms['attention']:9.2f}" if "attention" in ms else f"{'-':>9}"
+            print(f"{name:24} {total:7.2f} {ms['matmuls']:8.2f} {ms.get('head', 0.0):6.2f} {att} "
+                  f"{ms['rest']:6.2f}")
 
     if batches:
         print(f"\naggregate decode tok/s, {new_tokens} tokens per request")

@@ -23,8 +23,14 @@
    float32 one below, each split over output rows with OpenMP.
 
    Each row of the batch is computed alone (its own position and cache row, every sum in the same order), so a
-   row's result does not depend on the batch. Keys and values are float32, laid out as KVCache's (rows,
-   n_kv_heads, slots, head_dim). */
+   row's result does not depend on the batch. Keys and values are float32 or bfloat16, laid out as KVCache's
+   (rows, n_kv_heads, slots, head_dim).
+
+   With lk_model.prof set, each one-token step adds its seconds in the matmuls, in attention and in the rest
+   (norms, RoPE, cache writes, SiLU, residuals) to prof[0..2], and 1 to prof[3] (`llmkit bench decode`'s
+   split of a token's time, measured inside the step). */
+#define _POSIX_C_SOURCE 200112L /* clock_gettime, posix_memalign */
+#include <time.h>
 #include "quant.c"
 #ifdef _OPENMP
 #include <omp.h>
@@ -58,7 +64,22 @@ typedef struct {
     const float *norm;      /* (d,) the final norm */
     const lk_layer *layers;
     int64_t kv_bf16;        /* the KV cache holds bfloat16 */
+    double *prof;           /* NULL, or (4,): seconds in matmuls, attention, the rest; one-token steps */
 } lk_model;
+
+static inline double lk_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* prof[phase] += the time since *t; *t = now (only when profiling a one-token step) */
+static inline void lap(double *prof, int phase, double *t) {
+    if (!prof) return;
+    const double now = lk_now();
+    prof[phase] += now - *t;
+    *t = now;
+}
 
 #ifdef __AVX512F__
 /* rows m0 .. m0 + mt (mt <= 4) of x against row w of W: each dot product in 4 x 16 lanes (4 independent
@@ -401,11 +422,14 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
     float *h = buf, *big = h + B * d, *att = big + B * wide, *act = att + B * H * D, *tmp = act + B * F;
     float *sc = tmp + B * d;
     int rc = 0;
+    double *prof = B == 1 ? m->prof : NULL, t = prof ? lk_now() : 0.0;
     for (int64_t l = 0; l < m->n_layers && !rc; l++) {
         const lk_layer *L = m->layers + l;
         for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, L->norm1, d, eps, h + b * d);
+        lap(prof, 2, &t);
         for (int64_t i = 0, at = 0; i < L->n_qkv; at += L->qkv[i].n, i++)
             rc |= linear(&L->qkv[i], h, B, big + at, QKV, m->fine);
+        lap(prof, 0, &t);
         for (int64_t b = 0; b < B; b++) {  /* rope on q and k, then k and v into the cache */
             float *q = big + b * QKV, *k = q + H * D, *v = k + Hkv * D;
             const float *c = m->cos + pos[b] * half, *s = m->sin + pos[b] * half;
@@ -423,6 +447,7 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
                 }
             }
         }
+        lap(prof, 2, &t);
 #pragma omp parallel for schedule(static, 1) /* interleaved: a prefill's later tokens attend to more */
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, i = bh % H, g = i / group, p = pos[b];
@@ -440,11 +465,15 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
                 attend(big + b * QKV + i * D, (const float *)L->kc + base, (const float *)L->vc + base, lo, p, D,
                        scale, mine, att + bh * D, 0);
         }
+        lap(prof, 1, &t);
         rc |= linear(&L->o, att, B, tmp, d, m->fine);
+        lap(prof, 0, &t);
         for (int64_t i = 0; i < B * d; i++) x[i] += tmp[i];
         for (int64_t b = 0; b < B; b++) rmsnorm(x + b * d, L->norm2, d, eps, h + b * d);
+        lap(prof, 2, &t);
         for (int64_t i = 0, at = 0; i < L->n_gu; at += L->gu[i].n, i++)
             rc |= linear(&L->gu[i], h, B, big + at, 2 * F, m->fine);
+        lap(prof, 0, &t);
 #pragma omp parallel for schedule(static) if (B > 1)
         for (int64_t b = 0; b < B; b++) {  /* silu(gate) * up */
             const float *gate = big + b * 2 * F, *up = gate + F;
@@ -467,7 +496,9 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
 #endif
             for (; i < F; i++) a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         }
+        lap(prof, 2, &t);
         rc |= linear(&L->down, act, B, tmp, d, m->fine);
+        lap(prof, 0, &t);
         for (int64_t i = 0; i < B * d; i++) x[i] += tmp[i];
     }
     for (int64_t b = 0; b < B && !rc; b++) {
@@ -475,5 +506,9 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
         memcpy(x + b * d, h, (size_t)d * sizeof(float));
     }
     free(buf);
+    if (prof) {
+        lap(prof, 2, &t);
+        prof[3] += 1.0;
+    }
     return rc;
 }
