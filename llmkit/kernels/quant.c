@@ -224,6 +224,28 @@ static inline __m256i join(__m256i hi, __m256i lo, int fine) {
 #endif
 
 #ifdef LLMKIT_AVX2
+/* the scales s and m = z - 8 s of 4 (s, z) pairs (the bfloat16 halves of each 32-bit lane of p) */
+static inline void q4_sm(__m128i p, __m128 *s4, __m128 *m4) {
+    *s4 = _mm_castsi128_ps(_mm_slli_epi32(p, 16));
+    *m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), *s4, _mm_castsi128_ps(_mm_and_si128(p, _mm_set1_epi32((int)0xffff0000u))));
+}
+
+/* the low and high nibbles of 32 bytes of int4 weights (2 blocks) */
+static inline void q4_nibbles(const uint8_t *w, __m256i *l, __m256i *h) {
+    const __m256i low = _mm256_set1_epi8(0x0f), v = _mm256_loadu_si256((const __m256i *)w);
+    *l = _mm256_and_si256(v, low);
+    *h = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+}
+
+/* acc + 2 blocks (nibbles l, h) . one row of x at xv, each block's 4 lanes times its s dx (lanes idx of sc) */
+static inline __m256 q4_acc2(__m256i l, __m256i h, const int8_t *xv, int64_t K, int fine, __m256 sc, __m256i idx,
+                             __m256 acc) {
+    const __m256i p = join(dot2(l, h, xv), fine ? dot2(l, h, xv + K) : l, fine);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(sc, idx), acc);
+}
+#endif
+
+#ifdef LLMKIT_AVX2
 /* The end of one row of int4 W against one row of x: blocks b.. (a last one, if G is odd) into the
    accumulators a0 (and t), then the sum. Shared by both int4 kernels, so they add in the same order. */
 static inline float q4_finish(const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, int64_t b,
@@ -261,9 +283,7 @@ static inline __attribute__((always_inline)) void q4_rows(
     const int64_t ldx = fine ? 2 * K : K;
     int64_t b = 0;
 #ifdef LLMKIT_AVX2
-    const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-    const __m128i hi_mask = _mm_set1_epi32((int)0xffff0000u);
     __m256 a0[MT], a1[MT];
     __m128 t4[MT];
     for (int r = 0; r < mt; r++) {
@@ -273,35 +293,30 @@ static inline __attribute__((always_inline)) void q4_rows(
     for (; b + 4 <= G; b += 4) {  /* 4 blocks: two 32-byte loads of weights */
         const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N], (int)szn[((b + 1) >> gshift) * N],
                                          (int)szn[((b + 2) >> gshift) * N], (int)szn[((b + 3) >> gshift) * N]);
-        const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(p, 16)), z4 = _mm_castsi128_ps(_mm_and_si128(p, hi_mask));
-        const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);  /* m = z - 8 s */
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * 16));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + b * 16 + 32));
-        const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
-        const __m256i l1 = _mm256_and_si256(w1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), low);
+        __m128 s4, m4;
+        __m256i l0, h0, l1, h1;
+        q4_sm(p, &s4, &m4);
+        q4_nibbles(w + b * 16, &l0, &h0);
+        q4_nibbles(w + b * 16 + 32, &l1, &h1);
         for (int r = 0; r < mt; r++) {
             const int8_t *xv = xq + r * ldx + b * QK;
             t4[r] = _mm_fmadd_ps(m4, _mm_loadu_ps(xs + r * G + b), t4[r]);
             const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(s4, _mm_loadu_ps(xd + r * G + b)));
-            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
-            const __m256i p1 = join(dot2(l1, h1, xv + 64), fine ? dot2(l1, h1, xv + 64 + K) : l1, fine);
-            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[r]);  /* b, b+1 */
-            a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(sc, i23), a1[r]);  /* b+2, b+3 */
+            a0[r] = q4_acc2(l0, h0, xv, K, fine, sc, i01, a0[r]);  /* blocks b, b+1 */
+            a1[r] = q4_acc2(l1, h1, xv + 64, K, fine, sc, i23, a1[r]);  /* b+2, b+3 */
         }
     }
     if (b + 2 <= G) {  /* a last pair of blocks: the first half of a chunk (lanes 2-3 of t4 get 0 x 0) */
         const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N], (int)szn[((b + 1) >> gshift) * N], 0, 0);
-        const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(p, 16)), z4 = _mm_castsi128_ps(_mm_and_si128(p, hi_mask));
-        const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * 16));
-        const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
+        __m128 s4, m4;
+        __m256i l0, h0;
+        q4_sm(p, &s4, &m4);
+        q4_nibbles(w + b * 16, &l0, &h0);
         for (int r = 0; r < mt; r++) {
-            const int8_t *xv = xq + r * ldx + b * QK;
             t4[r] = _mm_fmadd_ps(m4, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs + r * G + b))), t4[r]);
             const __m256 sc = _mm256_castps128_ps256(
                 _mm_mul_ps(s4, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + r * G + b)))));
-            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
-            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[r]);
+            a0[r] = q4_acc2(l0, h0, xq + r * ldx + b * QK, K, fine, sc, i01, a0[r]);
         }
         b += 2;
     }
@@ -340,9 +355,7 @@ static inline __attribute__((always_inline)) void q4_rows(
 static inline __attribute__((always_inline)) void q4_rows1(
     const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
     const float *xs, int64_t K, const int nr, const int fine, float *out) {
-    const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-    const __m128i hi_mask = _mm_set1_epi32((int)0xffff0000u);
     __m256 a0[NR1], a1[NR1];
     __m128 t4[NR1];
     for (int i = 0; i < nr; i++) {
@@ -368,18 +381,15 @@ static inline __attribute__((always_inline)) void q4_rows1(
         const __m128 xd4 = _mm_loadu_ps(xd + b), xs4 = _mm_loadu_ps(xs + b);
         const int8_t *xv = xq + b * QK;
         for (int i = 0; i < nr; i++) {
-            const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(P[i], 16)), z4 = _mm_castsi128_ps(_mm_and_si128(P[i], hi_mask));
-            const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);
-            const uint8_t *wi = w + i * (K / 2) + b * 16;
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)wi), w1 = _mm256_loadu_si256((const __m256i *)(wi + 32));
-            const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
-            const __m256i l1 = _mm256_and_si256(w1, low), h1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), low);
+            __m128 s4, m4;
+            __m256i l0, h0, l1, h1;
+            q4_sm(P[i], &s4, &m4);
+            q4_nibbles(w + i * (K / 2) + b * 16, &l0, &h0);
+            q4_nibbles(w + i * (K / 2) + b * 16 + 32, &l1, &h1);
             t4[i] = _mm_fmadd_ps(m4, xs4, t4[i]);
             const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(s4, xd4));
-            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
-            const __m256i p1 = join(dot2(l1, h1, xv + 64), fine ? dot2(l1, h1, xv + 64 + K) : l1, fine);
-            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[i]);
-            a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(sc, i23), a1[i]);
+            a0[i] = q4_acc2(l0, h0, xv, K, fine, sc, i01, a0[i]);
+            a1[i] = q4_acc2(l1, h1, xv + 64, K, fine, sc, i23, a1[i]);
         }
     }
     if (b + 2 <= G) {
@@ -388,14 +398,12 @@ static inline __attribute__((always_inline)) void q4_rows1(
         const int8_t *xv = xq + b * QK;
         for (int i = 0; i < nr; i++) {
             const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N + i], (int)szn[((b + 1) >> gshift) * N + i], 0, 0);
-            const __m128 s4 = _mm_castsi128_ps(_mm_slli_epi32(p, 16)), z4 = _mm_castsi128_ps(_mm_and_si128(p, hi_mask));
-            const __m128 m4 = _mm_fnmadd_ps(_mm_set1_ps(8.0f), s4, z4);
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + i * (K / 2) + b * 16));
-            const __m256i l0 = _mm256_and_si256(w0, low), h0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low);
+            __m128 s4, m4;
+            __m256i l0, h0;
+            q4_sm(p, &s4, &m4);
+            q4_nibbles(w + i * (K / 2) + b * 16, &l0, &h0);
             t4[i] = _mm_fmadd_ps(m4, xs2, t4[i]);
-            const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(s4, xd2));
-            const __m256i p0 = join(dot2(l0, h0, xv), fine ? dot2(l0, h0, xv + K) : l0, fine);
-            a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(sc, i01), a0[i]);
+            a0[i] = q4_acc2(l0, h0, xv, K, fine, _mm256_castps128_ps256(_mm_mul_ps(s4, xd2)), i01, a0[i]);
         }
         b += 2;
     }
