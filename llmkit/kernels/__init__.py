@@ -17,10 +17,12 @@ Notable choices:
   activation rows, one `dpbusd` per 64 multiply-adds. They add in exactly the order of the one-row kernel
   (the same integer lanes, the same float operations), so a row's result does not depend on the batch, and
   the AVX-512 and AVX2 builds give the same bits (tests/test_kernels.py). SmolLM2's int4 prefill went from
-  180 to ~540 tok/s with the native step (2026-12-01).
+  180 to ~540 tok/s with the native step (2026-12-01). AVX2 CPUs: decode takes 2 rows of W at a time
+  (shared x loads); several rows of x go 4 at a time, x in blocks of 32 rows so its int8 copy stays in cache.
 - Activations: "int16" (default) keeps a second int8 part per value (the rounding remainder, x ~= d (q +
-  l / 128)): ~15 bits, more than bfloat16, for one more integer dot product per block, which costs nothing
-  measurable here (memory sets the pace). "int8" is ggml's Q8_1 exactly, so llama.cpp's numbers and its
+  l / 128)): ~15 bits, more than bfloat16, for one more integer dot product per block. On the AVX-512 Xeon
+  that costs nothing measurable (memory sets the pace); on a 2-core AVX2 EPYC, where the one-row kernel is
+  compute-bound, "int8" runs it ~1.25x faster (hot, one thread). "int8" is ggml's Q8_1 exactly, so llama.cpp's numbers and its
   answers to near-ties (SmolLM2: "L'Étoile..." for the capital of France, not "Paris").
 - Built on first use, not at install: `cc -O3 -march=native -fopenmp -shared` on decode.c, which includes
   quant.c (one library; no PyTorch headers, about a second), into LLMKIT_HOME/kernels/<hash of sources,
