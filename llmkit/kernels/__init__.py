@@ -22,8 +22,9 @@ Notable choices:
 - Activations: "int16" (default) keeps a second int8 part per value (the rounding remainder, x ~= d (q +
   l / 128)): ~15 bits, more than bfloat16, for one more integer dot product per block. On the AVX-512 Xeon
   that costs nothing measurable (memory sets the pace); on a 2-core AVX2 EPYC, where the one-row kernel is
-  compute-bound, "int8" runs it ~1.25x faster (hot, one thread). "int8" is ggml's Q8_1 exactly, so llama.cpp's numbers and its
-  answers to near-ties (SmolLM2: "L'Étoile..." for the capital of France, not "Paris").
+  compute-bound, "int8" runs it ~1.25x faster (hot, one thread). "int8" is ggml's Q8_1 exactly, so
+  llama.cpp's numbers and its answers to near-ties (SmolLM2: "L'Étoile..." for the capital of France, not
+  "Paris").
 - Built on first use, not at install: `cc -O3 -march=native -fopenmp -shared` on decode.c, which includes
   quant.c (one library; no PyTorch headers, about a second), into LLMKIT_HOME/kernels/<hash of sources,
   compiler, CPU flags>.so, written to a temporary name then renamed (two processes building at once never
