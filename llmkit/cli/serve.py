@@ -144,7 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     context = args.max_seq_len or min(llm.config.max_seq_len, DEFAULT_CONTEXT)
     app = create_app(llm, api_keys=keys, store_path=args.store, model_name=name, max_batch=args.max_batch,
                      max_seq_len=context, compile=args.compile, max_queue=args.max_queue,
-                     request_timeout=args.timeout, adapters=named, speculative=spec or 0,
+                     request_timeout=args.timeout, adapters=named, speculative=spec,
                      draft_model=llm.draft_model, **guardrails(args),
                      **({} if kv is None else {"kv_dtype": kv}))
     url = f"http://{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"

@@ -107,8 +107,7 @@ static inline __attribute__((always_inline)) void f32_rows(const float *x, int64
         out[r * ldo] = t;
     }
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-#define LK_F32_ROWS 1
+#elif defined(LLMKIT_AVX2)
 /* f32_rows in 8 lanes: 4 x 8-lane chains (K in steps of 32), then 8-lane steps into the first, the scalar
    rest; mt <= 2 (8 accumulators of the 16 registers) */
 static inline __attribute__((always_inline)) void f32_rows(const float *x, int64_t K, const float *w, const int mt,
@@ -127,10 +126,7 @@ static inline __attribute__((always_inline)) void f32_rows(const float *x, int64
         for (int r = 0; r < mt; r++) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + j), wv, acc[r][0]);
     }
     for (int r = 0; r < mt; r++) {
-        __m256 v = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        float t = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        float t = hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
         for (int64_t i = j; i < K; i++) t += x[r * K + i] * w[i];
         out[r * ldo] = t;
     }
@@ -148,7 +144,7 @@ static void f32_mm(const float *x, int64_t M, int64_t K, const float *w, int64_t
         for (; m + 4 <= M; m += 4) f32_rows(x + m * K, K, w + n * K, 4, y + m * N + n, N);
         for (; m < M; m++) f32_rows(x + m * K, K, w + n * K, 1, y + m * N + n, N);
     }
-#elif defined(LK_F32_ROWS)
+#elif defined(LLMKIT_AVX2)
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         int64_t m = 0;
@@ -229,8 +225,7 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 #define AVX512_HEAD 128 /* the widest head the vector path keeps in registers */
-#elif defined(__AVX2__) && defined(__FMA__)
-#define LK_AVX2 1
+#elif defined(LLMKIT_AVX2)
 /* e^x in 8 lanes, exp16's polynomial; 2^n built in the exponent bits, so x is clamped at -87 (e^-87 ~ 2e-38,
    where exp16 goes on to 0: a softmax or a SiLU cannot tell) */
 static inline __m256 exp8(__m256 x) {
@@ -254,12 +249,6 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(extra, _mm256_set1_epi32(127)), 23)));
 }
 
-static inline float hsum8f(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #define AVX2_HEAD 128 /* the widest head the vector path keeps in registers */
 #endif
 
@@ -277,7 +266,7 @@ static inline __m512 kv16(const void *c, int64_t i, const int bf16) {
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-#elif defined(LK_AVX2)
+#elif defined(LLMKIT_AVX2)
 static inline __m256 kv8(const void *c, int64_t i, const int bf16) {
     if (!bf16) return _mm256_loadu_ps((const float *)c + i);
     const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)c + i));
@@ -337,7 +326,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
         for (int64_t c = 0; c < V; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
         return;
     }
-#elif defined(LK_AVX2)
+#elif defined(LLMKIT_AVX2)
     if (D % 8 == 0 && D <= AVX2_HEAD) {  /* as above in 8 lanes: the query in registers, then the output */
         const int64_t V = D / 8;
         __m256 qv[AVX2_HEAD / 8];
@@ -346,7 +335,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
         for (int64_t j = lo; j <= p; j++) {
             __m256 acc = _mm256_mul_ps(qv[0], kv8(kc, j * D, bf16));
             for (int64_t c = 1; c < V; c++) acc = _mm256_fmadd_ps(qv[c], kv8(kc, j * D + 8 * c, bf16), acc);
-            sc[j] = hsum8f(acc);
+            sc[j] = hsum8(acc);
             mx = sc[j] > mx ? sc[j] : mx;
         }
         const __m256 m = _mm256_set1_ps(mx);
@@ -373,7 +362,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
             const __m256 a = _mm256_set1_ps(sc[j]);
             for (int64_t c = 0; c < V; c++) o[c] = _mm256_fmadd_ps(a, kv8(vc, j * D + 8 * c, bf16), o[c]);
         }
-        const __m256 inv = _mm256_set1_ps(1.0f / (hsum8f(tot) + rest));
+        const __m256 inv = _mm256_set1_ps(1.0f / (hsum8(tot) + rest));
         for (int64_t c = 0; c < V; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv));
         return;
     }
@@ -486,7 +475,7 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
                 _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
                                                       _mm512_loadu_ps(up + i)));
             }
-#elif defined(LK_AVX2)
+#elif defined(LLMKIT_AVX2)
             for (; i + 8 <= F; i += 8) {
                 const __m256 g = _mm256_loadu_ps(gate + i);
                 const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));

@@ -265,7 +265,7 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
                max_queue: int = 64, max_body_bytes: int = 4 << 20, request_timeout: float = 600.0,
                log_requests: bool | str = False, guard=None, rate_limit: dict | None = None,
                adapters: Mapping[str, str | os.PathLike[str]] | None = None, kv_dtype=None,
-               speculative: int = 0, draft_model=None) -> FastAPI:
+               speculative: int | None = None, draft_model=None) -> FastAPI:
     """The server for one loaded model. `backend` replaces the base model's engine (tests); `llm` gives the
     tokenizer. `adapters`: {model id: PEFT adapter folder}, each served as its own model id beside the base
     (llmkit.serve.adapters: base weights shared, one engine and scheduler lane per id; `max_batch`,
@@ -273,11 +273,11 @@ def create_app(llm=None, *, backend: Backend | None = None, api_keys: Sequence[s
     (input/output moderation); `rate_limit`: RateLimit keywords (requests_per_minute, tokens_per_minute) per
     API key; `log_requests`: True / "full" or "redact" (no content in the log); `kv_dtype`: the KV cache's
     dtype (None / "auto": the model's; "bf16", "fp16", "int8": see llmkit.model.kv_cache); `speculative`:
-    draft tokens per step by prompt lookup (llmkit.generate.engine.PromptLookup; 0 = off); `draft_model`: a
-    model with the same tokenizer whose greedy drafts every lane checks instead (its own engine per lane;
-    `speculative` then defaults to 4)."""
-    if draft_model is not None and not speculative:
-        speculative = 4
+    draft tokens per step by prompt lookup (llmkit.generate.engine.PromptLookup; 0 / None = off);
+    `draft_model`: a model with the same tokenizer whose greedy drafts every lane checks instead (its own
+    engine per lane; `speculative` None then means 4, as the CLI's speculative_arg)."""
+    if speculative is None:
+        speculative = 4 if draft_model is not None else 0
     base_id = model_name or llm.name
     adapters = dict(adapters or {})
     # one lane per model id: (id, model, backend or None, root, parent)
