@@ -212,6 +212,7 @@ class Int4Linear(QuantLinear):
         # (K/G, N, 2): scale and zero per group, in the CPU kernel's dtype (one copy, no float32 twin)
         self.register_buffer("scales_and_zeros", torch.zeros(g, n, 2, dtype=LOW, device=device))
         self.packed = False  # qweight in the CPU kernel's layout (see pack_int4), not the portable one
+        self.sz_rows = 0  # > 0: scales_and_zeros holds its pairs in blocks of this many rows (block_scales_)
         self._sz_low: torch.Tensor | None = None
         self._register_state_dict_hook(_portable_state)
 
@@ -240,7 +241,7 @@ class Int4Linear(QuantLinear):
                 qw[a:b] = q[:, 0::2] | (q[:, 1::2] << 4)
         dev = self.qweight.device if self.qweight.device.type != "meta" else torch.device("cpu")
         self.qweight, self.scales_and_zeros = qw.to(dev), sz.to(dev)
-        self.packed = pack
+        self.packed, self.sz_rows = pack, 0
         self._sz_low = None
 
     def _unpacked(self) -> torch.Tensor:
@@ -250,8 +251,25 @@ class Int4Linear(QuantLinear):
         q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1)  # (N, K/2, 2)
         return q.reshape(self.out_features, self.in_features)
 
+    def block_scales_(self) -> None:
+        """In place (same storage): the (s, z) pairs in blocks of kernels.RB rows, where llmkit's kernels
+        read a row's pairs from one stretch of memory (decode: ~10 % faster matmuls). For the native decode
+        step (llmkit.generate.native); the kernels and every method here read either layout, and moves,
+        state dicts and unpack_ bring the standard one back."""
+        if not self.sz_rows and self.packed and _use_kernels():
+            self.scales_and_zeros.copy_(kernels.block_rows(self.scales_and_zeros))
+            self.sz_rows, self._sz_low = kernels.RB, None
+
+    def _standard_sz(self) -> torch.Tensor:
+        """scales_and_zeros in the standard (K/G, N, 2) layout (a copy when it is blocked)."""
+        sz = self.scales_and_zeros
+        return kernels.unblock_rows(sz, self.sz_rows) if self.sz_rows else sz
+
     def unpack_(self) -> None:
         """Back to the portable layout (two nibbles per byte along K), e.g. before concatenating rows."""
+        if self.sz_rows:
+            self.scales_and_zeros.copy_(self._standard_sz())
+            self.sz_rows, self._sz_low = 0, None
         if self.packed:
             q = self._unpacked()
             self.qweight = q[:, 0::2] | (q[:, 1::2] << 4)
@@ -266,7 +284,7 @@ class Int4Linear(QuantLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k, gs = self.out_features, self.in_features, self.group_size
-        s, z = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (N, G) each
+        s, z = self._standard_sz().to(dtype).transpose(0, 1).unbind(-1)  # (N, G) each
         q = self._unpacked().to(dtype).view(n, k // gs, gs)  # (N, G, gs)
         return ((q - 8) * s[..., None] + z[..., None]).view(n, k)
 
@@ -282,7 +300,7 @@ class Int4Linear(QuantLinear):
             sz = self.scales_and_zeros
             self._sz_low = sz if sz.dtype == LOW else sz.to(LOW)
         if _use_kernels():
-            return kernels.q4_mm(x, self.qweight, self._sz_low, self.group_size).to(x.dtype)
+            return kernels.q4_mm(x, self.qweight, self._sz_low, self.group_size, rb=self.sz_rows).to(x.dtype)
         return _INT4_MM(x.to(LOW), self.qweight, self.group_size, self._sz_low).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
@@ -403,6 +421,8 @@ def _portable_state(module: Int4Linear, state: dict, prefix: str, local_metadata
     if module.packed and key in state:
         q = module._unpacked()
         state[key] = q[:, 0::2] | (q[:, 1::2] << 4)
+    if module.sz_rows and prefix + "scales_and_zeros" in state:
+        state[prefix + "scales_and_zeros"] = module._standard_sz()
 
 
 # ---------------------------------------------------------------- the CPU int4 kernel's weight layout

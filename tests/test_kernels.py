@@ -95,6 +95,26 @@ def test_rows_give_the_same_bits_alone_or_batched(n, k, gs):
             assert torch.equal(kernels.q8_mm(x[i:i + 1], q8, s8, fine=fine)[0], batch8[i])
 
 
+@pytest.mark.parametrize("n,k,gs", [(96, 576, 32), (97, 160, 32), (42, 224, 32), (33, 1536, 128),
+                                    (6, 192, 64), (3, 96, 32)])
+def test_scales_in_blocks_of_rows_give_the_same_bits(n, k, gs):
+    """The decode-friendly layout of the (s, z) pairs (blocks of 4 rows; the last block 1-3 rows when N % 4
+    != 0) reads the very pairs of the standard one: decode, prefill and the portable C build give the same
+    bits with either. And the layout is the one the kernel expects: read as standard it gives other numbers."""
+    qw, sz, _ = int4_weight(n, k, gs, seed=n)
+    blocked = kernels.block_rows(sz)
+    assert torch.equal(kernels.unblock_rows(blocked), sz)
+    x = activations(13, k, seed=3)
+    builds = [None] + ([kernels.build_variant(["-mno-avx2"])] if kernels.simd() == "avx2" else [])
+    for lib in builds:
+        for fine in (False, True):
+            for rows in (x[:1], x):
+                want = kernels._q4_eager(rows, qw, sz, gs, fine, lib=lib)
+                assert torch.equal(kernels._q4_eager(rows, qw, blocked, gs, fine, lib=lib, rb=kernels.RB), want)
+                if n > 4:
+                    assert not torch.equal(kernels._q4_eager(rows, qw, blocked, gs, fine, lib=lib), want)
+
+
 def test_avx512_build_gives_the_avx2_builds_bits():
     """The AVX-512 VNNI tiles and quantizer add in the AVX2 kernel's order: both builds agree to the bit, so a
     result does not depend on which of the two a machine runs either."""
@@ -109,6 +129,9 @@ def test_avx512_build_gives_the_avx2_builds_bits():
                                kernels._q4_eager(x, qw, sz, gs, fine, lib=avx2))
             assert torch.equal(kernels.q4_mm(x[:1], qw, sz, gs, fine=fine),
                                kernels._q4_eager(x[:1], qw, sz, gs, fine, lib=avx2))
+            blocked = kernels.block_rows(sz)  # and the tiles read the blocked layout as the AVX2 kernel does
+            assert torch.equal(kernels.q4_mm(x, qw, blocked, gs, fine=fine, rb=kernels.RB),
+                               kernels._q4_eager(x, qw, sz, gs, fine, lib=avx2))
 
 
 def test_portable_c_build_agrees_with_the_simd_one():

@@ -140,6 +140,34 @@ def test_packed_and_portable_agree_through_state_dicts_and_moves():
     torch.testing.assert_close(m(x), y0)
 
 
+def test_scales_in_blocks_of_rows_change_nothing_a_user_sees():
+    """block_scales_ (the native decode step's layout of the (s, z) pairs, in place) keeps the module's
+    outputs to the bit, its dequantized weight, its state dict, and a move or unpack_ brings the standard
+    layout back. 50 rows: 12 blocks of 4 and one of 2."""
+    from llmkit import kernels
+
+    if not kernels.available():
+        pytest.skip(f"kernels not built: {kernels.why_not()}")
+    torch.manual_seed(0)
+    m = Int4Linear.from_linear(torch.nn.Linear(96, 50))
+    x = torch.randn(3, 96)
+    m.pack_()
+    y, w, state = m(x), m.dequantize(), {k: v.clone() for k, v in m.state_dict().items()}
+    before, ptr = m.scales_and_zeros.clone(), m.scales_and_zeros.data_ptr()
+    m.block_scales_()
+    assert m.sz_rows == kernels.RB and m.scales_and_zeros.data_ptr() == ptr  # same storage
+    assert not torch.equal(m.scales_and_zeros, before)  # rearranged...
+    assert torch.equal(m(x), y) and torch.equal(m(x[:1]), y[:1])  # ...and read as such
+    assert torch.equal(m.dequantize(), w)
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    m.unpack_()
+    assert m.sz_rows == 0 and torch.equal(m.scales_and_zeros, before)
+    m.pack_()
+    m.block_scales_()
+    m.to(torch.float32)  # a move restores the standard layout too
+    assert m.sz_rows == 0 and torch.equal(m.scales_and_zeros, before) and torch.equal(m(x), y)
+
+
 @pytest.fixture(autouse=True)
 def stub_tokenizer(monkeypatch):  # synthetic files carry no vocabulary; the models are what is tested here
     from llmkit.tokenizer import Tokenizer

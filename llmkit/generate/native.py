@@ -6,8 +6,7 @@ llmkit/kernels/decode.c.
     hidden = nd(ids, rows, positions, hidden=True)   # the final normed hidden states (N, d): a prefill chunk
 
 The readable model (llmkit/model/transformer.py) stays the reference: decode.c computes the same maths for
-the models it accepts, reading the model's own tensors in place (no copy, no conversion), and tests compare
-the two. Python keeps the embedding lookup and the head (whatever their classes), so only the layers, where
+the models it accepts, reading the model's own tensors in place (no copy), and tests compare the two. Python keeps the embedding lookup and the head (whatever their classes), so only the layers, where
 eager PyTorch spends ~1,500 operator calls a token, move to C.
 
 Notable choices
@@ -26,6 +25,10 @@ Notable choices
 - Prefill chunks run here too when every matmul is quantized: the int4 kernel's AVX-512 tiles then do the
   work of a GEMM with the decode kernel's exact sums, and C replaces ~100 PyTorch operators per layer. A
   float32 model's long chunks stay with PyTorch, whose GEMM (MKL / oneDNN) outruns decode.c's plain one.
+- One rearrangement, in place: an int4 module's (s, z) pairs go to blocks of 4 rows (`block_scales_`), so
+  decode reads a row's pairs from one stretch of memory instead of one cache line per group, N * 4 bytes
+  apart (SmolLM2's matmuls ~10 % faster on a 2-core EPYC). The module's own forward, its state dict, moves
+  and dequantize all read that layout too.
 - LLMKIT_NATIVE=0 (or `Engine(native=False)`) turns it off.
 """
 
@@ -46,8 +49,8 @@ _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _i64), ("n", _i64), ("k", _i64), ("gshift", _i64), ("w", _p), ("s", _p),
-                ("bias", _p)]
+    _fields_ = [("kind", _i64), ("n", _i64), ("k", _i64), ("gshift", _i64), ("rb", _i64), ("w", _p),
+                ("s", _p), ("bias", _p)]
 
 
 class _Layer(ctypes.Structure):
@@ -190,8 +193,10 @@ class NativeDecode:
             self.floats = True
         elif kind == 1:
             m.pack_()
+            m.block_scales_()  # a row's (s, z) pairs side by side, where decode reads them
             sz = m.scales_and_zeros if m.scales_and_zeros.dtype == LOW else m.scales_and_zeros.to(LOW)
-            s.kind, s.gshift, s.w, s.s = 1, GSHIFT[m.group_size], self._ptr(m.qweight), self._ptr(sz)
+            s.kind, s.gshift, s.rb = 1, GSHIFT[m.group_size], m.sz_rows
+            s.w, s.s = self._ptr(m.qweight), self._ptr(sz)
         else:
             s.kind, s.w, s.s = 2, self._ptr(m.qweight), self._ptr(m.scales)
 

@@ -130,7 +130,7 @@ def _load() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.llmkit_q4_mm.argtypes, lib.llmkit_q4_mm.restype = [p, i64, i64, p, p, i64, i64, i64, p], ctypes.c_int
+    lib.llmkit_q4_mm.argtypes, lib.llmkit_q4_mm.restype = [p, i64, i64, p, p, i64, i64, i64, p, i64], ctypes.c_int
     lib.llmkit_q8_mm.argtypes, lib.llmkit_q8_mm.restype = [p, i64, i64, p, p, i64, i64, p], ctypes.c_int
     lib.llmkit_simd.restype = ctypes.c_int
     lib.llmkit_decode.argtypes, lib.llmkit_decode.restype = [p, i64, p, p, p], ctypes.c_int
@@ -177,13 +177,13 @@ GSHIFT = {32: 0, 64: 1, 128: 2, 256: 3}  # group sizes the int4 kernel takes (32
 
 
 def _q4_eager(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int, fine: bool,
-              lib: ctypes.CDLL | None = None) -> torch.Tensor:
+              lib: ctypes.CDLL | None = None, rb: int = 0) -> torch.Tensor:
     n, k = qweight.shape[0], qweight.shape[1] * 2
     x = _check(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     fn = (lib or _lib or _load()).llmkit_q4_mm
     gshift = GSHIFT[group_size]
-    if fn(x.data_ptr(), x.shape[0], k, qweight.data_ptr(), sz.data_ptr(), n, gshift, fine, y.data_ptr()):
+    if fn(x.data_ptr(), x.shape[0], k, qweight.data_ptr(), sz.data_ptr(), n, gshift, fine, y.data_ptr(), rb):
         raise MemoryError("llmkit int4 kernel: out of memory for the quantized activations")
     return y
 
@@ -202,14 +202,14 @@ def _q8_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fine
 # The ops torch.compile sees. Defined with the low-level Library API: a call costs about half of a
 # `torch.library.custom_op`'s (no autograd / device wrapper around the Python function), ~120 calls a token.
 _ops = torch.library.Library("llmkit", "DEF")
-_ops.define("q4_mm(Tensor x, Tensor qweight, Tensor sz, int group_size, bool fine) -> Tensor")
+_ops.define("q4_mm(Tensor x, Tensor qweight, Tensor sz, int group_size, bool fine, int rb=0) -> Tensor")
 _ops.define("q8_mm(Tensor x, Tensor qweight, Tensor scales, bool fine) -> Tensor")
-_ops.impl("q4_mm", lambda x, qweight, sz, gs, fine: _q4_eager(x, qweight, sz, gs, fine), "CPU")
+_ops.impl("q4_mm", lambda x, qweight, sz, gs, fine, rb=0: _q4_eager(x, qweight, sz, gs, fine, rb=rb), "CPU")
 _ops.impl("q8_mm", lambda x, qweight, scales, fine: _q8_eager(x, qweight, scales, fine), "CPU")
 
 
 @torch.library.register_fake("llmkit::q4_mm", lib=_ops)
-def _(x, qweight, sz, group_size, fine):
+def _(x, qweight, sz, group_size, fine, rb=0):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
@@ -219,15 +219,15 @@ def _(x, qweight, scales, fine):
 
 
 def q4_mm(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int = 32,
-          fine: bool | None = None) -> torch.Tensor:
+          fine: bool | None = None, rb: int = 0) -> torch.Tensor:
     """(M, K) float @ int4 W^T -> (M, N) float32. qweight (N, K/2) uint8 in quant.c's layout (`pack_q4`),
-    sz (K/group_size, N, 2) bfloat16 (scale s, zero z: w = (q - 8) * s + z), group_size in GSHIFT.
-    fine: activations in two int8 parts (~15 bits) instead of one (llama.cpp's Q8_1); None = ACTIVATIONS.
-    Call `available()` first."""
+    sz (K/group_size, N, 2) bfloat16 (scale s, zero z: w = (q - 8) * s + z), group_size in GSHIFT; rb = RB:
+    sz holds the same pairs in blocks of RB rows (`block_rows`). fine: activations in two int8 parts (~15
+    bits) instead of one (llama.cpp's Q8_1); None = ACTIVATIONS. Call `available()` first."""
     fine = ACTIVATIONS == "int16" if fine is None else fine
     if torch.compiler.is_compiling():
-        return torch.ops.llmkit.q4_mm(x, qweight, sz, group_size, fine)
-    return _q4_eager(x, qweight, sz, group_size, fine)
+        return torch.ops.llmkit.q4_mm(x, qweight, sz, group_size, fine, rb)
+    return _q4_eager(x, qweight, sz, group_size, fine, rb=rb)
 
 
 def q8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fine: bool | None = None
@@ -237,6 +237,28 @@ def q8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fine: bo
     if torch.compiler.is_compiling():
         return torch.ops.llmkit.q8_mm(x, qweight, scales, fine)
     return _q8_eager(x, qweight, scales, fine)
+
+
+RB = 4  # rows per block of (s, z) pairs in the decode-friendly layout (the AVX-512 tiles take 4 rows)
+
+
+def block_rows(sz: torch.Tensor, rb: int = RB) -> torch.Tensor:
+    """(K/gs, N, 2) pairs -> the same pairs in blocks of rb rows, each block (K/gs, its rows, 2) (the last
+    block has the N % rb rows left), flat, viewed as (K/gs, N, 2) again. A row's pairs then sit together,
+    where decode reads them (quant.c: a row of (K/gs, N) pairs spans K/gs cache lines N * 4 bytes apart)."""
+    g, n, _ = sz.shape
+    full = n // rb * rb
+    parts = [sz[:, :full].reshape(g, full // rb, rb, 2).transpose(0, 1).reshape(-1), sz[:, full:].reshape(-1)]
+    return torch.cat(parts).view(g, n, 2)
+
+
+def unblock_rows(sz: torch.Tensor, rb: int = RB) -> torch.Tensor:
+    """Inverse of block_rows."""
+    g, n, _ = sz.shape
+    full = n // rb * rb
+    flat = sz.reshape(-1)
+    head = flat[: g * full * 2].view(full // rb, g, rb, 2).transpose(0, 1).reshape(g, full, 2)
+    return torch.cat([head, flat[g * full * 2:].view(g, n - full, 2)], dim=1)
 
 
 def pack_q4(q: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ typedef struct {
     int64_t kind;   /* 0: float32 (N, K) row-major; 1: int4 (quant.c's layout); 2: int8 */
     int64_t n, k;   /* output and input features */
     int64_t gshift; /* int4: groups of 32 << gshift inputs */
+    int64_t rb;     /* int4: how the (s, z) pairs are laid out (quant.c's llmkit_q4_mm) */
     const void *w;  /* weight, or qweight */
     const void *s;  /* int4: (K/gs, N, 2) bfloat16 scale and zero; int8: (N,) float32 scales */
     const float *bias; /* (N,) or NULL */
@@ -175,7 +176,7 @@ static int linear(const lk_linear *L, const float *x, int64_t M, float *y, int64
     if (!out) return -1;
     int rc = 0;
     if (L->kind == 1)
-        rc = llmkit_q4_mm(x, M, L->k, L->w, L->s, L->n, L->gshift, fine, out);
+        rc = llmkit_q4_mm(x, M, L->k, L->w, L->s, L->n, L->gshift, fine, out, L->rb);
     else if (L->kind == 2)
         rc = llmkit_q8_mm(x, M, L->k, L->w, L->s, L->n, fine, out);
     else
@@ -331,13 +332,32 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
         const int64_t V = D / 8;
         __m256 qv[AVX2_HEAD / 8];
         for (int64_t c = 0; c < V; c++) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * c), _mm256_set1_ps(scale));
-        float mx = -INFINITY;
-        for (int64_t j = lo; j <= p; j++) {
-            __m256 acc = _mm256_mul_ps(qv[0], kv8(kc, j * D, bf16));
-            for (int64_t c = 1; c < V; c++) acc = _mm256_fmadd_ps(qv[c], kv8(kc, j * D + 8 * c, bf16), acc);
-            sc[j] = hsum8(acc);
-            mx = sc[j] > mx ? sc[j] : mx;
+        __m128 mx4 = _mm_set1_ps(-INFINITY);
+        for (int64_t j = lo; j <= p; j += 4) {  /* 4 keys at a time, summed by one hadd tree (the last 1-3
+                                                   keys too, beside zeros: a key's score is the same in either) */
+            const int64_t n = p + 1 - j < 4 ? p + 1 - j : 4;
+            __m256 a[4];
+            for (int r = 0; r < 4; r++) a[r] = _mm256_setzero_ps();
+            for (int r = 0; r < n; r++) {
+                a[r] = _mm256_mul_ps(qv[0], kv8(kc, (j + r) * D, bf16));
+                for (int64_t c = 1; c < V; c++) a[r] = _mm256_fmadd_ps(qv[c], kv8(kc, (j + r) * D + 8 * c, bf16), a[r]);
+            }
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            if (n == 4) {
+                _mm_storeu_ps(sc + j, s4);
+                mx4 = _mm_max_ps(mx4, s4);
+            } else {
+                float t4[4];
+                _mm_storeu_ps(t4, s4);
+                for (int r = 0; r < n; r++) {
+                    sc[j + r] = t4[r];
+                    mx4 = _mm_max_ps(mx4, _mm_set1_ps(t4[r]));
+                }
+            }
         }
+        mx4 = _mm_max_ps(mx4, _mm_movehl_ps(mx4, mx4));
+        const float mx = _mm_cvtss_f32(_mm_max_ss(mx4, _mm_movehdup_ps(mx4)));
         const __m256 m = _mm256_set1_ps(mx);
         __m256 tot = _mm256_setzero_ps();
         int64_t j = lo;
@@ -437,7 +457,9 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
             }
         }
         lap(prof, 2, &t);
-#pragma omp parallel for schedule(static, 1) /* interleaved: a prefill's later tokens attend to more */
+        /* several tokens: heads interleaved over the threads (a prefill's later tokens attend to more); one
+           token: each thread a run of neighbouring heads, so fewer threads read each group's keys and values */
+#pragma omp parallel for schedule(static, B > 1 ? 1 : (H + threads - 1) / threads)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, i = bh % H, g = i / group, p = pos[b];
             const int64_t lo = L->window && p - L->window + 1 > 0 ? p - L->window + 1 : 0;

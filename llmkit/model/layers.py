@@ -89,6 +89,8 @@ class FusedPart(nn.Module):
                               unexpected_keys, error_msgs):
         # The part's tensors (`prefix + name`) go into its slice of a copy of the fused tensor, which the
         # fused child then loads (`prefix + "fused." + name`); the parts load one after the other.
+        if hasattr(self.fused, "unpack_"):
+            self.fused.unpack_()  # tensors in the portable layout, whose rows are along out_dim
         for name, full in module_tensors(self.fused).items():
             key = prefix + name
             if key in state_dict:
