@@ -100,7 +100,7 @@ def test_rows_give_the_same_bits_alone_or_batched(n, k, gs):
 def test_scales_in_blocks_of_rows_give_the_same_bits(n, k, gs):
     """The decode-friendly layout of the (s, z) pairs (blocks of 4 rows; the last block 1-3 rows when N % 4
     != 0) reads the very pairs of the standard one: decode, prefill and the portable C build give the same
-    bits with either. And the layout is the one the kernel expects: read as standard it gives other numbers."""
+    bits with either. And the kernel reads the layout it is told: read as standard, other numbers."""
     qw, sz, _ = int4_weight(n, k, gs, seed=n)
     blocked = kernels.block_rows(sz)
     assert torch.equal(kernels.unblock_rows(blocked), sz)
@@ -110,7 +110,8 @@ def test_scales_in_blocks_of_rows_give_the_same_bits(n, k, gs):
         for fine in (False, True):
             for rows in (x[:1], x):
                 want = kernels._q4_eager(rows, qw, sz, gs, fine, lib=lib)
-                assert torch.equal(kernels._q4_eager(rows, qw, blocked, gs, fine, lib=lib, rb=kernels.RB), want)
+                got = kernels._q4_eager(rows, qw, blocked, gs, fine, lib=lib, rb=kernels.RB)
+                assert torch.equal(got, want)
                 if n > 4:
                     assert not torch.equal(kernels._q4_eager(rows, qw, blocked, gs, fine, lib=lib), want)
 

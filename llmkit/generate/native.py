@@ -6,8 +6,9 @@ llmkit/kernels/decode.c.
     hidden = nd(ids, rows, positions, hidden=True)   # the final normed hidden states (N, d): a prefill chunk
 
 The readable model (llmkit/model/transformer.py) stays the reference: decode.c computes the same maths for
-the models it accepts, reading the model's own tensors in place (no copy), and tests compare the two. Python keeps the embedding lookup and the head (whatever their classes), so only the layers, where
-eager PyTorch spends ~1,500 operator calls a token, move to C.
+the models it accepts, reading the model's own tensors in place (no copy), and tests compare the two.
+Python keeps the embedding lookup and the head (whatever their classes), so only the layers, where eager
+PyTorch spends ~1,500 operator calls a token, move to C.
 
 Notable choices
 - Which models: Llama-shaped ones (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional biases and

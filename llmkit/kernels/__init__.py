@@ -130,7 +130,8 @@ def _load() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.llmkit_q4_mm.argtypes, lib.llmkit_q4_mm.restype = [p, i64, i64, p, p, i64, i64, i64, p, i64], ctypes.c_int
+    lib.llmkit_q4_mm.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64]
+    lib.llmkit_q4_mm.restype = ctypes.c_int
     lib.llmkit_q8_mm.argtypes, lib.llmkit_q8_mm.restype = [p, i64, i64, p, p, i64, i64, p], ctypes.c_int
     lib.llmkit_simd.restype = ctypes.c_int
     lib.llmkit_decode.argtypes, lib.llmkit_decode.restype = [p, i64, p, p, p], ctypes.c_int
