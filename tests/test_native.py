@@ -80,6 +80,31 @@ def test_quantized_native_decode_equals_pytorch(mode):
         assert (a - b).abs().max() <= 2e-3 * a.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["float", "int8", "int4"])
+def test_embedding_lookup_in_c_gives_the_modules_floats(kind):
+    """llmkit_embed looks up a float32 nn.Embedding, an Int8Embedding (GGUF Q8_0) or an Int4Embedding to the
+    bit of the module's own forward, refuses an id out of range (the module then says what is wrong), and a
+    decode with the table looked up in C gives PyTorch's tokens."""
+    import ctypes
+
+    from llmkit.quant import Int4Embedding, Int8Embedding
+
+    model = tiny()
+    if kind != "float":
+        emb = (Int8Embedding if kind == "int8" else Int4Embedding)(97, 64)
+        emb.set_weight(model.model.embed_tokens.weight.detach())
+        model.model.embed_tokens = emb
+    nd = Engine(model, max_batch=1)._native
+    assert nd.plan.emb_kind == {"float": 1, "int8": 2, "int4": 3}[kind]
+    ids, x = torch.tensor([0, 5, 96, 42, 5]), torch.empty(5, 64)
+    assert nd.lib.llmkit_embed(ctypes.byref(nd.plan), 5, ids.data_ptr(), x.data_ptr()) == 0
+    assert torch.equal(x, model.model.embed_tokens(ids).float())
+    bad = torch.tensor([3, 97])
+    assert nd.lib.llmkit_embed(ctypes.byref(nd.plan), 2, bad.data_ptr(), x.data_ptr()) == -1
+    (t_ref, _), (t_nat, _) = decode_all(model, False), decode_all(model, True)
+    assert t_nat == t_ref
+
+
 @pytest.mark.parametrize("mode", ["float", "int4"])
 def test_bfloat16_kv_cache_decodes_natively_as_pytorch(mode):
     """kv_dtype="bf16" (`--kv-cache bf16`): decode.c stores keys and values rounded to bfloat16 (to nearest

@@ -340,3 +340,17 @@ def test_stop_matcher_releases_false_alarm():
 def test_earliest_stop_wins():
     m = StopMatcher(["bc", "abcd"])
     assert m.push("xabcd") == ("x", True)  # "abcd" starts before "bc"
+
+
+def test_argmax_gives_pytorchs_indices():
+    """The greedy step's argmax (NumPy's on CPU float32) picks what torch.argmax picks: the first of tied
+    maxima, a NaN as the maximum, a row of -inf's first id, strided views."""
+    from llmkit.generate.sampling import argmax
+
+    nan, inf = float("nan"), float("inf")
+    cases = [torch.randn(3, 49152), torch.tensor([[1.0, 3.0, 3.0, 2.0]]),
+             torch.tensor([[1.0, nan, 5.0, nan]]), torch.tensor([[-inf] * 4]), torch.randn(2, 7)[:, ::2],
+             torch.randn(4, 9).bfloat16()]
+    for x in cases:
+        got = argmax(x)
+        assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))

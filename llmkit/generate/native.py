@@ -7,8 +7,9 @@ llmkit/kernels/decode.c.
 
 The readable model (llmkit/model/transformer.py) stays the reference: decode.c computes the same maths for
 the models it accepts, reading the model's own tensors in place (no copy), and tests compare the two.
-Python keeps the embedding lookup and the head (whatever their classes), so only the layers, where eager
-PyTorch spends ~1,500 operator calls a token, move to C.
+Python keeps the head (whatever its class) and the lookup of embedding classes decode.c does not know, so
+the layers (where eager PyTorch spends ~1,500 operator calls a token) and the lookup (~0.1 ms of PyTorch
+ops a token for a quantized table) move to C.
 
 Notable choices
 - Which models: Llama-shaped ones (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional biases and
@@ -64,7 +65,8 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", _i64), ("d", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64),
                 ("d_ff", _i64), ("slots", _i64), ("fine", _i64), ("eps", ctypes.c_double),
                 ("scale", ctypes.c_double), ("cos", _p), ("sin", _p), ("norm", _p),
-                ("layers", ctypes.POINTER(_Layer)), ("kv_bf16", _i64), ("prof", _p)]
+                ("layers", ctypes.POINTER(_Layer)), ("kv_bf16", _i64), ("prof", _p), ("emb_kind", _i64),
+                ("emb_rows", _i64), ("emb_gs", _i64), ("emb_w", _p), ("emb_s", _p)]
 
 
 def enabled() -> bool:
@@ -164,6 +166,7 @@ class NativeDecode:
             cos=self._ptr(model.rope_cos), sin=self._ptr(model.rope_sin),
             norm=self._ptr(model.model.norm.weight), layers=self.layers,
             kv_bf16=int(cache.dtype == torch.bfloat16))
+        self._embedding(model.model.embed_tokens)
         self.signature = _signature(model, cache)
         self.prof: torch.Tensor | None = None  # see profile()
 
@@ -201,6 +204,26 @@ class NativeDecode:
         else:
             s.kind, s.w, s.s = 2, self._ptr(m.qweight), self._ptr(m.scales)
 
+    def _embedding(self, emb: nn.Module) -> None:
+        """Point the plan at the embedding table when decode.c can look it up as the module does (a float32
+        nn.Embedding, an Int8Embedding or Int4Embedding with float32 outputs); else Python looks up."""
+        from llmkit.quant import LOW, Int4Embedding, Int8Embedding
+
+        P = self.plan
+        t = type(emb)
+        if t is nn.Embedding and emb.weight.dtype == torch.float32 and emb.weight.is_contiguous():
+            P.emb_kind, P.emb_w = 1, self._ptr(emb.weight)
+        elif t in (Int8Embedding, Int4Embedding) and emb.out_dtype == torch.float32:
+            scales = emb.scales if t is Int8Embedding else emb.scales_and_zeros
+            if scales.dtype != (torch.float16 if t is Int8Embedding else LOW) or not (
+                    emb.qweight.is_contiguous() and scales.is_contiguous()):
+                return
+            P.emb_kind, P.emb_gs = (2 if t is Int8Embedding else 3), emb.group_size
+            P.emb_w, P.emb_s = self._ptr(emb.qweight), self._ptr(scales)
+        else:
+            return
+        P.emb_rows = emb.num_embeddings
+
     def takes(self, tokens: int, hidden: bool) -> bool:
         """Whether a step of `tokens` tokens per row runs here: decode steps (with drafts, up to
         NATIVE_TOKENS) always; prefill chunks (hidden) of any length when every matmul is quantized
@@ -233,11 +256,14 @@ class NativeDecode:
         """Logits (N, V) of tokens ids (N,) at `positions` of cache `rows`, their K/V written to the cache
         (a row's tokens at consecutive positions: a prefill chunk, or its speculative drafts after its last
         token); hidden: the final normed hidden states (N, d) instead."""
-        model = self.model
-        x = model.model.embed_tokens(ids).float().contiguous()  # (N, d)
-        meta = torch.tensor([rows, positions], dtype=torch.int64)  # (2, N)
-        if self.lib.llmkit_decode(ctypes.byref(self.plan), len(rows), x.data_ptr(), meta[0].data_ptr(),
-                                  meta[1].data_ptr()):
+        model, n = self.model, len(rows)
+        ids = ids.to(torch.int64).contiguous()
+        x = torch.empty(n, self.plan.d)
+        if self.lib.llmkit_embed(ctypes.byref(self.plan), n, ids.data_ptr(), x.data_ptr()):
+            x = model.model.embed_tokens(ids).float().contiguous()  # (N, d): no table in the plan, a bad id
+        where = (ctypes.c_int64 * (2 * n))(*rows, *positions)  # each token's cache row, then its position
+        if self.lib.llmkit_decode(ctypes.byref(self.plan), n, x.data_ptr(), where,
+                                  ctypes.addressof(where) + 8 * n):
             raise MemoryError("llmkit native decode: out of memory")
         if hidden:
             return x  # (N, d)
@@ -255,7 +281,9 @@ def _hooks(model: nn.Module) -> int:
 
 def _signature(model: nn.Module, cache: Any) -> tuple:
     """Identity of every module and storage a plan points to, and the number of forward hooks."""
-    out: list[int] = [_hooks(model), *(id(t) for t in cache.k + cache.v)]
+    emb = model.model.embed_tokens
+    out: list[int] = [_hooks(model), *(id(t) for t in cache.k + cache.v), id(emb)]
+    out += [t.data_ptr() for t in (*emb._parameters.values(), *emb._buffers.values()) if t is not None]
     for layer in model.model.layers:
         for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.q_proj,
                   layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj,

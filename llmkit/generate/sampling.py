@@ -284,6 +284,15 @@ def draw(logits: torch.Tensor, u: torch.Tensor, fallback: torch.Tensor | None = 
     return torch.where(ok, tok, fallback)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1), the same indices (the first maximum; a NaN counts as the maximum), by NumPy's
+    for a float32 CPU tensor: one 49k-token row in ~5 us instead of PyTorch's ~75 (a greedy token's
+    sampling)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def safe_argmax(logits: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
     """Argmax of each row of logits (B, V) ignoring NaN; a row with nothing left (all -inf or NaN) takes the
     argmax of `raw` (B, V) instead when given (the model's own logits, before processors)."""
@@ -410,7 +419,7 @@ class Sampler:
             logits = apply_repetition_penalty(logits, self.seen[idx] > 0, knobs[:, 4:5])
             logits = apply_presence_frequency(logits, self.counts[idx], knobs[:, 5:6], knobs[:, 6:7])
         if greedy:
-            tokens = logits.argmax(dim=-1)  # (B,)
+            tokens = argmax(logits)  # (B,)
         else:
             best = safe_argmax(logits, raw)  # (B,): greedy rows, and the fallback of degenerate rows
             x = logits / knobs[:, 0:1]

@@ -66,6 +66,11 @@ typedef struct {
     const lk_layer *layers;
     int64_t kv_bf16;        /* the KV cache holds bfloat16 */
     double *prof;           /* NULL, or (4,): seconds in matmuls, attention, the rest; one-token steps */
+    int64_t emb_kind;       /* the embedding table (llmkit_embed): 0 none (the caller looks up), 1 float32
+                               (V, d), 2 int8 (V, d) + float16 scales (V, d/gs), 3 int4 (V, d/2) nibbles (even
+                               index low) + bfloat16 (scale, zero) pairs (V, d/gs, 2) */
+    int64_t emb_rows, emb_gs;
+    const void *emb_w, *emb_s;
 } lk_model;
 
 static inline double lk_now(void) {
@@ -407,6 +412,57 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
         const float a = sc[j] / sum;
         for (int64_t i = 0; i < D; i++) out[i] += a * kvf(vc, j * D + i, bf16);
     }
+}
+
+/* float16 bits -> float32 (exact; subnormals too) */
+static inline float h2f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0) {
+        const float f = (float)man * 0x1p-24f;  /* 0, or a subnormal: man * 2^-24 exactly */
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else {
+        u = sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* x (B, d) = the embeddings of ids (B,), the floats llmkit.quant's Int8Embedding / Int4Embedding (or a
+   float32 nn.Embedding) give: q * s in float32; int4 (q - 8) * s, then + z (two roundings, as PyTorch's two
+   ops: never one fused multiply-add). Returns 0, or -1 without a table or with an id out of range (the
+   caller then looks up in PyTorch, which says what is wrong). */
+int llmkit_embed(const lk_model *m, int64_t B, const int64_t *ids, float *x) {
+    const int64_t d = m->d, gs = m->emb_gs;
+    if (!m->emb_kind) return -1;
+    for (int64_t b = 0; b < B; b++)
+        if (ids[b] < 0 || ids[b] >= m->emb_rows) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t v = ids[b];
+        float *out = x + b * d;
+        if (m->emb_kind == 1) {
+            memcpy(out, (const float *)m->emb_w + v * d, (size_t)d * sizeof(float));
+        } else if (m->emb_kind == 2) {
+            const int8_t *q = (const int8_t *)m->emb_w + v * d;
+            const uint16_t *sc = (const uint16_t *)m->emb_s + v * (d / gs);
+            for (int64_t i = 0; i < d; i++) out[i] = (float)q[i] * h2f(sc[i / gs]);
+        } else {
+            const uint8_t *q = (const uint8_t *)m->emb_w + v * (d / 2);
+            const uint16_t *sz = (const uint16_t *)m->emb_s + v * (d / gs) * 2;
+            for (int64_t i = 0; i < d; i++) {
+                const uint32_t sb = (uint32_t)sz[2 * (i / gs)] << 16, zb = (uint32_t)sz[2 * (i / gs) + 1] << 16;
+                float sf, zf;
+                memcpy(&sf, &sb, 4);
+                memcpy(&zf, &zb, 4);
+                const int nib = (i & 1) ? q[i / 2] >> 4 : q[i / 2] & 15;
+                const float t = (float)(nib - 8) * sf;  /* rounded here, as PyTorch's multiply: a separate */
+                out[i] = t + zf;                         /* statement, so no compiler fuses it with the add */
+            }
+        }
+    }
+    return 0;
 }
 
 /* The decode step for B tokens: x (B, d) holds their embeddings and receives their final normed hidden
