@@ -297,11 +297,11 @@ def safe_argmax(logits: torch.Tensor, raw: torch.Tensor | None = None) -> torch.
     """Argmax of each row of logits (B, V) ignoring NaN; a row with nothing left (all -inf or NaN) takes the
     argmax of `raw` (B, V) instead when given (the model's own logits, before processors)."""
     x = _nan_to_neginf(logits)  # (B, V)
-    best = x.argmax(dim=-1)  # (B,)
+    best = argmax(x)  # (B,)
     if raw is None:
         return best
     empty = x.gather(1, best[:, None]).squeeze(1) == float("-inf")  # (B,)
-    return torch.where(empty, _nan_to_neginf(raw).argmax(dim=-1), best)
+    return torch.where(empty, argmax(_nan_to_neginf(raw)), best)
 
 
 def _nan_to_neginf(x: torch.Tensor) -> torch.Tensor:
