@@ -70,6 +70,11 @@ def test_bench_decode_reports_speeds_and_perplexity_of_the_text(tiny, stub_load,
         assert ("attention" in ms) == (name in ("llmkit fp32", "llmkit int8"))  # the native steps
         assert row["batch_decode_tok_s"]["3"] > 0
     assert report["prefill_tokens"] == 40
+    runs = report["bandwidth_runs"]  # measured at the start and after the round; the roofline is the best
+    assert len(runs) == 2 and min(runs) > 0 and report["bandwidth_gbs"] == max(runs)
+    for row in report["systems"].values():
+        roof = report["bandwidth_gbs"] * 1e9 / row["bytes_per_token"]
+        assert row["pct_roofline"] == pytest.approx(100 * row["decode_tok_s"] / roof)
     fp32 = report["systems"]["llmkit fp32"]["bytes_per_token"]
     assert report["systems"]["llmkit int8"]["bytes_per_token"] < fp32 / 2
 
