@@ -219,14 +219,6 @@ static inline const uint32_t *sz_row(const uint32_t *sz32, int64_t n, int64_t N,
 }
 
 #ifdef LLMKIT_AVX2
-/* sum over 2 blocks of int4 (low nibbles l, high nibbles h) times int8 x at xv (pair order): 8 x int32,
-   lanes 0-3 the first block's, 4-7 the second's */
-static inline __m256i dot2(__m256i l, __m256i h, const int8_t *xv) {
-    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l, _mm256_loadu_si256((const __m256i *)xv)),
-                                              _mm256_maddubs_epi16(h, _mm256_loadu_si256((const __m256i *)(xv + 32)))),
-                             _mm256_set1_epi16(1));
-}
-
 /* sum over a block of int8 w (|w| as u, w itself for the sign) times int8 x at xv: 8 x int32 */
 static inline __m256i sdot(__m256i u, __m256i w, const int8_t *xv, __m256i ones) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xv), w)),
@@ -253,10 +245,25 @@ static inline void q4_nibbles(const uint8_t *w, __m256i *l, __m256i *h) {
     *h = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
 }
 
-/* acc + 2 blocks (nibbles l, h) . one row of x at xv, each block's 4 lanes times its s dx (lanes idx of sc) */
+/* 2 blocks of int4 (low nibbles l, high nibbles h) times int8 x at xv (pair order): 16 x int16, each the sum
+   of 4 products; lanes 0-7 the first block's, 8-15 the second's (a madd by ones then gives 8 x int32) */
+static inline __m256i dot2_16(__m256i l, __m256i h, const int8_t *xv) {
+    return _mm256_add_epi16(_mm256_maddubs_epi16(l, _mm256_loadu_si256((const __m256i *)xv)),
+                            _mm256_maddubs_epi16(h, _mm256_loadu_si256((const __m256i *)(xv + 32))));
+}
+
+/* acc + 2 blocks (nibbles l, h) . one row of x at xv, each block's 4 lanes times its s dx (lanes idx of sc).
+   fine: each int32 lane is 128 (a + b) + (c + d), a, b the high parts' int16 sums and c, d the low parts',
+   computed as 128 a + 128 b + (c + d): a madd by 128 instead of a madd by 1 and a shift, the same integer. */
 static inline __m256 q4_acc2(__m256i l, __m256i h, const int8_t *xv, int64_t K, int fine, __m256 sc, __m256i idx,
                              __m256 acc) {
-    const __m256i p = join(dot2(l, h, xv), fine ? dot2(l, h, xv + K) : l, fine);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p;
+    if (fine)
+        p = _mm256_add_epi32(_mm256_madd_epi16(dot2_16(l, h, xv), _mm256_set1_epi16(128)),
+                             _mm256_madd_epi16(dot2_16(l, h, xv + K), ones));
+    else
+        p = _mm256_madd_epi16(dot2_16(l, h, xv), ones);
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(sc, idx), acc);
 }
 #endif
