@@ -68,7 +68,8 @@ def _top_p_reference(row: list[float], p: float) -> set[int]:
     return kept
 
 
-@pytest.mark.parametrize("scale", [8.0, 0.05])  # sharp (cut among the candidates) and flat (full sort)
+# sharp (the cut among the first 64 candidates), middling (among 1024) and flat (the full sort)
+@pytest.mark.parametrize("scale", [8.0, 2.0, 0.05])
 def test_top_p_on_a_large_vocabulary_matches_the_definition(scale):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 6000, generator=g, dtype=torch.float64) * scale

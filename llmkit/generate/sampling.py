@@ -213,6 +213,7 @@ def apply_top_k(logits: torch.Tensor, k: int | torch.Tensor, kmax: int | None = 
 
 
 TOP_P_CANDIDATES = 1024  # top-p looks for its cut among this many most likely tokens first
+TOP_P_FIRST = 64  # on the CPU, among this many before (a top-64 is ~4x cheaper than a top-1024 there)
 
 
 def apply_top_p(logits: torch.Tensor, p: Param) -> torch.Tensor:
@@ -220,17 +221,25 @@ def apply_top_p(logits: torch.Tensor, p: Param) -> torch.Tensor:
     value or (B, 1) per row (1 = off).
 
     The cut is searched among the TOP_P_CANDIDATES most likely tokens (a top-k, not a sort of the whole
-    vocabulary: 10x less work on a 49k vocabulary); rows whose nucleus is wider fall back to the full sort."""
+    vocabulary: 10x less work on a 49k vocabulary); rows whose nucleus is wider fall back to the full sort.
+    On the CPU the TOP_P_FIRST most likely come first: when they hold p of every row's probability (the
+    usual case at chat temperatures), the nucleus lies among them and the result is the same."""
     if not isinstance(p, torch.Tensor) and p >= 1.0:
         return logits
     V = logits.shape[-1]
     if V <= TOP_P_CANDIDATES:
         return _top_p_sorted(logits, *logits.sort(dim=-1, descending=True), p, logits.logsumexp(-1, True))
-    vals, idx = logits.topk(TOP_P_CANDIDATES, dim=-1)  # (..., C) most likely first
     lse = logits.logsumexp(dim=-1, keepdim=True)  # (..., 1) the full softmax's normaliser
+    pv = p.squeeze(-1) if isinstance(p, torch.Tensor) else p
+    for c in ((TOP_P_FIRST,) if logits.device.type == "cpu" else ()) + (TOP_P_CANDIDATES,):
+        vals, idx = logits.topk(c, dim=-1)  # (..., c) most likely first
+        mass = (vals - lse).exp().sum(dim=-1)  # (...,) probability the candidates hold
+        wide = mass < pv  # the cut lies beyond them (rows with top-p off keep everything: never wide)
+        if isinstance(pv, torch.Tensor):
+            wide &= pv < 1.0
+        if c == TOP_P_CANDIDATES or not bool(wide.any()):
+            break
     out = _top_p_sorted(logits, vals, idx, p, lse, full=False)
-    mass = (vals - lse).exp().sum(dim=-1)  # (...,) probability the candidates hold
-    wide = mass < (p.squeeze(-1) if isinstance(p, torch.Tensor) else p)  # the cut lies beyond them
     if bool(wide.any()):  # one check per step, for the whole batch
         srt, order = logits.sort(dim=-1, descending=True)
         out = torch.where(wide[..., None], _top_p_sorted(logits, srt, order, p, lse), out)
