@@ -142,10 +142,10 @@ def test_repetition_window_counts_only_the_last_n_tokens(monkeypatch):
     from llmkit.generate import sampling
 
     L = [3.0, -1.0, 2.0, -2.0, 1.0, 0.5]  # the same raw logits at every step
-    seen_by_next_stage = []  # the logits the repetition penalty hands on (presence / frequency are off)
-    real = sampling.apply_presence_frequency
-    monkeypatch.setattr(sampling, "apply_presence_frequency",
-                        lambda x, *a: seen_by_next_stage.append(x.clone()) or real(x, *a))
+    seen_by_next_stage = []  # the logits the repetition penalty hands on
+    real = sampling.apply_repetition_penalty
+    monkeypatch.setattr(sampling, "apply_repetition_penalty",
+                        lambda *a: seen_by_next_stage.append(real(*a).clone()) or seen_by_next_stage[-1])
     s = Sampler(2, len(L))
     s.start(0, SamplingParams(temperature=0, repetition_penalty=2.0, repetition_window=3), [0, 1, 2, 3])
     s.start(1, SamplingParams(temperature=0, repetition_penalty=2.0), [0, 1, 2, 3])
