@@ -229,7 +229,7 @@ def apply_top_p(logits: torch.Tensor, p: Param) -> torch.Tensor:
     V = logits.shape[-1]
     if V <= TOP_P_CANDIDATES:
         return _top_p_sorted(logits, *logits.sort(dim=-1, descending=True), p, logits.logsumexp(-1, True))
-    lse = logits.logsumexp(dim=-1, keepdim=True)  # (..., 1) the full softmax's normaliser
+    lse = logsumexp(logits)  # (..., 1) the full softmax's normaliser
     pv = p.squeeze(-1) if isinstance(p, torch.Tensor) else p
     for c in ((TOP_P_FIRST,) if logits.device.type == "cpu" else ()) + (TOP_P_CANDIDATES,):
         vals, idx = logits.topk(c, dim=-1)  # (..., c) most likely first
@@ -244,6 +244,23 @@ def apply_top_p(logits: torch.Tensor, p: Param) -> torch.Tensor:
         srt, order = logits.sort(dim=-1, descending=True)
         out = torch.where(wide[..., None], _top_p_sorted(logits, srt, order, p, lse), out)
     return out
+
+
+EXP_FLOOR = -87.0  # e^-87 ~ 1.6e-38, just above float32's smallest normal number
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x))) over the last dimension, kept (..., 1): max + log(sum(exp(x - max))), an infinite
+    max taken as 0 (ATen's composite), the terms of x - max below EXP_FLOOR counted as 0. Why: PyTorch's
+    CPU exp is 10-30x slower on inputs whose exp underflows, -inf included (0.2-1.8 ms instead of 0.06 on
+    one 49k row), and at a sampling temperature of 0.2 most of a real row's logits do; terms below 1e-38
+    cannot move a sum that holds e^0 = 1. Tensor.logsumexp is no faster (~300 us on random logits). The
+    same to an ulp as it, -inf, +inf and NaN rows included."""
+    m = x.amax(dim=-1, keepdim=True)
+    m = m.masked_fill(m.abs() == math.inf, 0.0)
+    d = x - m
+    low = d < EXP_FLOOR  # (NaN is not: it stays NaN)
+    return d.clamp_(min=EXP_FLOOR).exp_().masked_fill_(low, 0.0).sum(dim=-1, keepdim=True).log_() + m
 
 
 def _top_p_sorted(logits: torch.Tensor, srt: torch.Tensor, idx: torch.Tensor, p: Param, lse: torch.Tensor,
