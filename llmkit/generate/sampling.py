@@ -442,7 +442,7 @@ class Sampler:
                                   for p, u in zip(ps, us)], device=self.device)  # (B, 9): one copy
         if penalised:
             idx = torch.tensor(rows, device=self.device)  # (B,)
-            if any(p.repetition_penalty != 1.0 for p in ps):  # (a penalty of 1, or of 0, changes no logit)
+            if any(p.repetition_penalty != 1.0 for p in ps):  # a penalty no row uses changes no logit
                 logits = apply_repetition_penalty(logits, self.seen[idx] > 0, knobs[:, 4:5])
             if any(p.presence_penalty or p.frequency_penalty for p in ps):
                 logits = apply_presence_frequency(logits, self.counts[idx], knobs[:, 5:6], knobs[:, 6:7])
