@@ -375,3 +375,19 @@ def test_logsumexp_is_pytorchs_to_an_ulp():
         fin = torch.isfinite(want)
         tol = 2 * torch.finfo(t.dtype).eps * want[fin].abs().clamp(min=1)
         assert ((got[fin] - want[fin]).abs() <= tol).all()
+
+
+def test_draw_calls_a_lazy_fallback_only_when_a_row_needs_it():
+    calls = []
+
+    def fallback() -> torch.Tensor:
+        calls.append(1)
+        return torch.tensor([3, 3])
+
+    u = torch.tensor([0.5, 0.7])
+    fine = torch.tensor([[0.1, 2.0, 0.3, 1.5], [1.0, 0.0, 0.0, 0.0]])
+    assert draw(fine, u, fallback).tolist() == draw(fine, u, torch.tensor([3, 3])).tolist()
+    assert calls == []  # every row a distribution: the fallback's argmax is never computed
+    empty = torch.tensor([[0.1, 2.0, 0.3, 1.5], [float("-inf")] * 4])
+    got = draw(empty, u, fallback).tolist()
+    assert got[1] == 3 and got[0] == draw(fine, u).tolist()[0] and calls == [1]

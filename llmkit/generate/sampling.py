@@ -292,12 +292,15 @@ def apply_min_p(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def draw(logits: torch.Tensor, u: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
+def draw(logits: torch.Tensor, u: torch.Tensor,
+         fallback: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """One token per row of logits (B, V) by inverting the CDF of their softmax at u (B,) in (0, 1]: the
     first token in vocabulary order whose cumulative probability reaches u * total. Never a token of
     probability 0 (a -inf logit). A row that is no distribution (a NaN or +inf logit, or every logit -inf:
     its softmax is NaN) takes `fallback` (B,) long, by default its argmax with NaN ignored; the other rows
-    are unaffected and nothing is read back to the host."""
+    are unaffected and nothing is read back from a device. A callable fallback is called only when needed:
+    on the CPU, where reading `ok` costs no sync, only when some row is no distribution (a safe argmax of
+    a 49k row costs ~0.15 ms, a tenth of a sampled token's step)."""
     probs = logits.softmax(dim=-1)  # (B, V); a whole row of NaN when the row is degenerate
     cdf = probs.cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1:]  # (B, 1): ~1, or NaN
@@ -305,8 +308,10 @@ def draw(logits: torch.Tensor, u: torch.Tensor, fallback: torch.Tensor | None = 
     tok = torch.searchsorted(cdf, at).squeeze(1).clamp_(max=logits.shape[-1] - 1)  # (B,)
     # a positive probability (also guards against float ties of the cumulative sum) of a real distribution
     ok = (probs.gather(1, tok[:, None]).squeeze(1) > 0) & torch.isfinite(total.squeeze(1))
-    if fallback is None:
-        fallback = safe_argmax(logits)
+    if fallback is None or callable(fallback):
+        if logits.device.type == "cpu" and bool(ok.numpy().all()):
+            return tok
+        fallback = safe_argmax(logits) if fallback is None else fallback()
     return torch.where(ok, tok, fallback)
 
 
@@ -449,7 +454,12 @@ class Sampler:
         if greedy:
             tokens = argmax(logits)  # (B,)
         else:
-            best = safe_argmax(logits, raw)  # (B,): greedy rows, and the fallback of degenerate rows
+            mixed = any(p.greedy for p in ps)
+
+            def fallback(logits: torch.Tensor = logits) -> torch.Tensor:  # greedy rows, degenerate rows
+                return safe_argmax(logits, raw)
+
+            best = fallback() if mixed else None  # (B,)
             x = logits / knobs[:, 0:1]
             if any(p.top_k for p in ps if not p.greedy):
                 x = apply_top_k(x, knobs[:, 3:4].long(), kmax=max(p.top_k for p in ps))
@@ -457,8 +467,8 @@ class Sampler:
                 x = apply_top_p(x, knobs[:, 1:2])
             if any(p.min_p > 0.0 for p in ps if not p.greedy):
                 x = apply_min_p(x, knobs[:, 2:3])
-            tokens = draw(x, knobs[:, 8], best)  # (B,)
-            if any(p.greedy for p in ps):
+            tokens = draw(x, knobs[:, 8], best if mixed else fallback)  # (B,)
+            if mixed:
                 tokens = torch.where(knobs[:, 7] > 0, best, tokens)
         ids = tokens.tolist()  # the step's one host transfer for the tokens
         infos = self._logprobs(rows, raw, tokens)
