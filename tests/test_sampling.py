@@ -17,6 +17,7 @@ from llmkit.generate.sampling import (
     apply_top_p,
     draw,
     logprob_infos,
+    nucleus_draw,
 )
 from llmkit.generate.stop import StopMatcher
 
@@ -391,3 +392,61 @@ def test_draw_calls_a_lazy_fallback_only_when_a_row_needs_it():
     empty = torch.tensor([[0.1, 2.0, 0.3, 1.5], [float("-inf")] * 4])
     got = draw(empty, u, fallback).tolist()
     assert got[1] == 3 and got[0] == draw(fine, u).tolist()[0] and calls == [1]
+
+
+def _large_rows(n: int, seed: int):
+    """n rows of a 49k vocabulary at chat-like temperatures, some with a few strong tokens (sharp), others
+    flat; with a p and a uniform u each."""
+    import random
+
+    g, rnd = torch.Generator().manual_seed(seed), random.Random(seed)
+    for _ in range(n):
+        x = torch.randn(49152, generator=g) * rnd.choice([1.0, 3.0]) / rnd.choice([0.2, 0.7, 1.0])
+        if rnd.random() < 0.5:
+            x[torch.randint(0, 49152, (5,), generator=g)] += rnd.uniform(5, 40)
+        yield x, rnd.choice([0.5, 0.9, 0.95, 0.99]), 1.0 - rnd.random()
+
+
+def test_nucleus_draw_picks_the_dense_paths_token():
+    """The sparse top-p + draw on a row's likely tokens gives draw(apply_top_p(row, p), u)'s token; where the
+    nucleus may reach beyond them (flat rows) it declines."""
+    taken = declined = 0
+    for x, p, u in _large_rows(150, seed=0):
+        want = draw(apply_top_p(x[None], torch.tensor([[p]])), torch.tensor([u])).item()
+        got = nucleus_draw(x, p, u)
+        if got is None:
+            declined += 1
+        else:
+            taken += 1
+            assert got == want, (p, u)
+    assert taken >= 40 and declined >= 20  # both paths exercised
+    assert nucleus_draw(torch.full((49152,), float("-inf")), 0.9, 0.5) is None  # no distribution
+    nan = torch.zeros(49152)
+    nan[3] = float("nan")
+    assert nucleus_draw(nan, 0.9, 0.5) is None
+
+
+def test_a_large_vocabulary_row_draws_the_same_alone_or_in_a_batch(monkeypatch):
+    """Rows of a 49k vocabulary: the sparse nucleus draw (a row on its own) and the dense path (a min-p row
+    beside it) give each seeded row the same tokens alone as in a batch, and the sparse path is taken."""
+    import llmkit.generate.sampling as sampling
+
+    calls = []
+    real = sampling.nucleus_draw
+    monkeypatch.setattr(sampling, "nucleus_draw", lambda *a: calls.append(real(*a)) or calls[-1])
+    rows = [x for x, _, _ in _large_rows(3, seed=1)]
+    logits = torch.stack(rows)  # (3, V)
+    params = [SamplingParams(temperature=0.5, top_p=0.9, seed=1),
+              SamplingParams(temperature=0.7, top_p=0.95, seed=2),
+              SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, seed=3)]  # min-p: the dense path
+
+    def tokens(which):
+        s = Sampler(3, 49152)
+        for r in which:
+            s.start(r, params[r])
+        return [s.sample(which, logits[which])[0] for _ in range(30)]
+
+    together = tokens([0, 1, 2])
+    for r in range(3):
+        assert [t[r] for t in together] == [t[0] for t in tokens([r])], r
+    assert any(c is not None for c in calls)
