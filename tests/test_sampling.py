@@ -450,3 +450,30 @@ def test_a_large_vocabulary_row_draws_the_same_alone_or_in_a_batch(monkeypatch):
     for r in range(3):
         assert [t[r] for t in together] == [t[0] for t in tokens([r])], r
     assert any(c is not None for c in calls)
+
+
+def test_repetition_windows_on_the_cpu_penalise_each_rows_own_ids(monkeypatch):
+    """Every penalised row with a window: the CPU path penalises each row's window ids only (no pass over
+    V). What greedy's argmax receives is checked against the definition (a positive logit / penalty, a
+    negative one * penalty, for the ids in the row's last n tokens), row by row, as the windows slide."""
+    from llmkit.generate import sampling
+
+    L = [3.0, -1.0, 2.0, -2.0, 1.0, 0.5]
+    got = []
+    real = sampling.argmax
+    monkeypatch.setattr(sampling, "argmax", lambda x: got.append(x.clone()) or real(x))
+    s = Sampler(3, len(L))
+    pens, wins = [2.0, 1.5, 1.0], [3, 2, 4]
+    prompts = [[0, 1, 2, 3], [4, 0, 3], [1, 2]]
+    for r in range(3):
+        params = SamplingParams(temperature=0, repetition_penalty=pens[r], repetition_window=wins[r])
+        s.start(r, params, prompts[r])
+    history = [list(p) for p in prompts]
+    for _ in range(6):
+        ids, _ = s.sample([0, 1, 2], torch.tensor([L, L, L]))
+        for r in range(3):
+            window = set(history[r][-wins[r]:]) if pens[r] != 1.0 else set()
+            want = [(v / pens[r] if v > 0 else v * pens[r]) if i in window else v for i, v in enumerate(L)]
+            assert got[-1][r].tolist() == pytest.approx(want, rel=0, abs=0), (r, history[r])
+            history[r].append(ids[r])
+    assert len({tuple(h[-6:]) for h in history}) > 1  # the rows' windows differ, so do their picks

