@@ -344,8 +344,7 @@ def nucleus_draw(x: torch.Tensor, p: float, u: float) -> int | None:
     in its last bit: a draw falling within that of a boundary (~1e-7 of draws) may pick its neighbour."""
     V = x.shape[-1]
     lse = logsumexp(x[None])[0]  # (1,) the full softmax's normaliser
-    top = float(lse)  # >= the top logit; a bound for the window below
-    if not math.isfinite(top):
+    if not math.isfinite(float(lse)):  # a NaN or +inf logit, or every logit -inf
         return None
     xs = x.numpy()
     idx = torch.from_numpy(np.flatnonzero(xs >= xs.max() - NUCLEUS_SPAN))  # ascending: vocabulary order
