@@ -79,11 +79,12 @@ def test_int8_matmul_is_weights_times_rounded_activations(m, n, k, fine):
 
 
 @pytest.mark.parametrize("n,k,gs", [(96, 576, 32), (97, 160, 32), (42, 224, 32), (33, 1536, 128),
-                                    (6, 192, 64)])
+                                    (6, 192, 64), (45, 256, 32)])
 def test_rows_give_the_same_bits_alone_or_batched(n, k, gs):
     """Every row is summed in one order whatever the batch: decode (1 row) and prefill (AVX-512 tiles of
     4 rows of W by 2 of x, x in blocks of 8 rows) agree to the bit. The shapes cover K with 0-3 blocks left
-    after the 4-block steps, N not a multiple of 4, and 13 rows (a block of 8, then 5)."""
+    after the 4-block steps, N not a multiple of 4, and 13 rows (a block of 8, then 5); decode's chunks of 8
+    rows of W (K / 32 even) with 0, 1 and 5 rows after them."""
     qw, sz, _ = int4_weight(n, k, gs, seed=0)
     q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
     s8 = torch.rand(n)
@@ -96,7 +97,7 @@ def test_rows_give_the_same_bits_alone_or_batched(n, k, gs):
 
 
 @pytest.mark.parametrize("n,k,gs", [(96, 576, 32), (97, 160, 32), (42, 224, 32), (33, 1536, 128),
-                                    (6, 192, 64), (3, 96, 32)])
+                                    (6, 192, 64), (3, 96, 32), (45, 256, 32)])
 def test_scales_in_blocks_of_rows_give_the_same_bits(n, k, gs):
     """The decode-friendly layout of the (s, z) pairs (blocks of 4 rows; the last block 1-3 rows when N % 4
     != 0) reads the very pairs of the standard one: decode, prefill and the portable C build give the same

@@ -375,10 +375,11 @@ static inline __attribute__((always_inline)) void q4_rows(
 #endif
 /* q4_rows with mt = 1 for nr <= NR1 adjacent rows of W (row i's bytes at w + i * K/2, its pairs at szn + i):
    the same operations per row in the same order (the same bits), with the x loads and the (s, z) loads
-   shared: one load per block brings the pairs of all nr rows. */
+   shared: one load per block brings the pairs of all nr rows. With vout (G even: no block left for
+   q4_finish), row i's a0 + a1 and t4 go to vout[i], tout[i] instead, for q4_sum8. */
 static inline __attribute__((always_inline)) void q4_rows1(
     const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
-    const float *xs, int64_t K, const int nr, const int fine, float *out) {
+    const float *xs, int64_t K, const int nr, const int fine, float *out, __m256 *vout, __m128 *tout) {
     const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
     __m256 a0[NR1], a1[NR1];
     __m128 t4[NR1];
@@ -431,8 +432,36 @@ static inline __attribute__((always_inline)) void q4_rows1(
         }
         b += 2;
     }
+    if (vout) {
+        for (int i = 0; i < nr; i++) {
+            vout[i] = _mm256_add_ps(a0[i], a1[i]);
+            tout[i] = t4[i];
+        }
+        return;
+    }
     for (int i = 0; i < nr; i++)
         out[i] = q4_finish(w + i * (K / 2), szn + i, N, gshift, G, b, xq, xd, xs, K, fine, a0[i], a1[i], t4[i]);
+}
+
+/* q4_finish's sum for 8 rows with no block left: out[r] = hsum8(v[r]) + hsum4(t[r]) + 0.0f, every addition
+   the one hsum8 and hsum4 make (lanes j + 4 onto j, then 0 + 2 and 1 + 3, then those two), so the bits are
+   q4_finish's, done for the 8 rows at once on transposed vectors (lane r = row r). One row's horizontal
+   sums form a chain of dependent additions; 8 rows side by side make K = 576 decode rows ~12 % faster. */
+static inline void q4_sum8(const __m256 *v, const __m128 *t, float *out) {
+    __m128 a0, a1, a2, a3, b0, b1, b2, b3, c0 = t[0], c1 = t[1], c2 = t[2], c3 = t[3], d0 = t[4], d1 = t[5],
+           d2 = t[6], d3 = t[7];
+    __m128 s[8];
+    for (int r = 0; r < 8; r++) s[r] = _mm_add_ps(_mm256_castps256_ps128(v[r]), _mm256_extractf128_ps(v[r], 1));
+    a0 = s[0], a1 = s[1], a2 = s[2], a3 = s[3], b0 = s[4], b1 = s[5], b2 = s[6], b3 = s[7];
+    _MM_TRANSPOSE4_PS(a0, a1, a2, a3);  /* a_j: lane r = row r's s_j, rows 0-3; b_j rows 4-7 */
+    _MM_TRANSPOSE4_PS(b0, b1, b2, b3);
+    _MM_TRANSPOSE4_PS(c0, c1, c2, c3);  /* the same for t4 */
+    _MM_TRANSPOSE4_PS(d0, d1, d2, d3);
+    const __m256 h = _mm256_add_ps(_mm256_add_ps(_mm256_set_m128(b0, a0), _mm256_set_m128(b2, a2)),
+                                   _mm256_add_ps(_mm256_set_m128(b1, a1), _mm256_set_m128(b3, a3)));
+    const __m256 g = _mm256_add_ps(_mm256_add_ps(_mm256_set_m128(d0, c0), _mm256_set_m128(d2, c2)),
+                                   _mm256_add_ps(_mm256_set_m128(d1, c1), _mm256_set_m128(d3, c3)));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(h, g), _mm256_setzero_ps()));
 }
 #endif
 
@@ -685,38 +714,65 @@ static void *scratch(int64_t n) {
    nothing and at K = 576 it costs 5 % (the hardware prefetcher keeps up; the instructions remain), hence
    PF_MIN_K. The int8 head (K = 576 bytes a row too, but 49k rows) is ~10 % faster with it. The values read
    do not change, so neither do the results. */
-static inline void prefetch(const void *p, int64_t n) {
+static inline __attribute__((always_inline)) void prefetch(const void *p, int64_t n) {
     for (int64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
 }
 
+#ifdef LLMKIT_AVX2
+/* Decode's prefetch for the NR1 rows of W from row n + PF_ROWS on (long rows only, see PF_MIN_K): their bytes
+   and, when the pairs are laid out in blocks of rb rows, the block of pairs they start. Always inlined: as
+   a function of its own, GCC finds it has no effect (a prefetch changes no value) and drops its calls. */
+static inline __attribute__((always_inline)) void q4_prefetch_rows(const uint8_t *qw, const uint32_t *sz32, int64_t N, int64_t K, int64_t groups,
+                                    int64_t rb, int64_t n) {
+    const int64_t ahead = n + PF_ROWS;
+    if (K < PF_MIN_K || ahead + NR1 > N)
+        return;
+    prefetch(qw + ahead * (K / 2), NR1 * (K / 2));
+    if (rb && ahead % rb < NR1) {
+        const int64_t q = ahead - ahead % rb, ldp = N - q < rb ? N - q : rb;
+        prefetch(sz32 + q * groups, ldp * groups * 4);
+    }
+}
+#endif
+
 /* y (N,) = W x for one row of x quantized with pairs == 1 (decode): this thread's share of the rows of W, as
-   a work-sharing loop to call inside a parallel region. AVX2: NR1 rows of W at a time (q4_rows1). Rows
-   PF_ROWS ahead are prefetched: their bytes and, when the pairs are laid out in blocks of rb rows, the
-   block of pairs they start. */
+   a work-sharing loop to call inside a parallel region. AVX2: NR1 rows of W at a time (q4_rows1); when the
+   blocks of a row pair up (G even), rows in chunks of 8 whose sums q4_sum8 finishes together, then the
+   last N % 8 rows as before. The same bits either way. */
 static void q4_decode_rows(const int8_t *xq, const float *xd, const float *xs, int64_t K, const uint8_t *qw,
                            const uint32_t *sz32, int64_t N, int gs, int64_t rb, int fine, float *y) {
-    const int64_t G = K / QK;
+    const int64_t G = K / QK, groups = G >> gs;
 #ifdef LLMKIT_AVX2
-    const int64_t P = N / NR1;  /* NR1 rows at a time, then the rest one by one */
+    const int64_t C8 = (G & 1) == 0 && NR1 == 2 ? N / 8 : 0;
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < C8; c++) {
+        __m256 v[8];
+        __m128 t4[8];
+        for (int k = 0; k < 4; k++) {
+            const int64_t n = 8 * c + 2 * k;
+            q4_prefetch_rows(qw, sz32, N, K, groups, rb, n);
+            int64_t ld;
+            const uint32_t *szn = sz_row(sz32, n, N, groups, rb, &ld);
+            if (fine)
+                q4_rows1(qw + n * (K / 2), szn, ld, gs, G, xq, xd, xs, K, 2, 1, NULL, v + 2 * k, t4 + 2 * k);
+            else
+                q4_rows1(qw + n * (K / 2), szn, ld, gs, G, xq, xd, xs, K, 2, 0, NULL, v + 2 * k, t4 + 2 * k);
+        }
+        q4_sum8(v, t4, y + 8 * c);
+    }
+    const int64_t N0 = 8 * C8, P = (N - N0) / NR1;  /* then NR1 rows at a time, then the rest one by one */
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < P + N % NR1; t++) {
-        const int64_t n = t < P ? t * NR1 : P * NR1 + (t - P);
+    for (int64_t t = 0; t < P + (N - N0) % NR1; t++) {
+        const int64_t n = N0 + (t < P ? t * NR1 : P * NR1 + (t - P));
         const int nr = t < P ? NR1 : 1;
         const uint8_t *wn = qw + n * (K / 2);
-        const int64_t ahead = n + PF_ROWS;
-        if (K >= PF_MIN_K && ahead + NR1 <= N) {
-            prefetch(qw + ahead * (K / 2), NR1 * (K / 2));
-            if (rb && ahead % rb < NR1) {  /* the first rows of a block: its pairs */
-                const int64_t q = ahead - ahead % rb, ldp = N - q < rb ? N - q : rb;
-                prefetch(sz32 + q * (G >> gs), ldp * (G >> gs) * 4);
-            }
-        }
+        q4_prefetch_rows(qw, sz32, N, K, groups, rb, n);
         int64_t ld;  /* n is even: a pair's rows are in one block of rb (a multiple of 2, or 0) */
-        const uint32_t *szn = sz_row(sz32, n, N, G >> gs, rb, &ld);
+        const uint32_t *szn = sz_row(sz32, n, N, groups, rb, &ld);
         if (nr == NR1 && fine)
-            q4_rows1(wn, szn, ld, gs, G, xq, xd, xs, K, NR1, 1, y + n);
+            q4_rows1(wn, szn, ld, gs, G, xq, xd, xs, K, NR1, 1, y + n, NULL, NULL);
         else if (nr == NR1)
-            q4_rows1(wn, szn, ld, gs, G, xq, xd, xs, K, NR1, 0, y + n);
+            q4_rows1(wn, szn, ld, gs, G, xq, xd, xs, K, NR1, 0, y + n, NULL, NULL);
         else
             q4_rows(wn, szn, ld, gs, G, xq, xd, xs, K, 1, fine, y + n);
     }
@@ -724,7 +780,7 @@ static void q4_decode_rows(const int8_t *xq, const float *xd, const float *xs, i
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         int64_t ld;
-        const uint32_t *szn = sz_row(sz32, n, N, G >> gs, rb, &ld);
+        const uint32_t *szn = sz_row(sz32, n, N, groups, rb, &ld);
         q4_rows(qw + n * (K / 2), szn, ld, gs, G, xq, xd, xs, K, 1, fine, y + n);
     }
 #endif
