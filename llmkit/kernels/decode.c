@@ -450,15 +450,11 @@ int llmkit_embed(const lk_model *m, int64_t B, const int64_t *ids, float *x) {
             for (int64_t i = 0; i < d; i++) out[i] = (float)q[i] * h2f(sc[i / gs]);
         } else {
             const uint8_t *q = (const uint8_t *)m->emb_w + v * (d / 2);
-            const uint16_t *sz = (const uint16_t *)m->emb_s + v * (d / gs) * 2;
+            const uint32_t *sz = (const uint32_t *)m->emb_s + v * (d / gs);  /* (s, z) pairs, as quant.c's */
             for (int64_t i = 0; i < d; i++) {
-                const uint32_t sb = (uint32_t)sz[2 * (i / gs)] << 16, zb = (uint32_t)sz[2 * (i / gs) + 1] << 16;
-                float sf, zf;
-                memcpy(&sf, &sb, 4);
-                memcpy(&zf, &zb, 4);
                 const int nib = (i & 1) ? q[i / 2] >> 4 : q[i / 2] & 15;
-                const float t = (float)(nib - 8) * sf;  /* rounded here, as PyTorch's multiply: a separate */
-                out[i] = t + zf;                         /* statement, so no compiler fuses it with the add */
+                const float t = (float)(nib - 8) * bf16_lo(sz[i / gs]);  /* rounded here, as PyTorch's */
+                out[i] = t + bf16_hi(sz[i / gs]);  /* multiply: a separate statement, never fused with the add */
             }
         }
     }
