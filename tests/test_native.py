@@ -6,6 +6,7 @@ built."""
 
 import pytest
 import torch
+from torch import nn
 
 from llmkit import kernels
 from llmkit.config import ModelConfig
@@ -78,6 +79,30 @@ def test_quantized_native_decode_equals_pytorch(mode):
     assert t_nat == t_ref
     for a, b in zip(l_ref, l_nat):
         assert (a - b).abs().max() <= 2e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("head", ["int8", "int4", "float", "softcap"])
+def test_a_quantized_head_runs_in_the_step_with_the_modules_bits(head):
+    """An int8 or int4 head runs inside decode.c's step (no PyTorch call between the layers and the logits):
+    the logits are the module's own on the step's hidden states, to the bit, one token or three. A float
+    head, or one followed by a soft-cap, stays with PyTorch."""
+    from llmkit.quant import Int4Linear, Int8Linear, quantize_model
+
+    model = quantize_model(tiny(**({"final_logit_softcap": 5.0} if head == "softcap" else {})), "int4")
+    if head == "int4":
+        model.lm_head = Int4Linear.from_linear(nn.Linear(64, 97, bias=False))
+    elif head == "float":
+        model.lm_head = nn.Linear(64, 97, bias=False)
+    assert isinstance(model.lm_head, Int8Linear) == (head in ("int8", "softcap"))
+    nd = Engine(model, max_batch=1)._native
+    assert nd.plan.head_on == (head in ("int8", "int4"))
+    for ids in ([5], [5, 7, 96]):
+        at = list(range(len(ids)))
+        hidden = nd(ids, [0] * len(ids), at, hidden=True)
+        logits = nd(ids, [0] * len(ids), at)  # the same keys and values written again
+        assert torch.equal(logits, model.head(hidden))
+    (t_ref, _), (t_nat, _) = decode_all(model, False), decode_all(model, True)
+    assert t_nat == t_ref
 
 
 @pytest.mark.parametrize("kind", ["float", "int8", "int4"])

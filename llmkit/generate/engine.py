@@ -515,16 +515,17 @@ class Engine:
         starts = [len(self.ids[r]) for r in rows]
         T = max(map(len, chunks))
         cap = self.capacity
-        x = torch.tensor([c + [0] * (T - len(c)) for c in chunks]  # (2B, T): ids, then positions (one copy)
-                         + [[min(s + j, cap - 1) for j in range(T)] for s in starts]).to(self.device)
-        ids, positions = x[: len(rows)], x[len(rows) :]
+        padded = [c + [0] * (T - len(c)) for c in chunks]  # (B, T)
+        at = [[min(s + j, cap - 1) for j in range(T)] for s in starts]  # (B, T) positions
         if self._native is not None and self._native.takes(T, hidden) and not self._native.hooked():
             # the layers in C: prefill chunks, each row's token (and drafts), padding included, as the
-            # PyTorch path runs them
-            out = self._native(ids.flatten(), [r for r in rows for _ in range(T)],
-                               positions.flatten().tolist(), hidden=hidden)
+            # PyTorch path runs them; plain lists in (a decode token's few microseconds count)
+            out = self._native([t for c in padded for t in c], [r for r in rows for _ in range(T)],
+                               [p for a in at for p in a], hidden=hidden)
             out = out.view(len(rows), T, -1)  # (B, T, V), or (B, T, d) when hidden
         else:
+            x = torch.tensor(padded + at).to(self.device)  # (2B, T): ids, then positions (one copy)
+            ids, positions = x[: len(rows)], x[len(rows) :]
             compiled = self._compiled is not None and T == 1 and not hidden
             # compiled: fixed shapes, the attended length rounded up to a power of two (>= 256, masked beyond)
             n = attention_bucket(max(starts) + T) if compiled else max(starts) + T

@@ -7,9 +7,9 @@ llmkit/kernels/decode.c.
 
 The readable model (llmkit/model/transformer.py) stays the reference: decode.c computes the same maths for
 the models it accepts, reading the model's own tensors in place (no copy), and tests compare the two.
-Python keeps the head (whatever its class) and the lookup of embedding classes decode.c does not know, so
-the layers (where eager PyTorch spends ~1,500 operator calls a token) and the lookup (~0.1 ms of PyTorch
-ops a token for a quantized table) move to C.
+Python keeps a float or soft-capped head and the lookup of embedding classes decode.c does not know, so
+the layers (where eager PyTorch spends ~1,500 operator calls a token), a quantized head and the lookup
+(~0.1 ms of PyTorch ops a token for a quantized table) move to C.
 
 Notable choices
 - Which models: Llama-shaped ones (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional biases and
@@ -66,7 +66,8 @@ class _Model(ctypes.Structure):
                 ("d_ff", _i64), ("slots", _i64), ("fine", _i64), ("eps", ctypes.c_double),
                 ("scale", ctypes.c_double), ("cos", _p), ("sin", _p), ("norm", _p),
                 ("layers", ctypes.POINTER(_Layer)), ("kv_bf16", _i64), ("prof", _p), ("emb_kind", _i64),
-                ("emb_rows", _i64), ("emb_gs", _i64), ("emb_w", _p), ("emb_s", _p)]
+                ("emb_rows", _i64), ("emb_gs", _i64), ("emb_w", _p), ("emb_s", _p), ("head", _Linear),
+                ("head_on", _i64)]
 
 
 def enabled() -> bool:
@@ -167,6 +168,7 @@ class NativeDecode:
             norm=self._ptr(model.model.norm.weight), layers=self.layers,
             kv_bf16=int(cache.dtype == torch.bfloat16))
         self._embedding(model.model.embed_tokens)
+        self._head(model)
         self.signature = _signature(model, cache)
         self.prof: torch.Tensor | None = None  # see profile()
 
@@ -224,6 +226,15 @@ class NativeDecode:
             return
         P.emb_rows = emb.num_embeddings
 
+    def _head(self, model: nn.Module) -> None:
+        """Point the plan at the vocabulary head when it is quantized (int4 / int8) and nothing follows it
+        (no soft-cap): decode.c then writes the logits in the same call, with the module's own kernel (the
+        same bits). A float head stays with PyTorch's GEMM."""
+        head = model.lm_head
+        if model.final_softcap is None and _linear_kind(head) in (1, 2):
+            self._fill(self.plan.head, head)
+            self.plan.head_on = 1
+
     def takes(self, tokens: int, hidden: bool) -> bool:
         """Whether a step of `tokens` tokens per row runs here: decode steps (with drafts, up to
         NATIVE_TOKENS) always; prefill chunks (hidden) of any length when every matmul is quantized
@@ -239,8 +250,8 @@ class NativeDecode:
                     or nn.modules.module._global_forward_pre_hooks)
 
     def profile(self, on: bool = True) -> None:
-        """Start (or stop) timing one-token steps phase by phase (`split`): decode.c times its matmuls and
-        attention, this class the head."""
+        """Start (or stop) timing one-token steps phase by phase (`split`): decode.c times its matmuls,
+        attention and the head (this class a head PyTorch runs)."""
         self.prof = torch.zeros(5, dtype=torch.float64) if on else None  # decode.c's 4, then the head
         self.plan.prof = self.prof.data_ptr() if on else None
 
@@ -251,22 +262,26 @@ class NativeDecode:
         return {"matmuls": 1e3 * p[0] / n, "head": 1e3 * p[4] / n, "attention": 1e3 * p[1] / n}
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, rows: list[int], positions: list[int], hidden: bool = False
+    def __call__(self, ids: list[int], rows: list[int], positions: list[int], hidden: bool = False
                  ) -> torch.Tensor:
         """Logits (N, V) of tokens ids (N,) at `positions` of cache `rows`, their K/V written to the cache
         (a row's tokens at consecutive positions: a prefill chunk, or its speculative drafts after its last
         token); hidden: the final normed hidden states (N, d) instead."""
         model, n = self.model, len(rows)
-        ids = ids.to(torch.int64).contiguous()
         x = torch.empty(n, self.plan.d)
-        if self.lib.llmkit_embed(ctypes.byref(self.plan), n, ids.data_ptr(), x.data_ptr()):
-            x = model.model.embed_tokens(ids).float().contiguous()  # (N, d): no table in the plan, a bad id
-        where = (ctypes.c_int64 * (2 * n))(*rows, *positions)  # each token's cache row, then its position
-        if self.lib.llmkit_decode(ctypes.byref(self.plan), n, x.data_ptr(), where,
-                                  ctypes.addressof(where) + 8 * n):
+        where = (ctypes.c_int64 * (3 * n))(*ids, *rows, *positions)  # token ids, cache rows, positions
+        if self.lib.llmkit_embed(ctypes.byref(self.plan), n, where, x.data_ptr()):
+            # no table in the plan, or a bad id (the module says which)
+            x = model.model.embed_tokens(torch.tensor(ids)).float().contiguous()  # (N, d)
+        logits = None if hidden or not self.plan.head_on else torch.empty(n, self.plan.head.n)
+        at = ctypes.addressof(where)
+        if self.lib.llmkit_decode(ctypes.byref(self.plan), n, x.data_ptr(), at + 8 * n, at + 16 * n,
+                                  None if logits is None else logits.data_ptr()):
             raise MemoryError("llmkit native decode: out of memory")
         if hidden:
             return x  # (N, d)
+        if logits is not None:
+            return logits
         timed = self.prof is not None and len(rows) == 1
         t = time.perf_counter() if timed else 0.0
         logits = model.head(x)  # (N, V)
@@ -281,9 +296,10 @@ def _hooks(model: nn.Module) -> int:
 
 def _signature(model: nn.Module, cache: Any) -> tuple:
     """Identity of every module and storage a plan points to, and the number of forward hooks."""
-    emb = model.model.embed_tokens
-    out: list[int] = [_hooks(model), *(id(t) for t in cache.k + cache.v), id(emb)]
-    out += [t.data_ptr() for t in (*emb._parameters.values(), *emb._buffers.values()) if t is not None]
+    emb, head = model.model.embed_tokens, model.lm_head
+    out: list[int] = [_hooks(model), *(id(t) for t in cache.k + cache.v), id(emb), id(head)]
+    for m in (emb, head):
+        out += [t.data_ptr() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     for layer in model.model.layers:
         for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.q_proj,
                   layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj,

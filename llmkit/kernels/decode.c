@@ -14,7 +14,9 @@
                  x += a @ Wo^T (+ b)
                  h = rmsnorm(x) * w2
                  x += (silu(h @ Wg^T) * (h @ Wu^T)) @ Wd^T
-     x = rmsnorm(x) * w_final                                    (the head runs in PyTorch after this)
+     x = rmsnorm(x) * w_final
+     logits = x @ Whead^T                                        (when the plan holds the head and logits
+                                                                  are asked for; else PyTorch's, after)
 
    Why: in PyTorch eager mode a decode token of a small model is ~1,500 small operator calls, each a few
    microseconds of Python and dispatch; torch.compile cuts them to a few hundred kernels but its wrapper still
@@ -27,8 +29,8 @@
    (rows, n_kv_heads, slots, head_dim).
 
    With lk_model.prof set, each one-token step adds its seconds in the matmuls, in attention and in the rest
-   (norms, RoPE, cache writes, SiLU, residuals) to prof[0..2], and 1 to prof[3] (`llmkit bench decode`'s
-   split of a token's time, measured inside the step). */
+   (norms, RoPE, cache writes, SiLU, residuals) to prof[0..2], 1 to prof[3], and its seconds in the head to
+   prof[4] (`llmkit bench decode`'s split of a token's time, measured inside the step). */
 #define _POSIX_C_SOURCE 200112L /* clock_gettime, posix_memalign */
 #include <time.h>
 #include "quant.c"
@@ -65,12 +67,15 @@ typedef struct {
     const float *norm;      /* (d,) the final norm */
     const lk_layer *layers;
     int64_t kv_bf16;        /* the KV cache holds bfloat16 */
-    double *prof;           /* NULL, or (4,): seconds in matmuls, attention, the rest; one-token steps */
+    double *prof;           /* NULL, or (5,): seconds in matmuls, attention, the rest; one-token steps;
+                               seconds in the head */
     int64_t emb_kind;       /* the embedding table (llmkit_embed): 0 none (the caller looks up), 1 float32
                                (V, d), 2 int8 (V, d) + float16 scales (V, d/gs), 3 int4 (V, d/2) nibbles (even
                                index low) + bfloat16 (scale, zero) pairs (V, d/gs, 2) */
     int64_t emb_rows, emb_gs;
     const void *emb_w, *emb_s;
+    lk_linear head;         /* the vocabulary head (int4 or int8), when head_on */
+    int64_t head_on;
 } lk_model;
 
 static inline double lk_now(void) {
@@ -465,8 +470,10 @@ int llmkit_embed(const lk_model *m, int64_t B, const int64_t *ids, float *x) {
    states; rows (B,): each token's cache row; pos (B,): its position (< slots). Several tokens may share a
    cache row (a row's last token and its speculative drafts, at consecutive positions): every token's keys
    and values are written before any attends, and a token sees the slots up to its own position, so each
-   is causal. Returns 0, or -1 when memory ran out. */
-int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, const int64_t *pos) {
+   is causal. logits: NULL, or (B, head.n) for the head's output (m->head_on). Returns 0, or -1 when memory
+   ran out. */
+int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, const int64_t *pos,
+                  float *logits) {
     const int64_t d = m->d, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, F = m->d_ff;
     const int64_t QKV = (H + 2 * Hkv) * D, S = m->slots, half = D / 2, group = H / Hkv;
     const float eps = (float)m->eps, scale = (float)m->scale;
@@ -569,9 +576,11 @@ int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, c
         memcpy(x + b * d, h, (size_t)d * sizeof(float));
     }
     free(buf);
-    if (prof) {
-        lap(prof, 2, &t);
-        prof[3] += 1.0;
+    lap(prof, 2, &t);
+    if (logits && m->head_on && !rc) {
+        rc = linear(&m->head, x, B, logits, m->head.n, m->fine);
+        lap(prof, 4, &t);
     }
+    if (prof) prof[3] += 1.0;
     return rc;
 }
