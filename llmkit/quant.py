@@ -20,10 +20,10 @@ Notable choices:
   `_weight_int4pack_mm_for_cpu`, with bfloat16 activations. One path for every row count, and a row's result
   does not depend on the batch, so a sequence's logits are the same however it was batched.
 - int4 storage is one copy: the nibbles in the CPU kernel's layout (`pack_int4`: llmkit's is GGUF Q4_1's
-  nibble order, row by row; ATen's is checked once per process against its own packing op), scale and zero
-  per group in bfloat16 ((K/G, N, 2), read by both kernels): 0.625 bytes per weight, vs 0.5625 for GGUF
-  Q4_0. State dicts and saved folders hold the portable layout (two nibbles per byte along K), so files do
-  not depend on the CPU.
+  bytes row by row, each quad of blocks interleaved 4 bytes at a time; ATen's is checked once per process
+  against its own packing op), scale and zero per group in bfloat16 ((K/G, N, 2), read by both kernels):
+  0.625 bytes per weight, vs 0.5625 for GGUF Q4_0. State dicts and saved folders hold the portable layout
+  (two nibbles per byte along K), so files do not depend on the CPU.
 - Loading streams (llmkit.checkpoint.hf.build_model with a quantization record, `swap_quantized`): modules
   are created empty and filled weight by weight, a few MB of floats at a time (`set_weight`); GGUF blocks
   that already are llmkit's layout are copied (Q4_0 / Q4_1 / Q4_K -> int4, Q8_0 -> the int8 embedding).
@@ -433,7 +433,7 @@ def _portable_state(module: Int4Linear, state: dict, prefix: str, local_metadata
 # that layout with tensor ops (no int32 copy of the weights, as the ATen op needs), after checking once per
 # process against the ATen op which of the known layouts this build uses.
 _LAYOUTS = ((64, True), (32, True), (32, False))  # (BLOCK_N, full blocks split in halves)
-LLMKIT_LAYOUT = (1, None)  # llmkit's own kernel (llmkit/kernels): rows whole, GGUF's nibble order per block
+LLMKIT_LAYOUT = (1, None)  # llmkit's own kernel (llmkit/kernels): rows whole, GGUF's bytes, quads interleaved
 _layout: tuple[int, bool | None] | None = None  # this process's layout
 
 
@@ -492,10 +492,11 @@ def _pack(q: torch.Tensor, block: int, halves: bool) -> torch.Tensor:
 
 
 def int4_layout_name() -> str:
-    """This process's int4 kernel layout: "q4" (llmkit's kernels), or ATen's "32h" (AVX2) / "64h" (AVX-512):
+    """This process's int4 kernel layout: "q4x" (llmkit's kernels: GGUF's bytes, quads of blocks interleaved;
+    plain "q4" was GGUF's order alone), or ATen's "32h" (AVX2) / "64h" (AVX-512):
     part of the load cache's key."""
     if _use_kernels():
-        return "q4"
+        return "q4x"
     block, halves = _cpu_layout()
     return f"{block}{'h' if halves else 'p'}"
 

@@ -81,9 +81,9 @@ def test_int8_matmul_is_weights_times_rounded_activations(m, n, k, fine):
 @pytest.mark.parametrize("n,k,gs", [(96, 576, 32), (97, 160, 32), (42, 224, 32), (33, 1536, 128),
                                     (6, 192, 64), (45, 256, 32)])
 def test_rows_give_the_same_bits_alone_or_batched(n, k, gs):
-    """Every row is summed in one order whatever the batch: decode (1 row) and prefill (AVX-512 tiles of
-    4 rows of W by 2 of x, x in blocks of 8 rows) agree to the bit. The shapes cover K with 0-3 blocks left
-    after the 4-block steps, N not a multiple of 4, and 13 rows (a block of 8, then 5); decode's chunks of 8
+    """Every row is summed in one order whatever the batch: decode (1 row, 2 rows of W at a time) and
+    prefill (4 rows of x at a time) agree to the bit. The shapes cover K with 0-3 blocks left
+    after the 4-block steps, N not a multiple of 4, and 13 rows (3 steps of 4, then 1); decode's chunks of 8
     rows of W (K / 32 even) with 0, 1 and 5 rows after them."""
     qw, sz, _ = int4_weight(n, k, gs, seed=0)
     q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
@@ -118,8 +118,8 @@ def test_scales_in_blocks_of_rows_give_the_same_bits(n, k, gs):
 
 
 def test_avx512_build_gives_the_avx2_builds_bits():
-    """The AVX-512 VNNI tiles and quantizer add in the AVX2 kernel's order: both builds agree to the bit, so a
-    result does not depend on which of the two a machine runs either."""
+    """The AVX-512 VNNI integers (vpdpbusd) and quantizer give the AVX2 kernel's lanes: both builds agree to
+    the bit, so a result does not depend on which of the two a machine runs either."""
     if "avx512_vnni" not in kernels._cpu_flags().split():
         pytest.skip("this CPU has no AVX-512 VNNI: its build is the AVX2 one")
     avx2 = kernels.build_variant(["-mno-avx512f"])
@@ -131,7 +131,7 @@ def test_avx512_build_gives_the_avx2_builds_bits():
                                kernels._q4_eager(x, qw, sz, gs, fine, lib=avx2))
             assert torch.equal(kernels.q4_mm(x[:1], qw, sz, gs, fine=fine),
                                kernels._q4_eager(x[:1], qw, sz, gs, fine, lib=avx2))
-            blocked = kernels.block_rows(sz)  # and the tiles read the blocked layout as the AVX2 kernel does
+            blocked = kernels.block_rows(sz)  # and the blocked layout reads as the AVX2 kernel reads it
             assert torch.equal(kernels.q4_mm(x, qw, blocked, gs, fine=fine, rb=kernels.RB),
                                kernels._q4_eager(x, qw, sz, gs, fine, lib=avx2))
 
@@ -153,8 +153,12 @@ def test_portable_c_build_agrees_with_the_simd_one():
 
 
 def test_pack_q4_round_trips_and_rejects_bad_shapes():
-    q = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
-    assert torch.equal(kernels.unpack_q4(kernels.pack_q4(q), 8, 64), q)
+    for k in (64, 128, 160, 224, 576):  # no quad of blocks; one; then 1, 3 and 2 blocks after the quads
+        q = torch.randint(0, 16, (8, k), dtype=torch.uint8)
+        assert torch.equal(kernels.unpack_q4(kernels.pack_q4(q), 8, k), q)
+    block = (torch.arange(128) // 32).to(torch.uint8).view(1, 128)  # a quad, each weight its block's number
+    words = kernels.pack_q4(block).view(16, 4).tolist()  # every 4 adjacent bytes hold one block's weights
+    assert words == [[17 * i] * 4 for _ in range(4) for i in range(4)]  # blocks 0 1 2 3 0 1 2 3 ...
     qw, sz, _ = int4_weight(16, 64, 32, seed=0)
     with pytest.raises(ValueError, match="multiple of 32"):
         kernels.q4_mm(torch.randn(2, 48), qw[:, :24], sz)
@@ -163,7 +167,7 @@ def test_pack_q4_round_trips_and_rejects_bad_shapes():
 def test_int4_linear_uses_the_kernel_eager_and_compiled():
     from llmkit.quant import Int4Linear, Int8Linear, int4_layout_name
 
-    assert int4_layout_name() == "q4"
+    assert int4_layout_name() == "q4x"
     lin = torch.nn.Linear(96, 32, bias=True)
     x = torch.randn(2, 5, 96)
     for mod in (Int4Linear.from_linear(lin), Int8Linear.from_linear(lin)):
@@ -188,5 +192,5 @@ def test_without_a_compiler_llmkit_falls_back_to_pytorchs_kernels(tmp_path):
     out = run.stdout
     first, shape = out.strip().splitlines()
     avail, why, layout = (p.strip() for p in first.split("|"))
-    assert avail == "False" and "no C compiler" in why and layout != "q4"
+    assert avail == "False" and "no C compiler" in why and layout != "q4x"
     assert shape == "(3, 32)"

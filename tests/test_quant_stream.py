@@ -58,7 +58,8 @@ def test_int4_packing_matches_atens_op(n, k):
 
 
 def test_llmkit_int4_layout_is_ggufs_q4_1_bytes():
-    """llmkit's kernel layout is GGUF Q4_1's nibble order: the `qs` bytes gguf-py writes for a row."""
+    """llmkit's kernel layout is GGUF Q4_1's bytes: the `qs` bytes gguf-py writes for a row, each quad of
+    blocks interleaved 4 bytes at a time (block 0's first 4, block 1's first 4, ...)."""
     from llmkit import kernels
 
     rng = np.random.default_rng(0)
@@ -66,7 +67,8 @@ def test_llmkit_int4_layout_is_ggufs_q4_1_bytes():
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1).reshape(8, 4, 20)  # (rows, blocks, bytes)
     qs = torch.from_numpy(raw[..., 4:].copy())  # after d and m (float16 each): 16 bytes of nibbles
     nibbles = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(8, 128)  # low nibbles are q[0:16]
-    assert torch.equal(kernels.pack_q4(nibbles).view(8, 4, 16), qs)
+    words = qs.view(8, 4, 4, 4)  # (rows, block, word, byte); packed: (rows, word, block, byte)
+    assert torch.equal(kernels.pack_q4(nibbles).view(8, 4, 4, 4), words.transpose(1, 2))
     assert torch.equal(kernels.unpack_q4(kernels.pack_q4(nibbles), 8, 128), nibbles)
 
 

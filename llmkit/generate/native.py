@@ -24,7 +24,7 @@ Notable choices
   `.to()`); in-place updates (an optimizer step) keep the pointers valid and are seen at once.
 - Forward hooks (a lab looking inside, a test injecting a fault) need the PyTorch modules to run: a model
   with a hook on itself (checked every step) or on any submodule (part of the signature) decodes in PyTorch.
-- Prefill chunks run here too when every matmul is quantized: the int4 kernel's AVX-512 tiles then do the
+- Prefill chunks run here too when every matmul is quantized: the int4 kernel's batch rows then do the
   work of a GEMM with the decode kernel's exact sums, and C replaces ~100 PyTorch operators per layer. A
   float32 model's long chunks stay with PyTorch, whose GEMM (MKL / oneDNN) outruns decode.c's plain one.
 - One rearrangement, in place: an int4 module's (s, z) pairs go to blocks of 4 rows (`block_scales_`), so

@@ -13,9 +13,15 @@
        sum_k w_k x_k  ~=  s_n * sum_blocks dx * sum_k q_k xq_k
 
    Layouts:
-     int4: qw (N, K/2) uint8, one row of W contiguous; block b (32 weights) of a row is bytes
-           [16b, 16b+16): byte j holds q[32b+j] in its low nibble and q[32b+j+16] in its high nibble
-           (GGUF Q4_0/Q4_1's order). sz: bfloat16 bits, scale s and zero z of each group of gs = 32 << gshift
+     int4: qw (N, K/2) uint8, one row of W contiguous, 16 bytes per block of 32 weights; a block's own
+           bytes are GGUF Q4_0/Q4_1's (byte j holds q[j] in its low nibble and q[j + 16] in its high one).
+           Each full quad of blocks 4c .. 4c+3 (64 bytes) interleaves its blocks' bytes 4 at a time: bytes
+           [16g + 4i, 16g + 4i + 4) are bytes [4g, 4g + 4) of block 4c + i (`q4_byte`, pack_q4 in
+           llmkit/kernels/__init__.py). A 32-byte load then holds 8 weights of each of the 4 blocks in each
+           nibble, every 4 adjacent bytes one block's, which is what a multiply-add of 4 products into an
+           int32 lane sums (AVX2's pmaddubsw + pmaddwd, AVX-512 VNNI's vpdpbusd): the 4 nibble vectors of a
+           quad add up as integers, lane 4 L + i holding block i's, before one conversion to float (with one
+           scale per block per lane, no shuffle). The last G % 4 blocks keep the GGUF order. sz: bfloat16 bits, scale s and zero z of each group of gs = 32 << gshift
            inputs; rb = 0: (K/gs, N, 2), the layout llmkit's Int4Linear keeps for every kernel; rb > 0: rows
            in blocks of rb (the last one may be narrower), each block (K/gs, its rows, 2), one after the other.
            Decode reads a row's pairs from one stretch of memory then, not from K/gs lines N * 4 bytes apart
@@ -39,7 +45,7 @@
 #define MT 4 /* rows of x per pass over a row of W */
 #endif
 #ifndef MBX
-#define MBX 32 /* rows of x per pass over the weights, without AVX-512 VNNI (a multiple of MT) */
+#define MBX 32 /* rows of x per pass over the weights (a multiple of MT) */
 #endif
 
 static inline float bf16_lo(uint32_t v) { /* the scale: low half of a (s, z) pair */
@@ -69,11 +75,31 @@ static inline float bf16_hi(uint32_t v) { /* the zero: high half */
    zero, both small), while the exact sum leaves s sum q e = s sum (q - 8) e + 8 s sum e, whose 8 s is half a
    group's range: on SmolLM2 that doubled each matmul's error (French perplexity 45.1 instead of 44.4).
 
-   pairs != 0 stores each pair of blocks (2p, 2p+1) as [first 16 of 2p, first 16 of 2p+1, last 16 of 2p,
-   last 16 of 2p+1]: the order in which one 32-byte load of int4 weights yields its low and high nibbles.
-   A last unpaired block stays in order. pairs == 2 stores each full quad of blocks (4q .. 4q+3) the same
-   way, [the four first 16s, the four last 16s], for one 64-byte load (AVX-512); the last G % 4 blocks are
-   stored as with pairs == 1. */
+   pairs != 0 stores a row in the int4 weights' order (`q4_xat`): value k of a block sits where its weight's
+   nibble comes out of a load. A full quad of blocks (4c .. 4c+3, 128 values): the first 16 values of each
+   block, then the last 16, each 64-byte half interleaving the 4 blocks 4 values at a time, as the weights'
+   bytes (the low nibbles of a quad's 64 bytes, then the high ones). A last pair of blocks (2p, 2p+1):
+   [first 16 of 2p, first 16 of 2p+1, last 16 of 2p, last 16 of 2p+1], as one 32-byte load of their
+   weights yields its low and high nibbles. A last single block stays in order. */
+/* Where the nibble of weight k (0..31) of block b of a row of int4 W sits (layout in the header): its byte
+   (the nibble is the high one when k >= 16). */
+static inline int64_t q4_byte(int64_t b, int k, int64_t G) {
+    const int j = k & 15;  /* the block's own byte j (GGUF order) */
+    if (b < (G & ~(int64_t)3))  /* in a quad: 4-byte words interleaved over its 4 blocks */
+        return (b & ~(int64_t)3) * 16 + ((j >> 2) * 4 + (b & 3)) * 4 + (j & 3);
+    return b * 16 + j;
+}
+
+/* Where value k (0..31) of block b sits in a row of x quantized with pairs != 0 (its high part; the low one
+   K further): under its weight's nibble when the weights are loaded 64 bytes a quad, 32 a pair. */
+static inline int64_t q4_xat(int64_t b, int k, int64_t G) {
+    if (b < (G & ~(int64_t)3))  /* a quad: the low-nibble half, then the high one, each interleaved */
+        return (b & ~(int64_t)3) * QK + (k >> 4) * 64 + (((k & 15) >> 2) * 4 + (b & 3)) * 4 + (k & 3);
+    if ((b ^ 1) < G)  /* a last pair */
+        return (b & ~(int64_t)1) * QK + (b & 1) * 16 + (k >> 4) * 32 + (k & 15);
+    return b * QK + k;
+}
+
 static void quantize_rows(const float *x, int64_t M, int64_t K, int pairs, int fine, int8_t *xq, float *xd,
                           float *xs) {
     const int64_t G = K / QK, ldx = fine ? 2 * K : K;
@@ -165,14 +191,8 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int pairs, int f
         for (int part = 0; part <= fine; part++) {
             const int8_t *src = part ? lo : hi;
             int8_t *row = xq + r * ldx + part * K;
-            if (pairs == 2 && g < (G & ~(int64_t)3)) { /* in a quad */
-                int8_t *base = row + (g & ~(int64_t)3) * QK + (g & 3) * 16;
-                memcpy(base, src, 16);
-                memcpy(base + 64, src + 16, 16);
-            } else if (pairs && (g ^ 1) < G) { /* in a pair */
-                int8_t *base = row + (g & ~(int64_t)1) * QK + (g & 1) * 16;
-                memcpy(base, src, 16);
-                memcpy(base + 32, src + 16, 16);
+            if (pairs) {  /* 4 values at a time: they stay together in every layout */
+                for (int k = 0; k < QK; k += 4) memcpy(row + q4_xat(g, k, G), src + k, 4);
             } else {
                 memcpy(row + g * QK, src, QK);
             }
@@ -196,14 +216,6 @@ static inline float hsum4(__m128 s) {
     return _mm_cvtss_f32(s);
 }
 #endif
-
-/* Where block b's int8 values sit in a row quantized with pairs != 0: its first and last 16. */
-static inline const int8_t *block_lo(const int8_t *row, int64_t b, int64_t G) {
-    return (b ^ 1) < G ? row + (b & ~(int64_t)1) * QK + (b & 1) * 16 : row + b * QK;
-}
-static inline const int8_t *block_hi(const int8_t *row, int64_t b, int64_t G) {
-    return block_lo(row, b, G) + ((b ^ 1) < G ? 32 : 16);
-}
 
 /* Where row n's (s, z) pairs start in sz32 (laid out with rb, see the header), and in *ld the step from one
    group's pair to the next; the rows of a block sit side by side, so rows n .. n + 3 of a block share ld. */
@@ -270,12 +282,73 @@ static inline __m256 q4_acc2(__m256i l, __m256i h, const int8_t *xv, int64_t K, 
 }
 #endif
 
+#if defined(LLMKIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LLMKIT_VNNI512 1
+#endif
+
 #ifdef LLMKIT_AVX2
+/* The nibbles of a quad of blocks of one row of int4 W (64 bytes, the quad layout), unpacked once for every
+   row of x it meets; q4_dot4 multiplies them. AVX-512 VNNI: the low and high nibbles of one 64-byte load;
+   AVX2: those of two 32-byte loads. */
+#ifdef LLMKIT_VNNI512
+typedef struct { __m512i l, h; } q4_nib4;
+static inline q4_nib4 q4_unpack4(const uint8_t *w) {
+    const __m512i low = _mm512_set1_epi8(0x0f), v = _mm512_loadu_si512((const void *)w);
+    return (q4_nib4){_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16(v, 4), low)};
+}
+#else
+typedef struct { __m256i l0, l1, h0, h1; } q4_nib4;
+static inline q4_nib4 q4_unpack4(const uint8_t *w) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+    return (q4_nib4){_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
+                     _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+}
+#endif
+
+/* A quad of blocks (nibbles n) times one row of x at xv (quad order; its low parts K further when fine), as
+   exact integers: lane 4 L + i (L = 0, 1) holds the 16 products of block i that sit in 128-bit lane L of the
+   4 nibble vectors, summed (fine: 128 hi + lo, the combined integer of quantize_rows). Integers add exactly
+   in any order, so both builds give the same lanes: AVX2 adds the int16 sums of 4 pmaddubsw (|.| <= 4 x 15 x
+   127 < 2^15) and widens once; AVX-512 VNNI adds 4 products per lane with vpdpbusd, and its 512-bit lanes
+   j and j + 8 (the two 32-byte halves of the quad) are the AVX2 lane j's two parts. */
+static inline __m256i q4_dot4(q4_nib4 n, const int8_t *xv, int64_t K, int fine) {
+#ifdef LLMKIT_VNNI512
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, n.l, _mm512_loadu_si512((const void *)xv)), n.h,
+                                    _mm512_loadu_si512((const void *)(xv + 64)));
+    if (fine)
+        q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(q, 7), n.l, _mm512_loadu_si512((const void *)(xv + K))),
+                                n.h, _mm512_loadu_si512((const void *)(xv + K + 64)));
+    return _mm256_add_epi32(_mm512_castsi512_si256(q), _mm512_extracti64x4_epi64(q, 1));
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i part[2];
+    for (int p = 0; p <= fine; p++) {
+        const int8_t *v = xv + p * K;
+        part[p] = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(n.l0, _mm256_loadu_si256((const __m256i *)v)),
+                             _mm256_maddubs_epi16(n.l1, _mm256_loadu_si256((const __m256i *)(v + 32)))),
+            _mm256_add_epi16(_mm256_maddubs_epi16(n.h0, _mm256_loadu_si256((const __m256i *)(v + 64))),
+                             _mm256_maddubs_epi16(n.h1, _mm256_loadu_si256((const __m256i *)(v + 96)))));
+    }
+    if (!fine)
+        return _mm256_madd_epi16(part[0], ones);
+    return _mm256_add_epi32(_mm256_madd_epi16(part[0], _mm256_set1_epi16(128)), _mm256_madd_epi16(part[1], ones));
+#endif
+}
+
+/* acc + a quad's products (p, q4_dot4's lanes) times their blocks' s dx (sc: the quad's 4, one per block,
+   the same in both 128-bit halves: no shuffle) */
+static inline __m256 q4_acc4(__m256i p, __m128 sc, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set_m128(sc, sc), acc);
+}
+
 /* The end of one row of int4 W against one row of x: blocks b.. (a last one, if G is odd) into the
-   accumulators a0 (and t), then the sum. Shared by both int4 kernels, so they add in the same order. */
+   accumulator acc (and t), then the sum. Shared by both int4 kernels, so they add in the same order. */
 static inline float q4_finish(const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, int64_t b,
                               const int8_t *xrow, const float *xdr, const float *xsr, int64_t K, int fine,
-                              __m256 a0, __m256 a1, __m128 t4) {
+                              __m256 acc, __m128 t4) {
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     float t = 0.0f;
     for (; b < G; b++) {
@@ -286,15 +359,15 @@ static inline float q4_finish(const uint8_t *w, const uint32_t *szn, int64_t N, 
         __m256i p = _mm256_setzero_si256();
         for (int part = 0; part <= fine; part++) {
             const int8_t *row = xrow + part * K;
-            const __m256i xv = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)block_hi(row, b, G)),
-                                                _mm_loadu_si128((const __m128i *)block_lo(row, b, G)));
+            const __m256i xv = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(row + q4_xat(b, 16, G))),
+                                                _mm_loadu_si128((const __m128i *)(row + q4_xat(b, 0, G))));
             const __m256i pp = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv), ones);
             p = part ? _mm256_add_epi32(_mm256_slli_epi32(p, 7), pp) : pp;
         }
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xdr[b]), a0);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xdr[b]), acc);
         t += m * xsr[b];
     }
-    return hsum8(_mm256_add_ps(a0, a1)) + hsum4(t4) + t;
+    return hsum8(acc) + hsum4(t4) + t;
 }
 #endif
 
@@ -308,30 +381,26 @@ static inline __attribute__((always_inline)) void q4_rows(
     const int64_t ldx = fine ? 2 * K : K;
     int64_t b = 0;
 #ifdef LLMKIT_AVX2
-    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-    __m256 a0[MT], a1[MT];
+    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    __m256 acc[MT];
     __m128 t4[MT];
     for (int r = 0; r < mt; r++) {
-        a0[r] = a1[r] = _mm256_setzero_ps();
+        acc[r] = _mm256_setzero_ps();
         t4[r] = _mm_setzero_ps();
     }
-    for (; b + 4 <= G; b += 4) {  /* 4 blocks: two 32-byte loads of weights */
+    for (; b + 4 <= G; b += 4) {  /* a quad of blocks: 64 bytes of weights */
         const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N], (int)szn[((b + 1) >> gshift) * N],
                                          (int)szn[((b + 2) >> gshift) * N], (int)szn[((b + 3) >> gshift) * N]);
         __m128 s4, m4;
-        __m256i l0, h0, l1, h1;
         q4_sm(p, &s4, &m4);
-        q4_nibbles(w + b * 16, &l0, &h0);
-        q4_nibbles(w + b * 16 + 32, &l1, &h1);
+        const q4_nib4 nb = q4_unpack4(w + b * 16);
         for (int r = 0; r < mt; r++) {
-            const int8_t *xv = xq + r * ldx + b * QK;
             t4[r] = _mm_fmadd_ps(m4, _mm_loadu_ps(xs + r * G + b), t4[r]);
-            const __m128 sc = _mm_mul_ps(s4, _mm_loadu_ps(xd + r * G + b));
-            a0[r] = q4_acc2(l0, h0, xv, K, fine, sc, i01, a0[r]);  /* blocks b, b+1 */
-            a1[r] = q4_acc2(l1, h1, xv + 64, K, fine, sc, i23, a1[r]);  /* b+2, b+3 */
+            acc[r] = q4_acc4(q4_dot4(nb, xq + r * ldx + b * QK, K, fine), _mm_mul_ps(s4, _mm_loadu_ps(xd + r * G + b)),
+                             acc[r]);
         }
     }
-    if (b + 2 <= G) {  /* a last pair of blocks: the first half of a chunk (lanes 2-3 of t4 get 0 x 0) */
+    if (b + 2 <= G) {  /* a last pair of blocks (lanes 2-3 of t4 get 0 x 0) */
         const __m128i p = _mm_setr_epi32((int)szn[(b >> gshift) * N], (int)szn[((b + 1) >> gshift) * N], 0, 0);
         __m128 s4, m4;
         __m256i l0, h0;
@@ -340,25 +409,27 @@ static inline __attribute__((always_inline)) void q4_rows(
         for (int r = 0; r < mt; r++) {
             t4[r] = _mm_fmadd_ps(m4, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs + r * G + b))), t4[r]);
             const __m128 sc = _mm_mul_ps(s4, _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + r * G + b))));
-            a0[r] = q4_acc2(l0, h0, xq + r * ldx + b * QK, K, fine, sc, i01, a0[r]);
+            acc[r] = q4_acc2(l0, h0, xq + r * ldx + b * QK, K, fine, sc, i01, acc[r]);
         }
         b += 2;
     }
     for (int r = 0; r < mt; r++)
-        out[r] = q4_finish(w, szn, N, gshift, G, b, xq + r * ldx, xd + r * G, xs + r * G, K, fine, a0[r], a1[r], t4[r]);
+        out[r] = q4_finish(w, szn, N, gshift, G, b, xq + r * ldx, xd + r * G, xs + r * G, K, fine, acc[r], t4[r]);
 #else
     float total[MT], t[MT];
     for (int r = 0; r < mt; r++) total[r] = t[r] = 0.0f;
     for (; b < G; b++) {
         const uint32_t v = szn[(b >> gshift) * N];
         const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
-        const uint8_t *h = w + b * 16;
         for (int r = 0; r < mt; r++) {
             int32_t acc = 0;
             for (int part = 0; part <= fine; part++) {
-                const int8_t *row = xq + r * ldx + part * K, *xl = block_lo(row, b, G), *xh = block_hi(row, b, G);
+                const int8_t *row = xq + r * ldx + part * K;
                 int32_t a = 0;
-                for (int j = 0; j < 16; j++) a += (h[j] & 15) * xl[j] + (h[j] >> 4) * xh[j];
+                for (int k = 0; k < QK; k++) {
+                    const uint8_t byte = w[q4_byte(b, k, G)];
+                    a += (k < 16 ? byte & 15 : byte >> 4) * row[q4_xat(b, k, G)];
+                }
                 acc = part ? 128 * acc + a : a;
             }
             total[r] += s * xd[r * G + b] * (float)acc;
@@ -376,15 +447,15 @@ static inline __attribute__((always_inline)) void q4_rows(
 /* q4_rows with mt = 1 for nr <= NR1 adjacent rows of W (row i's bytes at w + i * K/2, its pairs at szn + i):
    the same operations per row in the same order (the same bits), with the x loads and the (s, z) loads
    shared: one load per block brings the pairs of all nr rows. With vout (G even: no block left for
-   q4_finish), row i's a0 + a1 and t4 go to vout[i], tout[i] instead, for q4_sum8. */
+   q4_finish), row i's acc and t4 go to vout[i], tout[i] instead, for q4_sum8. */
 static inline __attribute__((always_inline)) void q4_rows1(
     const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
     const float *xs, int64_t K, const int nr, const int fine, float *out, __m256 *vout, __m128 *tout) {
-    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), i23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-    __m256 a0[NR1], a1[NR1];
+    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    __m256 acc[NR1];
     __m128 t4[NR1];
     for (int i = 0; i < nr; i++) {
-        a0[i] = a1[i] = _mm256_setzero_ps();
+        acc[i] = _mm256_setzero_ps();
         t4[i] = _mm_setzero_ps();
     }
     int64_t b = 0;
@@ -407,14 +478,9 @@ static inline __attribute__((always_inline)) void q4_rows1(
         const int8_t *xv = xq + b * QK;
         for (int i = 0; i < nr; i++) {
             __m128 s4, m4;
-            __m256i l0, h0, l1, h1;
             q4_sm(P[i], &s4, &m4);
-            q4_nibbles(w + i * (K / 2) + b * 16, &l0, &h0);
-            q4_nibbles(w + i * (K / 2) + b * 16 + 32, &l1, &h1);
             t4[i] = _mm_fmadd_ps(m4, xs4, t4[i]);
-            const __m128 sc = _mm_mul_ps(s4, xd4);
-            a0[i] = q4_acc2(l0, h0, xv, K, fine, sc, i01, a0[i]);
-            a1[i] = q4_acc2(l1, h1, xv + 64, K, fine, sc, i23, a1[i]);
+            acc[i] = q4_acc4(q4_dot4(q4_unpack4(w + i * (K / 2) + b * 16), xv, K, fine), _mm_mul_ps(s4, xd4), acc[i]);
         }
     }
     if (b + 2 <= G) {
@@ -428,19 +494,19 @@ static inline __attribute__((always_inline)) void q4_rows1(
             q4_sm(p, &s4, &m4);
             q4_nibbles(w + i * (K / 2) + b * 16, &l0, &h0);
             t4[i] = _mm_fmadd_ps(m4, xs2, t4[i]);
-            a0[i] = q4_acc2(l0, h0, xv, K, fine, _mm_mul_ps(s4, xd2), i01, a0[i]);
+            acc[i] = q4_acc2(l0, h0, xv, K, fine, _mm_mul_ps(s4, xd2), i01, acc[i]);
         }
         b += 2;
     }
     if (vout) {
         for (int i = 0; i < nr; i++) {
-            vout[i] = _mm256_add_ps(a0[i], a1[i]);
+            vout[i] = acc[i];
             tout[i] = t4[i];
         }
         return;
     }
     for (int i = 0; i < nr; i++)
-        out[i] = q4_finish(w + i * (K / 2), szn + i, N, gshift, G, b, xq, xd, xs, K, fine, a0[i], a1[i], t4[i]);
+        out[i] = q4_finish(w + i * (K / 2), szn + i, N, gshift, G, b, xq, xd, xs, K, fine, acc[i], t4[i]);
 }
 
 /* q4_finish's sum for 8 rows with no block left: out[r] = hsum8(v[r]) + hsum4(t[r]) + 0.0f, every addition
@@ -462,184 +528,6 @@ static inline void q4_sum8(const __m256 *v, const __m128 *t, float *out) {
     const __m256 g = _mm256_add_ps(_mm256_add_ps(_mm256_set_m128(d0, c0), _mm256_set_m128(d2, c2)),
                                    _mm256_add_ps(_mm256_set_m128(d1, c1), _mm256_set_m128(d3, c3)));
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(h, g), _mm256_setzero_ps()));
-}
-#endif
-
-#if defined(LLMKIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define LLMKIT_VNNI512 1
-#ifndef NR
-#define NR 4 /* rows of W per tile (at most 4) */
-#endif
-#ifndef MR
-#define MR 2 /* rows of x per tile */
-#endif
-#ifndef MB
-#define MB 8 /* rows of x per pass over the weights (their int8 copy stays in L1) */
-#endif
-
-/* The same sums as q4_rows, for several rows of W and x at a time (prefill, batches): nr <= NR rows of W
-   (row i's bytes at w + i * K/2, its (s, z) pairs at szn + i) against mr <= MR rows of x quantized with
-   pairs == 2; y[r * ldy + i] = row r . row i. One 64-byte load holds 4 blocks of a row of W; AVX-512 VNNI's
-   dpbusd adds 4 adjacent u8 x s8 products into each int32 lane, the grouping of AVX2's maddubs + madd, so
-   each lane's integer is the one q4_rows makes (no saturation either way: |15 * 127 * 4| is small). The
-   16 float lanes are q4_rows's a0 | a1, updated by the same multiply and fused multiply-add; the last
-   blocks and the sum go through q4_finish. So every result is bit for bit q4_rows's: prefill gives the
-   numbers decode gives, a batch those of its rows alone (tests/test_kernels.py checks it). */
-/* The (s, z) pairs of blocks b .. b + n - 1 (n = 2 or 4) for the tile's rows of W (mask `rows`): lane 4 j + i
-   holds row i's scale of block b + j (S16) and its m = z - 8 s (M16); lanes of blocks beyond n hold 0. */
-static inline __attribute__((always_inline)) void tile_scales(const uint32_t *szn, int64_t b, const int n, int gshift,
-                                                              int64_t N, __mmask8 rows, __m512 *S16, __m512 *M16) {
-    __m512i P = _mm512_castsi128_si512(_mm_maskz_loadu_epi32(rows, szn + (b >> gshift) * N));
-    P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 1) >> gshift) * N), 1);
-    if (n == 4) {
-        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 2) >> gshift) * N), 2);
-        P = _mm512_inserti32x4(P, _mm_maskz_loadu_epi32(rows, szn + ((b + 3) >> gshift) * N), 3);
-    }
-    *S16 = _mm512_castsi512_ps(_mm512_slli_epi32(P, 16));
-    *M16 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), *S16,
-                            _mm512_castsi512_ps(_mm512_and_si512(P, _mm512_set1_epi32((int)0xffff0000u))));
-}
-
-static inline __attribute__((always_inline)) void q4_tile(
-    const uint8_t *w, const uint32_t *szn, int64_t N, int gshift, int64_t G, const int8_t *xq, const float *xd,
-    const float *xs, int64_t K, const int nr, const int mr, const int fine, float *y, int64_t ldy) {
-    const int64_t ldx = fine ? 2 * K : K, C = G / 4;
-    const __m512i low = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
-    const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    const __mmask8 rows = (__mmask8)((1u << nr) - 1);
-    /* acc[i][r]: q4_rows's a0 | a1 for row i of W and row r of x. T[r]: its t4 for the NR rows of W, lane
-       4 j + i holding row i's lane j (the (s, z) pairs load 4 rows of W at once, block by block). */
-    __m512 acc[NR][MR], T[MR];
-    for (int r = 0; r < mr; r++) {
-        T[r] = _mm512_setzero_ps();
-        for (int i = 0; i < nr; i++) acc[i][r] = _mm512_setzero_ps();
-    }
-    for (int64_t c = 0; c < C; c++) {
-        const int64_t b = 4 * c;
-        __m512 S16, M16;
-        tile_scales(szn, b, 4, gshift, N, rows, &S16, &M16);
-        __m512i L[NR], H[NR];
-        __m512 S[NR];
-        for (int i = 0; i < nr; i++) {
-            const __m512i wv = _mm512_loadu_si512((const void *)(w + i * (K / 2) + b * 16));
-            L[i] = _mm512_and_si512(wv, low);
-            H[i] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-            S[i] = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_slli_epi32(quad, 2), _mm512_set1_epi32(i)), S16);
-        }
-        for (int r = 0; r < mr; r++) {
-            const int8_t *xv = xq + r * ldx + b * QK;
-            const __m512i x0 = _mm512_loadu_si512((const void *)xv), x1 = _mm512_loadu_si512((const void *)(xv + 64));
-            const __m512 D = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(xd + r * G + b)));
-            T[r] = _mm512_fmadd_ps(M16, _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(xs + r * G + b))), T[r]);
-            for (int i = 0; i < nr; i++) {
-                __m512i q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, L[i], x0), H[i], x1);
-                if (fine) {  /* 128 hi + lo */
-                    q = _mm512_slli_epi32(q, 7);
-                    q = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(q, L[i], _mm512_loadu_si512((const void *)(xv + K))), H[i],
-                                            _mm512_loadu_si512((const void *)(xv + K + 64)));
-                }
-                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(S[i], D), acc[i][r]);
-            }
-        }
-    }
-    /* then as q4_rows: a last pair of blocks (half a chunk), a last block (q4_finish's steps), the sums */
-    __m256 a0[NR][MR], a1[NR][MR];
-    float t[NR][MR];
-    for (int i = 0; i < nr; i++)
-        for (int r = 0; r < mr; r++) {
-            a0[i][r] = _mm512_castps512_ps256(acc[i][r]);
-            a1[i][r] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][r]), 1));
-            t[i][r] = 0.0f;
-        }
-    const __m256i low8 = _mm256_set1_epi8(0x0f), zero8 = _mm256_setzero_si256();
-    const __m256i i01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    int64_t b = 4 * C;
-    if (b + 2 <= G) {
-        __m512 S16, M16;
-        tile_scales(szn, b, 2, gshift, N, rows, &S16, &M16);
-        __m256i L[NR], H[NR];
-        __m256 S[NR];
-        for (int i = 0; i < nr; i++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + i * (K / 2) + b * 16));
-            L[i] = _mm256_and_si256(wv, low8);
-            H[i] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low8);
-            S[i] = _mm512_castps512_ps256(
-                _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_slli_epi32(quad, 2), _mm512_set1_epi32(i)), S16));
-        }
-        for (int r = 0; r < mr; r++) {
-            const int8_t *xv = xq + r * ldx + b * QK;
-            const __m128 xd2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xd + r * G + b)));
-            const __m128 xs2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xs + r * G + b)));
-            const __m256 D = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(xd2), i01);
-            T[r] = _mm512_fmadd_ps(M16, _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(xs2)), T[r]);
-            for (int i = 0; i < nr; i++) {
-                __m256i q = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero8, L[i], _mm256_loadu_si256((const __m256i *)xv)),
-                                                H[i], _mm256_loadu_si256((const __m256i *)(xv + 32)));
-                if (fine)
-                    q = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_slli_epi32(q, 7), L[i],
-                                                                _mm256_loadu_si256((const __m256i *)(xv + K))),
-                                            H[i], _mm256_loadu_si256((const __m256i *)(xv + K + 32)));
-                a0[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(S[i], D), a0[i][r]);
-            }
-        }
-        b += 2;
-    }
-    for (; b < G; b++) {
-        for (int i = 0; i < nr; i++) {
-            const uint32_t v = szn[(b >> gshift) * N + i];
-            const float s = bf16_lo(v), m = bf16_hi(v) - 8.0f * s;
-            const __m128i h = _mm_loadu_si128((const __m128i *)(w + i * (K / 2) + b * 16));
-            const __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(h, 4), h), low8);
-            for (int r = 0; r < mr; r++) {
-                __m256i p = zero8;
-                for (int part = 0; part <= fine; part++) {
-                    const int8_t *row = xq + r * ldx + part * K;
-                    const __m256i xv = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)block_hi(row, b, G)),
-                                                        _mm_loadu_si128((const __m128i *)block_lo(row, b, G)));
-                    p = _mm256_dpbusd_epi32(part ? _mm256_slli_epi32(p, 7) : zero8, wq, xv);
-                }
-                a0[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[r * G + b]), a0[i][r]);
-                t[i][r] += m * xs[r * G + b];
-            }
-        }
-    }
-    for (int r = 0; r < mr; r++)
-        for (int i = 0; i < nr; i++) {
-            const __m512 t4 = _mm512_permutexvar_ps(_mm512_setr_epi32(i, 4 + i, 8 + i, 12 + i, 0, 0, 0, 0, 0, 0, 0, 0,
-                                                                      0, 0, 0, 0), T[r]);
-            y[r * ldy + i] = hsum8(_mm256_add_ps(a0[i][r], a1[i][r])) + hsum4(_mm512_castps512_ps128(t4)) + t[i][r];
-        }
-}
-
-/* y (M, N) for M > 1: tiles of NR x MR; x in blocks of MB rows, each block against this thread's rows of W */
-static void q4_mm_tiled(const int8_t *xq, const float *xd, const float *xs, int64_t M, int64_t K,
-                        const uint8_t *qw, const uint32_t *sz32, int64_t N, int gs, int64_t rb, int fine, float *y) {
-    const int64_t G = K / QK, ldx = fine ? 2 * K : K, tiles = (N + NR - 1) / NR;
-#pragma omp parallel
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int64_t m1 = m0 + MB < M ? m0 + MB : M;
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            const int64_t n = t * NR;
-            const int nr = (int)(N - n < NR ? N - n : NR);
-            for (int64_t r = m0; r < m1; r += MR) {
-                const int mr = (int)(m1 - r < MR ? m1 - r : MR);
-                const int8_t *xr = xq + r * ldx;
-                float *yr = y + r * N + n;
-                const uint8_t *wn = qw + n * (K / 2);
-                int64_t ld;  /* n is a multiple of NR = 4: the tile's rows are in one block of rb (4 or 0) */
-                const uint32_t *szn = sz_row(sz32, n, N, G >> gs, rb, &ld);
-                if (nr == NR && mr == MR) {  /* the common case, with the tile's shape known at compile time */
-                    if (fine)
-                        q4_tile(wn, szn, ld, gs, G, xr, xd + r * G, xs + r * G, K, NR, MR, 1, yr, N);
-                    else
-                        q4_tile(wn, szn, ld, gs, G, xr, xd + r * G, xs + r * G, K, NR, MR, 0, yr, N);
-                } else {
-                    q4_tile(wn, szn, ld, gs, G, xr, xd + r * G, xs + r * G, K, nr, mr, fine, yr, N);
-                }
-            }
-        }
-    }
 }
 #endif
 
@@ -787,7 +675,7 @@ static void q4_decode_rows(const int8_t *xq, const float *xd, const float *xs, i
 }
 
 /* y (M, N) = x (M, K) @ W^T for int4 W (layout above), groups of 32 << gshift inputs, (s, z) pairs laid out
-   with rb (0, or an even rb; 4 for the AVX-512 tiles); fine: two-part activations (see quantize_rows).
+   with rb (0, or an even rb: 4, kernels.RB); fine: two-part activations (see quantize_rows).
    Returns 0, or -1 if memory for the quantized activations ran out. */
 int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint16_t *sz, int64_t N,
                  int64_t gshift, int64_t fine, float *y, int64_t rb) {
@@ -797,14 +685,6 @@ int llmkit_q4_mm(const float *x, int64_t M, int64_t K, const uint8_t *qw, const 
     float *xd = (float *)(xq + M * ldx), *xs = xd + M * G;
     const uint32_t *sz32 = (const uint32_t *)sz;  /* (s, z) pairs */
     const int gs = (int)gshift;
-#ifdef LLMKIT_VNNI512
-    if (M > 1) {
-        quantize_rows(x, M, K, 2, (int)fine, xq, xd, xs);
-        q4_mm_tiled(xq, xd, xs, M, K, qw, sz32, N, gs, rb, (int)fine, y);
-        free(xq);
-        return 0;
-    }
-#endif
     quantize_rows(x, M, K, 1, (int)fine, xq, xd, xs);
     if (M == 1) {  /* decode */
 #pragma omp parallel
