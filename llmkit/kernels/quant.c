@@ -21,9 +21,10 @@
            nibble, every 4 adjacent bytes one block's, which is what a multiply-add of 4 products into an
            int32 lane sums (AVX2's pmaddubsw + pmaddwd, AVX-512 VNNI's vpdpbusd): the 4 nibble vectors of a
            quad add up as integers, lane 4 L + i holding block i's, before one conversion to float (with one
-           scale per block per lane, no shuffle). The last G % 4 blocks keep the GGUF order. sz: bfloat16 bits, scale s and zero z of each group of gs = 32 << gshift
-           inputs; rb = 0: (K/gs, N, 2), the layout llmkit's Int4Linear keeps for every kernel; rb > 0: rows
-           in blocks of rb (the last one may be narrower), each block (K/gs, its rows, 2), one after the other.
+           scale per block per lane, no shuffle). The last G % 4 blocks keep the GGUF order.
+           sz: bfloat16 bits, scale s and zero z of each group of gs = 32 << gshift inputs; rb = 0: (K/gs,
+           N, 2), the layout llmkit's Int4Linear keeps for every kernel; rb > 0: rows in blocks of rb (the
+           last one may be narrower), each block (K/gs, its rows, 2), one after the other.
            Decode reads a row's pairs from one stretch of memory then, not from K/gs lines N * 4 bytes apart
            (1536 x 576, one thread per half: ~10 % faster; 576 x 1536: ~15 %).
      int8: qw (N, K) int8, s (N,) float32.
@@ -62,25 +63,6 @@ static inline float bf16_hi(uint32_t v) { /* the zero: high half */
     return f;
 }
 
-/* x (M, K) float32 -> xq int8, xd (M, K/32) block scales, xs (M, K/32) block sums of the rounded x.
-
-   fine = 0: ggml's Q8_1: per block of 32, d = max|x| / 127 and xq = round(x / d); row r at xq + r * K.
-   fine = 1: two int8 parts, x ~= d * (xq + xl / 128) with xl = round((x - d xq) * 128 / d) in -64..64: the
-   rounding error falls from d / 2 to d / 256 for one more integer dot product per block (x then carries 15
-   bits, more than bfloat16's 8). Row r at xq + r * 2K: the K high parts, then the K low parts; xd holds
-   d / 128, the scale of the combined integer 128 xq + xl.
-
-   xs is the sum of the rounded x, not of x (ggml's Q8_1 does the same). Why: with e = x^ - x the rounding
-   error, the int4 kernel's error is then s sum (q - 8) e + z sum e (the weights' centred values and their
-   zero, both small), while the exact sum leaves s sum q e = s sum (q - 8) e + 8 s sum e, whose 8 s is half a
-   group's range: on SmolLM2 that doubled each matmul's error (French perplexity 45.1 instead of 44.4).
-
-   pairs != 0 stores a row in the int4 weights' order (`q4_xat`): value k of a block sits where its weight's
-   nibble comes out of a load. A full quad of blocks (4c .. 4c+3, 128 values): the first 16 values of each
-   block, then the last 16, each 64-byte half interleaving the 4 blocks 4 values at a time, as the weights'
-   bytes (the low nibbles of a quad's 64 bytes, then the high ones). A last pair of blocks (2p, 2p+1):
-   [first 16 of 2p, first 16 of 2p+1, last 16 of 2p, last 16 of 2p+1], as one 32-byte load of their
-   weights yields its low and high nibbles. A last single block stays in order. */
 /* Where the nibble of weight k (0..31) of block b of a row of int4 W sits (layout in the header): its byte
    (the nibble is the high one when k >= 16). */
 static inline int64_t q4_byte(int64_t b, int k, int64_t G) {
@@ -100,6 +82,25 @@ static inline int64_t q4_xat(int64_t b, int k, int64_t G) {
     return b * QK + k;
 }
 
+/* x (M, K) float32 -> xq int8, xd (M, K/32) block scales, xs (M, K/32) block sums of the rounded x.
+
+   fine = 0: ggml's Q8_1: per block of 32, d = max|x| / 127 and xq = round(x / d); row r at xq + r * K.
+   fine = 1: two int8 parts, x ~= d * (xq + xl / 128) with xl = round((x - d xq) * 128 / d) in -64..64: the
+   rounding error falls from d / 2 to d / 256 for one more integer dot product per block (x then carries 15
+   bits, more than bfloat16's 8). Row r at xq + r * 2K: the K high parts, then the K low parts; xd holds
+   d / 128, the scale of the combined integer 128 xq + xl.
+
+   xs is the sum of the rounded x, not of x (ggml's Q8_1 does the same). Why: with e = x^ - x the rounding
+   error, the int4 kernel's error is then s sum (q - 8) e + z sum e (the weights' centred values and their
+   zero, both small), while the exact sum leaves s sum q e = s sum (q - 8) e + 8 s sum e, whose 8 s is half a
+   group's range: on SmolLM2 that doubled each matmul's error (French perplexity 45.1 instead of 44.4).
+
+   pairs != 0 stores a row in the int4 weights' order (`q4_xat`): value k of a block sits where its weight's
+   nibble comes out of a load. A full quad of blocks (4c .. 4c+3, 128 values): the first 16 values of each
+   block, then the last 16, each 64-byte half interleaving the 4 blocks 4 values at a time, as the weights'
+   bytes (the low nibbles of a quad's 64 bytes, then the high ones). A last pair of blocks (2p, 2p+1):
+   [first 16 of 2p, first 16 of 2p+1, last 16 of 2p, last 16 of 2p+1], as one 32-byte load of their
+   weights yields its low and high nibbles. A last single block stays in order. */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int pairs, int fine, int8_t *xq, float *xd,
                           float *xs) {
     const int64_t G = K / QK, ldx = fine ? 2 * K : K;
