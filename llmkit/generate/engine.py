@@ -344,7 +344,8 @@ class Engine:
             if len(feed) == 1:
                 return {feed[0]: e}
             return {r: err for one in feed for r, err in self._decode([one]).items()}
-        out = out.float().to(self.device)  # (B, T, V); the head may sit on another device (placement)
+        if out.dtype != torch.float32 or out.device != self.device:  # the head may sit elsewhere (placement)
+            out = out.float().to(self.device)  # (B, T, V)
         logits = out[:, 0]  # (B, V)
         self._decoded = (feed, logits)
         for i, (r, d) in enumerate(zip(feed, drafts)):
@@ -611,7 +612,6 @@ class DraftRow:
         return self.shared.draft(self.row, prompt + output, k)
 
 
-NATIVE_TOKENS = 16  # most tokens per row of a decode step (with drafts) the native step takes
 
 
 def attention_bucket(n: int) -> int:

@@ -48,6 +48,7 @@ import torch.nn as nn
 from llmkit import kernels
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
+NATIVE_TOKENS = 16  # most tokens per row of a decode step (with drafts) the native step takes
 
 
 class _Linear(ctypes.Structure):
@@ -239,8 +240,6 @@ class NativeDecode:
         """Whether a step of `tokens` tokens per row runs here: decode steps (with drafts, up to
         NATIVE_TOKENS) always; prefill chunks (hidden) of any length when every matmul is quantized
         (decode.c's plain float32 matmul is no match for PyTorch's GEMM on long prompts)."""
-        from llmkit.generate.engine import NATIVE_TOKENS
-
         return tokens <= NATIVE_TOKENS or (hidden and not self.floats)
 
     def hooked(self) -> bool:
@@ -267,16 +266,16 @@ class NativeDecode:
         """Logits (N, V) of tokens ids (N,) at `positions` of cache `rows`, their K/V written to the cache
         (a row's tokens at consecutive positions: a prefill chunk, or its speculative drafts after its last
         token); hidden: the final normed hidden states (N, d) instead."""
-        model, n = self.model, len(rows)
+        model, n, plan = self.model, len(rows), ctypes.byref(self.plan)
         x = torch.empty(n, self.plan.d)
         where = (ctypes.c_int64 * (3 * n))(*ids, *rows, *positions)  # token ids, cache rows, positions
-        if self.lib.llmkit_embed(ctypes.byref(self.plan), n, where, x.data_ptr()):
-            # no table in the plan, or a bad id (the module says which)
-            x = model.model.embed_tokens(torch.tensor(ids)).float().contiguous()  # (N, d)
         logits = None if hidden or not self.plan.head_on else torch.empty(n, self.plan.head.n)
-        at = ctypes.addressof(where)
-        if self.lib.llmkit_decode(ctypes.byref(self.plan), n, x.data_ptr(), at + 8 * n, at + 16 * n,
-                                  None if logits is None else logits.data_ptr()):
+        at, out = ctypes.addressof(where), None if logits is None else logits.data_ptr()
+        rc = self.lib.llmkit_decode(plan, n, x.data_ptr(), at + 8 * n, at + 16 * n, out, where)  # C looks up
+        if rc == -2:  # no table in the plan, or a bad id (the module says which)
+            x = model.model.embed_tokens(torch.tensor(ids)).float().contiguous()  # (N, d)
+            rc = self.lib.llmkit_decode(plan, n, x.data_ptr(), at + 8 * n, at + 16 * n, out, None)
+        if rc:
             raise MemoryError("llmkit native decode: out of memory")
         if hidden:
             return x  # (N, d)

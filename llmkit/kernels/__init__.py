@@ -140,7 +140,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.llmkit_q4_mm.restype = ctypes.c_int
     lib.llmkit_q8_mm.argtypes, lib.llmkit_q8_mm.restype = [p, i64, i64, p, p, i64, i64, p], ctypes.c_int
     lib.llmkit_simd.restype = ctypes.c_int
-    lib.llmkit_decode.argtypes, lib.llmkit_decode.restype = [p, i64, p, p, p, p], ctypes.c_int
+    lib.llmkit_decode.argtypes, lib.llmkit_decode.restype = [p, i64, p, p, p, p, p], ctypes.c_int
     lib.llmkit_embed.argtypes, lib.llmkit_embed.restype = [p, i64, p, p], ctypes.c_int
     return lib
 

@@ -470,10 +470,12 @@ int llmkit_embed(const lk_model *m, int64_t B, const int64_t *ids, float *x) {
    states; rows (B,): each token's cache row; pos (B,): its position (< slots). Several tokens may share a
    cache row (a row's last token and its speculative drafts, at consecutive positions): every token's keys
    and values are written before any attends, and a token sees the slots up to its own position, so each
-   is causal. logits: NULL, or (B, head.n) for the head's output (m->head_on). Returns 0, or -1 when memory
-   ran out. */
+   is causal. logits: NULL, or (B, head.n) for the head's output (m->head_on). ids: NULL, or the B token ids,
+   looked up first into x (llmkit_embed; one call from Python instead of two). Returns 0, -1 when memory ran
+   out, -2 when the lookup could not be made (no table, an id out of range: nothing was written). */
 int llmkit_decode(const lk_model *m, int64_t B, float *x, const int64_t *rows, const int64_t *pos,
-                  float *logits) {
+                  float *logits, const int64_t *ids) {
+    if (ids && llmkit_embed(m, B, ids, x)) return -2;
     const int64_t d = m->d, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, F = m->d_ff;
     const int64_t QKV = (H + 2 * Hkv) * D, S = m->slots, half = D / 2, group = H / Hkv;
     const float eps = (float)m->eps, scale = (float)m->scale;
