@@ -612,8 +612,6 @@ class DraftRow:
         return self.shared.draft(self.row, prompt + output, k)
 
 
-
-
 def attention_bucket(n: int) -> int:
     """The key length a compiled decode step attends for n filled slots: a power of two, at least 256."""
     return max(256, 1 << (n - 1).bit_length())
