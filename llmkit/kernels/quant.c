@@ -300,10 +300,10 @@ static inline q4_nib4 q4_unpack4(const uint8_t *w) {
 #else
 typedef struct { __m256i l0, l1, h0, h1; } q4_nib4;
 static inline q4_nib4 q4_unpack4(const uint8_t *w) {
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i v0 = _mm256_loadu_si256((const __m256i *)w), v1 = _mm256_loadu_si256((const __m256i *)(w + 32));
-    return (q4_nib4){_mm256_and_si256(v0, low), _mm256_and_si256(v1, low),
-                     _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+    q4_nib4 n;
+    q4_nibbles(w, &n.l0, &n.h0);
+    q4_nibbles(w + 32, &n.l1, &n.h1);
+    return n;
 }
 #endif
 
